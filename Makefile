@@ -1,0 +1,43 @@
+# alignloop: `make up` runs the service on the bundled model, `make test` runs the tests.
+# `make setup` builds .venv with the CPU stack in the order vLLM's CPU build needs (see requirements/README.md);
+# it reruns only when a requirements file or pyproject.toml changed.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.alignloop-setup
+LOCK := requirements/lock.txt
+MODEL ?= models/shapes-llava
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast up model clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/*.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "pip==26.3"
+	$(PIP) install -q -c $(LOCK) -r requirements/torch.txt
+	$(PIP) install -q --no-deps -c $(LOCK) -r requirements/vllm.txt
+	$(PIP) install -q -c $(LOCK) -r requirements/vllm-deps.txt -r requirements/app.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+up: setup
+	$(VENV)/bin/alignloop eval --model $(MODEL) --split test --num-images 500 \
+		--output runs/eval/bundled.json --chart runs/eval/bundled.png
+
+# Retrains the bundled checkpoint from scratch (about 50 minutes on 2 cores), then evaluates it.
+model: setup
+	$(VENV)/bin/alignloop train sft --output-dir $(MODEL)
+	$(VENV)/bin/alignloop eval --model $(MODEL) --split test --num-images 500 --output $(MODEL)/eval.json
+
+clean-venv:
+	rm -rf $(VENV)

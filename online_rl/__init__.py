@@ -1,0 +1,1 @@
+"""Online alignment: the feedback store, pair builders, trainer worker, eval gate and adapter registry."""

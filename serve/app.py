@@ -1,0 +1,222 @@
+"""The gateway app factory: `create_app(settings)` builds the FastAPI app; its lifespan owns every resource.
+
+Start-up opens the store, reads the registry, starts the record writer, the registry watcher, the vLLM health
+checks and (embedded mode) vLLM itself; `/health` answers at once, `/ready` and chat requests wait for vLLM.
+Shutdown drains the record queue, then stops vLLM. Nothing is built at import time.
+
+Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: validation errors as 400,
+bodies over the size limit as 413, unknown routes as 404, and unexpected failures as a 500 that names no internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from online_rl.store import open_store
+from serve.admin import AdminService
+from serve.auth import Authenticator, ConcurrencyLimiter, RateLimiter
+from serve.feedback import FeedbackService
+from serve.images import ImageResolver
+from serve.metrics import GatewayMetrics
+from serve.protocol import APIError
+from serve.recorder import RecordWriter
+from serve.routes import api
+from serve.routing import AliasTable, RegistrySnapshot, RegistryWatcher
+from serve.serving import ChatService
+from serve.settings import GatewaySettings
+from serve.upstream import EmbeddedEngine, UpstreamPool
+from serve.vllm_process import VLLMServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def vllm_config(settings: GatewaySettings) -> VLLMServerConfig:
+    return VLLMServerConfig(
+        model=settings.model,
+        served_model_name=settings.base_model_name,
+        host=settings.vllm_host,
+        port=settings.vllm_port,
+        adapter_dir=str(settings.adapter_dir),
+        max_model_len=settings.vllm_max_model_len,
+        max_lora_rank=settings.vllm_max_lora_rank,
+        max_loras=settings.vllm_max_loras,
+        dtype=settings.vllm_dtype,
+        enforce_eager=settings.vllm_enforce_eager,
+        cpu_kv_cache_gib=settings.vllm_cpu_kv_cache_gib,
+        extra_args=tuple(settings.vllm_extra_args),
+    )
+
+
+def create_app(
+    settings: GatewaySettings,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    image_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The gateway. Tests may replace the HTTP transports to vLLM and to image hosts with in-process fakes."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = app.state
+        logger.info("gateway starting %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
+        store = open_store(settings.store_url)
+        upstream_client = httpx.AsyncClient(
+            transport=upstream_transport,
+            timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+        )
+        image_client = httpx.AsyncClient(transport=image_transport, trust_env=False)
+        metrics = GatewayMetrics()
+        urls = settings.vllm_urls or [f"http://{settings.vllm_host}:{settings.vllm_port}"]
+        pool = UpstreamPool(urls, upstream_client, settings.base_model_name)
+        table = AliasTable(settings.public_alias, settings.base_model_name)
+        watcher = RegistryWatcher(store, table, settings.alias_poll_interval_s,
+                                  on_change=lambda old, new, initial: _on_registry_change(metrics, settings.public_alias, old, new, initial))  # fmt: skip
+        await watcher.refresh(force=True)
+        recorder = RecordWriter(store, metrics, max_pending=settings.max_pending_records)
+        salt = settings.user_id_salt.get_secret_value()
+        state.settings, state.store, state.metrics, state.pool, state.table = settings, store, metrics, pool, table
+        state.auth = Authenticator(settings)
+        state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+        state.concurrency = ConcurrencyLimiter(settings.max_concurrent_per_key)
+        images = ImageResolver(image_client, settings.image_url_allowlist, settings.max_image_bytes,
+                               settings.max_image_pixels, settings.image_fetch_timeout_s)  # fmt: skip
+        state.chat = ChatService(table, watcher, pool, images, recorder, metrics, salt, settings.max_tokens_cap,
+                                 settings.default_max_tokens, settings.max_images_per_request,
+                                 settings.upstream_timeout_s)  # fmt: skip
+        state.feedback = FeedbackService(store, recorder, metrics, salt)
+        state.admin = AdminService(store, watcher, settings.public_alias)
+        engine = None
+        if settings.embedded and upstream_transport is None:
+            engine = EmbeddedEngine(vllm_config(settings), pool, log_path=settings.vllm_log,
+                                    startup_timeout_s=settings.vllm_startup_timeout_s)  # fmt: skip
+        state.engine = engine
+        tasks = [
+            asyncio.create_task(recorder.run(), name="record-writer"),
+            asyncio.create_task(watcher.run(), name="registry-watcher"),
+            asyncio.create_task(_health_loop(pool, metrics, settings.health_interval_s), name="health-checks"),
+            asyncio.create_task(_retention_loop(store, settings.retention_purge_interval_s), name="retention"),
+        ]
+        if engine is not None:
+            tasks.append(asyncio.create_task(engine.run(), name="vllm-engine"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                if task.get_name() != "record-writer":
+                    task.cancel()
+            await recorder.drain()
+            tasks[0].cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if engine is not None:
+                await asyncio.to_thread(engine.stop)
+            await upstream_client.aclose()
+            await image_client.aclose()
+            store.close()
+            logger.info("gateway stopped")
+
+    app = FastAPI(
+        title="alignloop gateway",
+        summary="OpenAI-compatible chat with versioned LoRA adapters, feedback and hot-swap.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(api)
+    _add_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _on_registry_change(
+    metrics: GatewayMetrics, public_alias: str, old: RegistrySnapshot, new: RegistrySnapshot, initial: bool
+) -> None:
+    metrics.registry_revision.set(new.revision)
+    for alias, version in new.promoted.items():
+        metrics.current_version.labels(alias=alias).set(version or 0)
+        if old.promoted.get(alias) != version and not initial:
+            metrics.swaps.labels(alias=alias, action="move").inc()
+            logger.info("alias moved alias=%s from=%s to=%s revision=%d", alias, old.promoted.get(alias), version,
+                        new.revision)  # fmt: skip
+    if public_alias not in new.promoted:
+        metrics.current_version.labels(alias=public_alias).set(0)
+
+
+async def _health_loop(pool: UpstreamPool, metrics: GatewayMetrics, interval_s: float) -> None:
+    while True:
+        await pool.check_all()
+        metrics.upstreams_healthy.set(sum(u.healthy for u in pool.upstreams))
+        await asyncio.sleep(interval_s if pool.any_healthy else min(interval_s, 0.5))
+
+
+async def _retention_loop(store, interval_s: float) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(store.purge_expired)
+        except Exception:  # noqa: BLE001 - retention must not take the gateway down; it runs again later
+            logger.exception("retention purge failed")
+        await asyncio.sleep(interval_s)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            failure = APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
+        else:
+            location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+            message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+            param = ".".join(location) or None
+            failure = APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+        return JSONResponse(failure.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = "Not found" if error.status_code == 404 else str(error.detail)
+        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.error("unhandled error path=%s error=%s", request.url.path, type(error).__name__, exc_info=error)
+        return JSONResponse(APIError(500, "The server had an error while processing your request.").body(), status_code=500)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over `max_bytes` with a 413, by Content-Length or while reading a chunked body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_large = APIError(413, f"The request body is over the limit of {self.max_bytes} bytes.", code="body_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise APIError(413, too_large.message, code="body_too_large")
+            return message
+
+        return await self.app(scope, limited_receive, send)

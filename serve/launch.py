@@ -1,0 +1,71 @@
+"""`alignloop serve` and `alignloop up`: settings from the environment and flags, logging, and uvicorn.
+
+    alignloop serve                                   # embedded: starts vLLM on the bundled model
+    alignloop serve --vllm-url http://vllm-0:8000     # external vLLM servers (repeat the flag for several)
+    alignloop up                                      # the whole service on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+SERVE_FLAGS = {
+    "host": "ALIGNLOOP_HOST",
+    "port": "ALIGNLOOP_PORT",
+    "model": "ALIGNLOOP_MODEL",
+    "vllm_urls": "ALIGNLOOP_VLLM_URLS",
+    "store_url": "ALIGNLOOP_STORE_URL",
+    "adapter_dir": "ALIGNLOOP_ADAPTER_DIR",
+    "public_alias": "ALIGNLOOP_PUBLIC_ALIAS",
+}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="bind address (default 127.0.0.1; $ALIGNLOOP_HOST)")
+    parser.add_argument("--port", type=int, help="port (default 8000; $ALIGNLOOP_PORT)")
+    parser.add_argument("--model", help="base model directory for embedded vLLM (default models/shapes-llava)")
+    parser.add_argument("--vllm-url", dest="vllm_urls", action="append",
+                        help="an external vLLM OpenAI server; repeat for several (default: start one here)")
+    parser.add_argument("--store", dest="store_url", help="store URL (default sqlite:///runs/alignloop.db)")
+    parser.add_argument("--adapter-dir", help="directory of adapter versions (default runs/adapters)")
+    parser.add_argument("--public-alias", help="the model name clients use (default llava-rlhf)")
+
+
+def load_settings(args: argparse.Namespace, **fixed):
+    """Environment first, flags over it; a bad setting becomes one clear ValueError."""
+    import pydantic
+
+    from serve.settings import GatewaySettings
+
+    overrides = {key: getattr(args, key) for key in SERVE_FLAGS if getattr(args, key, None) is not None}
+    try:
+        return GatewaySettings(**overrides, **fixed)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ValueError(f"bad setting {where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+
+
+def run_gateway(settings) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=30)  # fmt: skip
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    return run_gateway(load_settings(args))
+
+
+def up_command(args: argparse.Namespace) -> int:
+    """The whole service on one machine: the gateway in embedded mode (vLLM on the bundled model)."""
+    return run_gateway(load_settings(args, vllm_urls=[]))

@@ -1,0 +1,98 @@
+"""Writes generation records (and their images) to the store after the response has gone out.
+
+A completion hands its record to `RecordWriter.submit` after its last byte; one background task writes records in
+order, in a worker thread, so the write never delays a response. A write that fails is retried with backoff; one
+that still fails is counted (`alignloop_record_write_failures`) and logged with its id, never dropped silently.
+Feedback that arrives before its record is written waits for that write (`wait_written`) instead of getting a 404.
+On shutdown the queue is drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import anyio
+
+from online_rl.schema import GenerationRecord
+from online_rl.store import ConflictError, FeedbackStore
+from serve.metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PendingRecord:
+    record: GenerationRecord
+    images: list[bytes]
+    written: asyncio.Future
+
+
+class RecordWriter:
+    def __init__(self, store: FeedbackStore, metrics: GatewayMetrics, max_pending: int = 10_000, retries: int = 3):
+        self.store = store
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.retries = retries
+        self.queue: asyncio.Queue[PendingRecord] = asyncio.Queue()
+        self.pending: dict[str, asyncio.Future] = {}
+
+    def submit(self, record: GenerationRecord, images: list[bytes]) -> None:
+        if len(self.pending) >= self.max_pending:
+            self.metrics.record_failures.labels(kind="queue_full").inc()
+            logger.error("record dropped: write queue full id=%s pending=%d", record.id, len(self.pending))
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.pending[record.id] = future
+        self.queue.put_nowait(PendingRecord(record, images, future))
+        self.metrics.records_pending.set(len(self.pending))
+
+    async def wait_written(self, generation_id: str, timeout: float = 10.0) -> None:
+        """Waits until a submitted record is in the store (returns at once if it is not queued here)."""
+        future = self.pending.get(generation_id)
+        if future is not None:
+            with anyio.move_on_after(timeout):
+                await asyncio.shield(future)
+
+    def _write(self, item: PendingRecord) -> None:
+        for data in item.images:
+            self.store.put_image(data)
+        try:
+            self.store.add_generation(item.record)
+        except ConflictError:  # a retry after a write that succeeded but reported an error
+            if self.store.get_generation(item.record.id) is None:
+                raise
+
+    async def run(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                await self._write_with_retries(item)
+            finally:
+                self.pending.pop(item.record.id, None)
+                if not item.written.done():
+                    item.written.set_result(None)
+                self.metrics.records_pending.set(len(self.pending))
+                self.queue.task_done()
+
+    async def _write_with_retries(self, item: PendingRecord) -> None:
+        delay = 0.05
+        for attempt in range(1, self.retries + 1):
+            try:
+                await anyio.to_thread.run_sync(self._write, item)
+                return
+            except Exception as error:  # noqa: BLE001 - every failure is counted and logged below
+                if attempt == self.retries:
+                    self.metrics.record_failures.labels(kind="generation").inc()
+                    logger.error("generation record not written id=%s error=%s: %s", item.record.id,
+                                 type(error).__name__, error)  # fmt: skip
+                    return
+                await asyncio.sleep(delay)
+                delay *= 4
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        with anyio.move_on_after(timeout):
+            await self.queue.join()
+        if self.pending:
+            logger.error("shutdown with %d generation records unwritten", len(self.pending))

@@ -1,0 +1,191 @@
+"""The gateway's HTTP routes: thin functions that authenticate, parse, and call the services on `app.state`."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from serve.admin import AdminService
+from serve.auth import Caller
+from serve.feedback import FeedbackService
+from serve.protocol import (
+    APIError,
+    CanaryRequest,
+    ChatCompletionRequest,
+    ErrorResponse,
+    FactsObject,
+    FactsRequest,
+    FeedbackObject,
+    FeedbackRequest,
+    PreferenceObject,
+    PreferenceRequest,
+    PromoteRequest,
+    RollbackRequest,
+)
+from serve.serving import ChatService
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 429, 503)}
+
+
+def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}",
+                       code="unsupported_media_type")  # fmt: skip
+
+
+def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    state = request.app.state
+    caller = state.auth.authenticate(authorization)
+    state.rate_limiter.check(caller.key_id)
+    return caller
+
+
+def current_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    return request.app.state.auth.require_admin(authorization)
+
+
+def chat_service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def feedback_service(request: Request) -> FeedbackService:
+    return request.app.state.feedback
+
+
+def admin_service(request: Request) -> AdminService:
+    return request.app.state.admin
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+AdminDep = Annotated[Caller, Depends(current_admin)]
+ChatDep = Annotated[ChatService, Depends(chat_service)]
+FeedbackDep = Annotated[FeedbackService, Depends(feedback_service)]
+AdminServiceDep = Annotated[AdminService, Depends(admin_service)]
+IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+JSON = [Depends(require_json)]
+
+api = APIRouter()
+
+
+@api.post("/v1/chat/completions", dependencies=JSON, responses=ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    caller: CallerDep,
+    chat: ChatDep,
+    request: Request,
+    client: Annotated[str | None, Header(alias="x-alignloop-client")] = None,
+):
+    limiter = request.app.state.concurrency
+    limiter.acquire(caller.key_id)
+    try:
+        prepared = await chat.prepare(body, caller, client or "api")
+        if not body.stream:
+            return JSONResponse(await chat.complete(prepared), headers=prepared.headers())
+        relay = await chat.open_stream(prepared)
+    except BaseException:
+        limiter.release(caller.key_id)
+        raise
+
+    async def stream():
+        try:
+            async for chunk in relay:
+                yield chunk
+        finally:
+            limiter.release(caller.key_id)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=prepared.headers())
+
+
+@api.get("/v1/models", responses=ERRORS)
+async def list_models(caller: CallerDep, request: Request) -> dict:
+    table = request.app.state.table
+    data = []
+    for name, adapter in table.public_names():
+        entry = {"id": name, "object": "model", "created": int(adapter.created) if adapter else 0, "owned_by": "alignloop"}
+        if adapter is not None:
+            entry["adapter"] = {"name": adapter.name, "status": adapter.status, "metrics": adapter.metrics}
+        data.append(entry)
+    return {"object": "list", "data": data}
+
+
+@api.post("/v1/feedback", dependencies=JSON, responses=ERRORS, status_code=200)
+async def create_feedback(
+    body: FeedbackRequest, caller: CallerDep, feedback: FeedbackDep, idempotency_key: IdempotencyHeader = None
+) -> FeedbackObject:
+    return await feedback.add_feedback(caller, body, idempotency_key)
+
+
+@api.get("/v1/feedback/{feedback_id}", responses=ERRORS)
+async def get_feedback(feedback_id: str, caller: CallerDep, feedback: FeedbackDep) -> FeedbackObject:
+    return await feedback.get_feedback(caller, feedback_id)
+
+
+@api.post("/v1/preferences", dependencies=JSON, responses=ERRORS)
+async def create_preference(
+    body: PreferenceRequest, caller: CallerDep, feedback: FeedbackDep, idempotency_key: IdempotencyHeader = None
+) -> PreferenceObject:
+    return await feedback.add_preference(caller, body, idempotency_key)
+
+
+@api.post("/v1/images/{sha256}/facts", dependencies=JSON, responses=ERRORS)
+async def add_image_facts(sha256: str, body: FactsRequest, caller: CallerDep, feedback: FeedbackDep) -> FactsObject:
+    if not _SHA256.match(sha256):
+        raise APIError(400, "the image id must be the sha256 of its bytes, as 64 lowercase hex digits", param="sha256",
+                       code="invalid_image_id")  # fmt: skip
+    return await feedback.add_facts(caller, sha256, body)
+
+
+# ---- admin -----------------------------------------------------------------------------------------------------
+@api.get("/v1/admin/adapters", responses=ERRORS)
+async def admin_registry(_: AdminDep, admin: AdminServiceDep) -> dict:
+    return await admin.registry()
+
+
+@api.get("/v1/admin/aliases/{alias}/history", responses=ERRORS)
+async def admin_history(alias: str, _: AdminDep, admin: AdminServiceDep) -> dict:
+    return await admin.history(alias)
+
+
+@api.post("/v1/admin/aliases/{alias}/promote", dependencies=JSON, responses=ERRORS)
+async def admin_promote(alias: str, body: PromoteRequest, _: AdminDep, admin: AdminServiceDep) -> dict:
+    return await admin.promote(alias, body)
+
+
+@api.post("/v1/admin/aliases/{alias}/rollback", dependencies=JSON, responses=ERRORS)
+async def admin_rollback(alias: str, body: RollbackRequest, _: AdminDep, admin: AdminServiceDep) -> dict:
+    return await admin.rollback(alias, body)
+
+
+@api.post("/v1/admin/aliases/{alias}/canary", dependencies=JSON, responses=ERRORS)
+async def admin_canary(alias: str, body: CanaryRequest, _: AdminDep, admin: AdminServiceDep) -> dict:
+    return await admin.canary(alias, body)
+
+
+@api.delete("/v1/admin/users/{user_id}", responses=ERRORS)
+async def admin_delete_user(user_id: str, _: AdminDep, admin: AdminServiceDep) -> dict:
+    return await admin.delete_user(user_id)
+
+
+# ---- operations ------------------------------------------------------------------------------------------------
+@api.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@api.get("/ready", responses={503: {"model": ErrorResponse}})
+async def ready(request: Request) -> dict:
+    state = request.app.state
+    if not state.pool.any_healthy:
+        raise APIError(503, "no vLLM server is ready", code="engine_unavailable", headers={"Retry-After": "5"})
+    return {"status": "ready", "upstreams": [u.base_url for u in state.pool.upstreams if u.healthy],
+            "registry_revision": state.table.snapshot.revision}  # fmt: skip
+
+
+@api.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,67 @@
+"""Pair builders on hand-made events and records, with a dict as the generation lookup (no store)."""
+
+from online_rl.pairs import build_pairs, net_ratings, pairs_from_corrections, pairs_from_preferences, pairs_from_thumbs
+from online_rl.schema import FeedbackEvent, GenerationRecord, PreferenceEvent
+
+SHA = "a" * 64
+
+
+def generation(gid: str, response: str, question: str = "Describe the image.", version: int | None = None):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{SHA}"}},
+                                             {"type": "text", "text": question}]}]  # fmt: skip
+    return GenerationRecord(id=gid, alias="llava-rlhf", adapter_version=version, messages=messages, response=response,
+                            user_id="u-1")  # fmt: skip
+
+
+RECORDS = {
+    "g1": generation("g1", "A red star and a moon.", version=1),
+    "g2": generation("g2", "A red star.", version=2),
+    "g3": generation("g3", "A blue star and a moon.", version=2),
+    "g4": generation("g4", "Yes.", question="Is there a moon?"),
+}
+
+
+def fb(gid: str, rating=None, correction=None, user="u-1", eid=None):
+    return FeedbackEvent(generation_id=gid, rating=rating, correction=correction, user_id=user, **({"id": eid} if eid else {}))
+
+
+def test_a_correction_is_chosen_over_the_answer_it_corrects():
+    pairs = pairs_from_corrections([fb("g1", -1, "A red star.", eid="e1"), fb("g2", 1)], RECORDS.get)
+    assert [(p.chosen, p.rejected, p.source, p.rejected_generation_id, p.event_ids) for p in pairs] == [
+        ("A red star.", "A red star and a moon.", "correction", "g1", ("e1",))
+    ]
+    assert pairs[0].image_hashes == [SHA] and pairs[0].adapter_version == 1
+
+
+def test_a_correction_that_changes_nothing_makes_no_pair():
+    assert pairs_from_corrections([fb("g2", None, " A red star. ")], RECORDS.get) == []
+
+
+def test_thumbs_pair_up_and_down_answers_to_the_same_prompt():
+    events = [fb("g1", -1, eid="e1"), fb("g2", 1, eid="e2"), fb("g3", -1, eid="e3"), fb("g4", 1, eid="e4")]
+    pairs = pairs_from_thumbs(events, RECORDS.get)
+    assert [(p.chosen_generation_id, p.rejected_generation_id, p.event_ids) for p in pairs] == [
+        ("g2", "g1", ("e2", "e1")),
+        ("g2", "g3", ("e2", "e3")),
+    ]  # g4 answers another prompt and has no partner
+
+
+def test_conflicting_thumbs_cancel_out():
+    events = [fb("g1", -1, user="a"), fb("g1", 1, user="b"), fb("g2", 1)]
+    assert net_ratings(events)["g1"][0] == 0
+    assert pairs_from_thumbs(events, RECORDS.get) == []
+
+
+def test_pairs_per_prompt_are_capped():
+    events = [fb("g1", -1), fb("g3", -1), fb("g2", 1)]
+    assert len(pairs_from_thumbs(events, RECORDS.get, max_pairs_per_prompt=1)) == 1
+
+
+def test_a_preference_names_chosen_and_rejected():
+    event = PreferenceEvent(generation_ids=("g1", "g2"), preferred_id="g2", user_id="u-1", id="p1")
+    (pair,) = pairs_from_preferences([event], RECORDS.get)
+    assert (pair.chosen, pair.rejected, pair.source, pair.event_ids) == ("A red star.", "A red star and a moon.", "preference", ("p1",))
+
+
+def test_unknown_generations_are_skipped():
+    assert build_pairs([fb("gone", -1, "x"), fb("gone", 1)], RECORDS.get) == []

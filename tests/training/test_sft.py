@@ -1,0 +1,135 @@
+"""The SFT recipe: labels cover the answers only, a step trains every parameter, a run saves a usable checkpoint."""
+
+import json
+
+import torch
+
+from training.sft import (
+    IGNORE_INDEX,
+    ConversationCollator,
+    SFTConfig,
+    patch_cells,
+    prepare_model,
+    pretrain_vision_tower,
+    scene_graph_targets,
+    train,
+)
+from training.shapes_world import Scene, SceneObject, ShapesWorld
+from training.tiny_llava import TinyLlavaSpec, load_checkpoint
+
+
+def _tiny_setup():
+    world = ShapesWorld()
+    model, processor = prepare_model(SFTConfig(), world)
+    return world, model, processor
+
+
+def test_labels_cover_exactly_the_answers():
+    world, _, processor = _tiny_setup()
+    collator = ConversationCollator(world, processor, max_turns=3)
+    scene = world.scene("train", 5)
+    messages = collator.messages(scene)
+    ids, labels = collator.encode(messages)
+    supervised = processor.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert supervised == "".join(f" {answer}</s>" for answer in answers)
+    assert ids.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == TinyLlavaSpec().image_tokens
+    assert messages[0]["content"][0] == {"type": "image"}
+    assert all(part["type"] == "text" for m in messages[1:] if m["role"] == "user" for part in m["content"])
+
+
+def test_batch_is_right_padded_and_masked():
+    world, _, processor = _tiny_setup()
+    batch = ConversationCollator(world, processor, max_turns=2)([world.scene("train", i) for i in range(4)])
+    pad = processor.tokenizer.pad_token_id
+    assert batch["pixel_values"].shape == (4, 3, 96, 96)
+    padded = batch["attention_mask"] == 0
+    assert bool((batch["input_ids"][padded] == pad).all()) and bool((batch["labels"][padded] == IGNORE_INDEX).all())
+
+
+def test_one_step_changes_every_trainable_parameter():
+    world, model, processor = _tiny_setup()
+    batch = ConversationCollator(world, processor, max_turns=5)([world.scene("train", i) for i in range(8)])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(**batch).loss.backward()
+    optimizer.step()
+    unchanged = [name for name, p in model.named_parameters() if torch.equal(before[name], p.detach())]
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert unchanged == frozen == ["model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"]
+
+
+def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"), steps=3, batch_size=4, eval_every=2, val_scenes=4, vision_pretrain_steps=2
+    )
+    summary = train(config)
+    assert summary["steps"] == 3 and summary["vision_pretrain_steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("vision", 1), ("vision", 2), ("sft", 1), ("sft", 2), ("sft", 3)]
+    assert "patch_shape_accuracy" in records[0]
+    sft = records[2:]
+    assert "val_loss" in sft[1] and "val_loss" in sft[2] and "val_loss" not in sft[0]
+    assert all(r["loss"] > 0 for r in records)
+    model, processor = load_checkpoint(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 3
+
+
+def test_lora_option_trains_the_adapter_and_freezes_the_rest():
+    world = ShapesWorld()
+    model, processor = prepare_model(SFTConfig(lora_rank=4), world)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or "multi_modal_projector" in name for name in trainable)
+    assert any("language_model" in name and "lora_A" in name for name in trainable)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = ConversationCollator(world, processor, max_turns=3)([world.scene("train", i) for i in range(4)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(**batch).loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        # LoRA B starts at zero, so after one step every trainable tensor has moved, and nothing frozen has.
+        assert changed == (name in trainable), name
+
+
+def test_scene_graph_targets_by_hand():
+    scene = Scene("test", 0, (SceneObject("star", "blue", "large", 0, 2), SceneObject("circle", "red", "small", 2, 0)))
+    targets = scene_graph_targets([scene])
+    # cells are row-major; 0 means empty; classes are 1 + the index in SHAPES / COLORS / SIZES
+    assert targets["shape"].tolist() == [[0, 0, 4, 0, 0, 0, 1, 0, 0]]
+    assert targets["color"].tolist() == [[0, 0, 3, 0, 0, 0, 1, 0, 0]]
+    assert targets["size"].tolist() == [[0, 0, 2, 0, 0, 0, 1, 0, 0]]
+
+
+def test_patch_cells_maps_a_6x6_patch_grid_onto_the_3x3_scene_grid():
+    assert patch_cells(6).view(6, 6).tolist() == [
+        [0, 0, 1, 1, 2, 2],
+        [0, 0, 1, 1, 2, 2],
+        [3, 3, 4, 4, 5, 5],
+        [3, 3, 4, 4, 5, 5],
+        [6, 6, 7, 7, 8, 8],
+        [6, 6, 7, 7, 8, 8],
+    ]
+    assert patch_cells(3).tolist() == list(range(9))
+
+
+def test_vision_stage_trains_the_tower_only():
+    world = ShapesWorld()
+    config = SFTConfig(vision_pretrain_steps=2, batch_size=4, warmup_steps=1)
+    model, processor = prepare_model(config, world)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    records = pretrain_vision_tower(model, processor, world, config)
+    assert [r["step"] for r in records] == [1, 2]
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+    tower = {name for name, p in model.named_parameters() if ".vision_tower." in name and p.requires_grad}
+    assert changed == tower
+
+
+def test_sft_keeps_the_frozen_vision_tower(tmp_path):
+    config = SFTConfig(output_dir=str(tmp_path / "out"), steps=2, batch_size=4, val_scenes=4, vision_pretrain_steps=0)
+    initial, _ = prepare_model(config, ShapesWorld())  # same seed, same initial weights as the run
+    train(config)
+    trained, _ = load_checkpoint(tmp_path / "out")
+    initial_tower, trained_tower = initial.model.vision_tower.state_dict(), trained.model.vision_tower.state_dict()
+    assert all(torch.equal(initial_tower[k], trained_tower[k]) for k in initial_tower)
+    assert not torch.equal(initial.model.multi_modal_projector.linear_1.weight, trained.model.multi_modal_projector.linear_1.weight)

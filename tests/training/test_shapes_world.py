@@ -1,0 +1,144 @@
+"""ShapesWorld: determinism, split disjointness, exact answers, and the two hallucination knobs."""
+
+import random
+
+import numpy as np
+import pytest
+
+from training.shapes_world import (
+    COLORS,
+    PARTNER,
+    SHAPES,
+    SPLIT_SEED_BASE,
+    ShapesWorld,
+    WorldConfig,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld()
+
+
+def test_world_has_enough_kinds():
+    assert len(SHAPES) >= 5 and len(COLORS) >= 6
+
+
+def test_scenes_and_images_are_deterministic(world):
+    a, b = world.scene("test", 42), world.scene("test", 42)
+    assert a == b
+    assert np.array_equal(np.asarray(world.render(a)), np.asarray(world.render(b)))
+    assert world.render(a).size == (96, 96)
+
+
+def test_scene_shape_constraints(world):
+    for scene in world.scenes("train", 300):
+        assert 1 <= len(scene.objects) <= 4
+        cells = [(o.row, o.col) for o in scene.objects]
+        assert len(set(cells)) == len(cells)
+        assert cells == sorted(cells)  # reading order
+        for obj in scene.objects:
+            assert obj.shape in SHAPES and obj.color in COLORS and obj.size in ("small", "large")
+
+
+def test_splits_are_disjoint_by_seed(world):
+    seeds = {split: {world.scene(split, i).seed for i in range(200)} for split in SPLIT_SEED_BASE}
+    assert not seeds["train"] & seeds["validation"]
+    assert not seeds["train"] & seeds["test"]
+    assert not seeds["validation"] & seeds["test"]
+    with pytest.raises(ValueError, match="unknown split"):
+        world.scene("dev", 0)
+
+
+def _partner_rate(world, split, n=3000):
+    """Among scenes with a paired shape, how often its partner is present too."""
+    with_pair = hits = 0
+    for scene in world.scenes(split, n):
+        for shape in scene.shapes & set(PARTNER):
+            with_pair += 1
+            hits += PARTNER[shape] in scene.shapes
+    return hits / with_pair
+
+
+def test_cooccurrence_bias_only_in_train(world):
+    assert _partner_rate(world, "train") > 0.8
+    assert _partner_rate(world, "test") < 0.45
+    unbiased = ShapesWorld(WorldConfig(cooccurrence_bias=0.0))
+    assert _partner_rate(unbiased, "train") < 0.45
+
+
+def test_caption_noise_only_in_train(world):
+    def noisy_share(split, n=2000):
+        noisy = 0
+        for scene in world.scenes(split, n):
+            noisy += world.description(scene) != world.description(scene, noisy=False)
+        return noisy / n
+
+    assert 0.18 < noisy_share("train") < 0.32  # config 0.25, minus full scenes with no free cell
+    assert noisy_share("test") == 0.0
+
+
+def test_clean_description_mentions_exactly_the_objects(world):
+    scene = world.scene("test", 3)
+    text = world.description(scene, noisy=False)
+    assert text.startswith(f"There are {['zero', 'one', 'two', 'three', 'four'][len(scene.objects)]} objects.") or (
+        len(scene.objects) == 1 and text.startswith("There is one object.")
+    )
+    for obj in scene.objects:
+        assert f"{obj.size} {obj.color} {obj.shape}" in text.lower()
+    assert text.count(" is ") == len(scene.objects)
+
+
+def test_noisy_description_names_an_absent_object(world):
+    for scene in world.scenes("train", 200):
+        noisy = world.description(scene)
+        clean = world.description(scene, noisy=False)
+        if noisy != clean:
+            extra = set(noisy.split(". ")) - set(clean.split(". "))
+            assert any(shape not in scene.shapes for sentence in extra for shape in SHAPES if shape in sentence)
+            return
+    pytest.fail("no noisy description in 200 training scenes")
+
+
+def test_question_answers_are_exact(world):
+    rng = random.Random(0)
+    for scene in world.scenes("test", 200):
+        for item in world.questions(scene, rng):
+            if item.kind == "color":
+                (obj,) = [o for o in scene.objects if o.shape == item.target]
+                assert item.answer == f"{obj.color.capitalize()}."
+            elif item.kind == "presence":
+                assert item.answer == ("Yes." if item.target in scene.shapes else "No.")
+            elif item.kind == "count" and item.target:
+                assert item.answer.lower().rstrip(".") == ["zero", "one", "two", "three", "four"][scene.count(item.target)]
+            elif item.kind == "multiple_choice":
+                assert len(item.choices) == 4 and len(set(item.choices)) == 4
+                assert item.choices["ABCD".index(item.answer)] == item.target
+                assert "\nA. " in item.question and "\nD. " in item.question
+
+
+def test_benchmark_pope_settings(world):
+    popular = world.popular_shapes(500)
+    assert set(popular) == set(SHAPES)
+    for scene in world.scenes("test", 100):
+        items = world.benchmark_items(scene, popular)
+        pope = [item for item in items if item.pope]
+        assert sorted({item.pope for item in pope}) == ["adversarial", "popular", "random"]
+        for item in pope:
+            assert (item.answer == "Yes.") == (item.target in scene.shapes)
+        (adversarial_no,) = [i for i in pope if i.pope == "adversarial" and i.answer == "No."]
+        partners = {PARTNER[s] for s in scene.shapes if s in PARTNER} - scene.shapes
+        if partners:
+            assert adversarial_no.target in partners
+
+
+def test_conversation_never_puts_a_question_after_the_description(world):
+    conversations = [world.conversation(scene, max_turns=5) for scene in world.scenes("train", 300)]
+    descriptions = [c for c in conversations if any(item.kind == "description" for item in c)]
+    assert all(len(c) == 1 for c in descriptions)  # a description is always a conversation of its own
+    assert 60 <= len(descriptions) <= 140  # about a third, the default description_share
+    questions = [c for c in conversations if c not in descriptions]
+    assert all(1 <= len(c) <= 5 for c in questions)
+    assert sum(item.kind == "presence" for c in questions for item in c) >= len(questions)
+    scene = world.scene("train", 7)
+    assert world.conversation(scene) == world.conversation(scene)

@@ -1,0 +1,1 @@
+"""Offline stages: ShapesWorld, the tiny LLaVA, training recipes and evaluation."""

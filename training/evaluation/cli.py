@@ -1,0 +1,94 @@
+"""`alignloop eval`: score a model on the ShapesWorld benchmark or on MMHal-Bench, in-process or through an endpoint.
+
+The model under test is either a local checkpoint (`--model DIR`, run with transformers) or anything served behind
+an OpenAI-compatible API (`--endpoint URL --served-model NAME`: the vLLM server, the gateway, a pinned adapter
+version), so every version is scored the same way. This module only parses flags and wires the pieces; it imports
+nothing heavy until the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", choices=("shapes", "mmhal"), default="shapes")
+    backend = parser.add_mutually_exclusive_group()
+    backend.add_argument("--model", type=Path, help="a local LLaVA checkpoint directory, run with transformers")
+    backend.add_argument("--endpoint", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--served-model", default="llava-rlhf", help="model name to request from --endpoint")
+    parser.add_argument(
+        "--api-key-env", default="ALIGNLOOP_API_KEY", help="environment variable holding the endpoint's API key"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="generation batch size with --model")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight with --endpoint")
+    shapes = parser.add_argument_group("ShapesWorld benchmark")
+    shapes.add_argument("--split", choices=("validation", "test"), default="test")
+    shapes.add_argument("--num-images", type=int, default=500)
+    shapes.add_argument("--output", type=Path, help="write the report as JSON here")
+    shapes.add_argument("--chart", type=Path, help="write a PNG bar chart of the metrics here")
+    mmhal = parser.add_argument_group("MMHal-Bench")
+    mmhal.add_argument("--questions", type=Path, help="MMHal-Bench JSON (response_template.json)")
+    mmhal.add_argument("--image-dir", type=Path, help="directory with the benchmark's images")
+    mmhal.add_argument("--judge-endpoint", help="OpenAI-compatible base URL of the judge model")
+    mmhal.add_argument("--judge-model", help="the judge's model name")
+    mmhal.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable with its key")
+    mmhal.add_argument("--max-tokens", type=int, default=512, help="answer length limit for MMHal questions")
+
+
+def _chat_model(args: argparse.Namespace):
+    from training.evaluation.models import OpenAIChatModel, TransformersChatModel
+
+    if args.model is not None:
+        return TransformersChatModel(args.model, batch_size=args.batch_size)
+    if args.endpoint is not None:
+        api_key = os.environ.get(args.api_key_env, "EMPTY")
+        model = OpenAIChatModel(args.endpoint, args.served_model, api_key=api_key, concurrency=args.concurrency)
+        model.check()  # fail with one line before any progress output
+        return model
+    return None
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    from training.evaluation.shapes_bench import evaluate_shapes, format_table, write_chart, write_json
+    from training.shapes_world import ShapesWorld
+
+    if args.num_images <= 0:
+        raise ValueError("--num-images must be positive")
+    model = _chat_model(args)
+    if model is None:
+        raise ValueError("give the model to score: --model DIR or --endpoint URL")
+    report = evaluate_shapes(model, ShapesWorld(), split=args.split, num_images=args.num_images)
+    print(format_table(report))
+    if args.output:
+        write_json(report, args.output)
+    if args.chart:
+        write_chart(report, args.chart)
+    return 0
+
+
+def _run_mmhal(args: argparse.Namespace) -> int:
+    import json
+
+    from training.evaluation.mmhal import OpenAIJudge, evaluate_mmhal, format_table, load_mmhal
+
+    if not (args.questions and args.image_dir and args.judge_endpoint and args.judge_model):
+        raise ValueError("MMHal-Bench needs --questions, --image-dir, --judge-endpoint and --judge-model")
+    items = load_mmhal(args.questions, args.image_dir)  # validates the file before anything is loaded
+    model = _chat_model(args)  # None: judge the file's own model_answer fields
+    judge = OpenAIJudge(args.judge_endpoint, args.judge_model, api_key=os.environ.get(args.judge_api_key_env, "EMPTY"))
+    report = evaluate_mmhal(items, judge, model=model, max_tokens=args.max_tokens)
+    print(format_table(report))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    return _run_mmhal(args) if args.benchmark == "mmhal" else _run_shapes(args)

@@ -1,0 +1,191 @@
+"""Chat-model backends for evaluation: one image and one question in, one answer string out.
+
+Everything that evaluates a model talks to the `ChatModel` protocol, so the same benchmark runs against a local
+checkpoint (`TransformersChatModel`, greedy batched generation) or any OpenAI-compatible server such as the vLLM
+server or the alignloop gateway (`OpenAIChatModel`, concurrent requests, temperature 0).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    import openai
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """One single-turn question about one image."""
+
+    image: Image.Image
+    question: str
+    max_tokens: int = 64
+
+
+class ChatModel(Protocol):
+    def answer(self, requests: list[ChatRequest]) -> list[str]:
+        """The answers to `requests`, in the same order."""
+        ...
+
+
+def user_turn(question: str) -> list[dict]:
+    """The single user turn of a request, as chat-template messages (image first, then the question)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def image_data_url(image: Image.Image) -> str:
+    """The image as a `data:image/png;base64,...` URL, the form OpenAI's image_url content part accepts."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class TransformersChatModel:
+    """A LLaVA checkpoint in a local directory, answering with greedy decoding in left-padded batches.
+
+    Requests are sorted by max_tokens before batching so that short answers are not generated to the length of a
+    description; each answer is cut at its own max_tokens.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        batch_size: int = 16,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} has no config.json: it is not a saved LLaVA checkpoint")
+        import torch
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.batch_size = batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        logger.info("loaded model_dir=%s device=%s dtype=%s", model_dir, self.device, dtype)
+
+    def answer(self, requests: list[ChatRequest]) -> list[str]:
+        order = sorted(range(len(requests)), key=lambda i: requests[i].max_tokens)
+        answers = [""] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            for i, text in zip(indices, self._generate([requests[i] for i in indices]), strict=True):
+                answers[i] = text
+        return answers
+
+    def _generate(self, batch: list[ChatRequest]) -> list[str]:
+        import torch
+
+        prompts = [
+            self.processor.apply_chat_template(user_turn(r.question), add_generation_prompt=True, tokenize=False)
+            for r in batch
+        ]
+        images = [r.image.convert("RGB") for r in batch]
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max(r.max_tokens for r in batch),
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [
+            self.tokenizer.decode(tokens[: r.max_tokens], skip_special_tokens=True).strip()
+            for tokens, r in zip(new_tokens, batch, strict=True)
+        ]
+
+
+def check_endpoint(client: openai.OpenAI) -> None:
+    """Raises ConnectionError when the OpenAI-compatible server cannot be reached or refuses the API key.
+
+    Uses GET /models without retries. A server that has no /models route (404) counts as reachable.
+    """
+    import openai
+
+    url = str(client.base_url)
+    try:
+        client.with_options(max_retries=0, timeout=10.0).models.list()
+    except openai.APIConnectionError as error:
+        raise ConnectionError(f"cannot reach endpoint {url}: {error.__cause__ or error}") from error
+    except openai.APIStatusError as error:
+        if error.status_code in (401, 403):
+            reason = f"the API key was refused ({error.status_code})"
+            raise ConnectionError(f"cannot reach endpoint {url}: {reason}") from error
+        if error.status_code != 404:
+            raise ConnectionError(f"cannot reach endpoint {url}: GET /models answered {error.status_code}") from error
+        logger.warning("endpoint has no /models route url=%s", url)
+
+
+class OpenAIChatModel:
+    """Any OpenAI-compatible chat server: each request sends the image as a PNG data URL, temperature 0.
+
+    Up to `concurrency` requests are in flight at once (a thread pool over the synchronous client). The endpoint is
+    checked once, before the first request.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "EMPTY",
+        concurrency: int = 8,
+        timeout: float = 120.0,
+    ):
+        import openai
+
+        self.model = model
+        self.concurrency = concurrency
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
+        self._checked = False
+
+    def check(self) -> None:
+        """Raises ConnectionError unless the endpoint answers; runs once."""
+        if not self._checked:
+            check_endpoint(self.client)
+            self._checked = True
+
+    def answer(self, requests: list[ChatRequest]) -> list[str]:
+        if not requests:
+            return []
+        self.check()
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._answer_one, requests))
+
+    def _answer_one(self, request: ChatRequest) -> str:
+        completion = self.client.chat.completions.create(
+            model=self.model,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_data_url(request.image)}},
+                        {"type": "text", "text": request.question},
+                    ],
+                }
+            ],
+            temperature=0.0,
+            max_tokens=request.max_tokens,
+        )
+        return (completion.choices[0].message.content or "").strip()
