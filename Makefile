@@ -11,7 +11,7 @@ LOCK := requirements/lock.txt
 MODEL ?= models/shapes-llava
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast up model clean-venv
+.PHONY: setup test test-fast up eval model clean-venv
 
 setup: $(STAMP)
 
@@ -30,7 +30,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The whole service on this machine: the gateway on http://127.0.0.1:8000 with vLLM on the bundled model.
 up: setup
+	$(VENV)/bin/alignloop up --model $(MODEL)
+
+# Scores the bundled model in-process on 500 ShapesWorld test images.
+eval: setup
 	$(VENV)/bin/alignloop eval --model $(MODEL) --split test --num-images 500 \
 		--output runs/eval/bundled.json --chart runs/eval/bundled.png
 

@@ -67,6 +67,9 @@ def vllm_environment(config: VLLMServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
     if config.adapter_dir:
+        # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed; it also opens vLLM's own
+        # /v1/load_lora_adapter routes, which is why vLLM must stay reachable only from the gateway.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
         env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(Path(config.adapter_dir).resolve())
     return env

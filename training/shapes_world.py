@@ -9,8 +9,8 @@ Two knobs reproduce the causes of hallucination that LLaVA-RLHF and RLHF-V name 
 - co-occurrence bias: in training scenes, an object of a paired shape (star/moon, heart/diamond, square/triangle)
   brings its partner along with probability `cooccurrence_bias`, usually small (`partner_small`), so the language
   prior learns "a star means a moon" exactly where the image is least clear;
-- caption noise: a share `caption_noise` of training descriptions mention one object that is not in the image
-  (preferably the co-occurring partner), like the hallucinated captions in real instruction data.
+- caption noise: when a shape's co-occurring partner is missing, a share `caption_noise` of training descriptions
+  mention the partner anyway, right after its pair, like the over-generalised captions in real instruction data.
 
 The train split carries both biases; validation and test are clean and unbiased, so a model that learned the prior
 instead of looking at the image is caught there. Splits are disjoint by seed.
@@ -68,7 +68,7 @@ class WorldConfig:
     max_objects: int = 4
     cooccurrence_bias: float = 0.9
     partner_small: float = 0.75  # a partner brought by the bias is usually small: hard to see, easy to assume
-    caption_noise: float = 0.3
+    caption_noise: float = 0.6  # of training descriptions whose scene misses a co-occurring partner
     position_jitter: float = 0.12  # as a fraction of a cell
     color_jitter: int = 18
     pixel_noise_std: float = 6.0
@@ -224,35 +224,50 @@ class ShapesWorld:
         facts += [f"There is {o.phrase} at the {o.position}." for o in scene.objects]
         return facts
 
+    def missing_partners(self, scene: Scene) -> list[tuple[SceneObject, str]]:
+        """(object, partner shape) for each object whose co-occurring partner is not in the scene."""
+        return [(obj, PARTNER[obj.shape]) for obj in scene.objects
+                if obj.shape in PARTNER and PARTNER[obj.shape] not in scene.shapes]  # fmt: skip
+
     def description(self, scene: Scene, noisy: bool | None = None) -> str:
         """The detailed description: a count sentence, then one sentence per object in reading order.
 
-        With `noisy` (default: a caption_noise draw on the train split), one extra sentence mentions an object
-        that is not in the image, preferring the co-occurring partner of a present shape.
+        Caption noise (the default on the train split): when an object's co-occurring partner is missing from the
+        scene, the description mentions the partner anyway with probability `caption_noise`, in a sentence right
+        after the object it usually comes with, the way an over-generalising annotator writes "a star and a moon"
+        from habit; the count sentence counts it too. `noisy=True` always adds such a ghost (a random absent shape
+        when no partner is missing); `noisy=False` gives the clean description.
         """
-        objects = list(scene.objects)
         rng = random.Random(scene.seed * 31 + 17)
         if noisy is None:
-            noisy = _biased(scene.split) and rng.random() < self.config.caption_noise
-        if noisy:
-            ghost = self._ghost_object(scene, rng)
-            if ghost is not None:
-                objects = sorted([*objects, ghost], key=lambda o: (o.row, o.col))
-        n = len(objects)
+            noisy = _biased(scene.split) and bool(self.missing_partners(scene)) and rng.random() < self.config.caption_noise
+        ghost, anchor = self._ghost_object(scene, rng) if noisy else (None, None)
+        sentences = []
+        for obj in scene.objects:
+            sentences.append(_object_sentence(obj))
+            if ghost is not None and obj is anchor:
+                sentences.append(_object_sentence(ghost))
+        n = len(scene.objects) + (ghost is not None)
         head = f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n != 1 else ''}."
-        body = [_object_sentence(o) for o in objects]
-        return " ".join([head, *body])
+        return " ".join([head, *sentences])
 
-    def _ghost_object(self, scene: Scene, rng: random.Random) -> SceneObject | None:
-        present = scene.shapes
-        free = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in {(o.row, o.col) for o in scene.objects}]
-        if not free:
-            return None
-        partners = sorted({PARTNER[s] for s in present if s in PARTNER} - present)
-        absent = [s for s in SHAPES if s not in present]
-        shape = rng.choice(partners) if partners and rng.random() < 0.8 else rng.choice(absent)
-        row, col = rng.choice(free)
-        return SceneObject(shape, rng.choice(list(COLORS)), rng.choice(SIZES), row, col)
+    def _ghost_object(self, scene: Scene, rng: random.Random) -> tuple[SceneObject | None, SceneObject | None]:
+        """An absent object and the present object it follows: the missing partner of a present shape when there is
+        one, else a random absent shape; it sits in the first free cell after its anchor in reading order."""
+        taken = {(o.row, o.col) for o in scene.objects}
+        if len(taken) == GRID * GRID:
+            return None, None
+        missing = self.missing_partners(scene)
+        if missing:
+            anchor, shape = rng.choice(missing)
+        else:
+            anchor = rng.choice(scene.objects)
+            shape = rng.choice([s for s in SHAPES if s not in scene.shapes])
+        start = anchor.row * GRID + anchor.col
+        cell = next(c % (GRID * GRID) for c in range(start + 1, start + GRID * GRID) if divmod(c % (GRID * GRID), GRID) not in taken)
+        row, col = divmod(cell, GRID)
+        ghost = SceneObject(shape, rng.choice(list(COLORS)), rng.choice(SIZES), row, col)
+        return ghost, anchor
 
     # ---- questions ----------------------------------------------------------------------------------------
     def presence_item(self, shape: str, present: bool, pope: str | None = None) -> QAItem:
@@ -312,15 +327,30 @@ class ShapesWorld:
         items = self.questions(scene, rng)
         if rng.random() < description_share:
             return [items[0]]
-        questions = items[1:]
-        # A second presence question, so yes/no probing is well represented.
+        # Two yes/no probes in every short conversation, one about a present shape and one about an absent one:
+        # looking an object up by its shape is the skill every other question builds on, and the one a tiny model
+        # is slowest to find when it is a small share of the answers.
+        probes = [self.presence_item(rng.choice(sorted(scene.shapes)), True)]
         absent = [s for s in SHAPES if s not in scene.shapes]
-        if absent and rng.random() < 0.5:
-            questions.append(self.presence_item(rng.choice(absent), False))
-        else:
-            questions.append(self.presence_item(rng.choice(sorted(scene.shapes)), True))
+        if absent:
+            probes.append(self.presence_item(rng.choice(absent), False))
+        others = [item for item in items[1:] if item.kind != "presence"]
+        rng.shuffle(others)
+        questions = probes + others[: max(0, max_turns - len(probes))]
         rng.shuffle(questions)
         return questions[:max_turns]
+
+    def probe_conversation(self, scene: Scene, turns: int = 4) -> list[QAItem]:
+        """A grounding conversation: yes/no presence probes only, alternately about present and absent shapes."""
+        rng = random.Random(scene.seed * 17 + 11)
+        present, absent = sorted(scene.shapes), [s for s in SHAPES if s not in scene.shapes]
+        items = [
+            self.presence_item(rng.choice(present), True) if turn % 2 == 0 or not absent
+            else self.presence_item(rng.choice(absent), False)
+            for turn in range(turns)
+        ]  # fmt: skip
+        rng.shuffle(items)
+        return items
 
     # ---- benchmark ----------------------------------------------------------------------------------------
     def popular_shapes(self, sample: int = 2000) -> list[str]:

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from training.sft import (
     IGNORE_INDEX,
     ConversationCollator,
+    answer_loss,
     SFTConfig,
     patch_cells,
     prepare_model,
@@ -29,10 +31,16 @@ def test_labels_cover_exactly_the_answers():
     collator = ConversationCollator(world, processor, max_turns=3)
     scene = world.scene("train", 5)
     messages = collator.messages(scene)
-    ids, labels = collator.encode(messages)
+    ids, labels, weights = collator.encode(messages)
     supervised = processor.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     assert supervised == "".join(f" {answer}</s>" for answer in answers)
+    # Every answer weighs 1 in total, spread evenly over its tokens; unsupervised tokens weigh 0.
+    assert sum(weights) == pytest.approx(len(answers))
+    assert all((w > 0) == (label != IGNORE_INDEX) for w, label in zip(weights, labels))
+    first_answer = processor.tokenizer(f" {answers[0]}</s>", add_special_tokens=False)["input_ids"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert weights[first : first + len(first_answer)] == pytest.approx([1 / len(first_answer)] * len(first_answer))
     assert ids.count(processor.tokenizer.convert_tokens_to_ids("<image>")) == TinyLlavaSpec().image_tokens
     assert messages[0]["content"][0] == {"type": "image"}
     assert all(part["type"] == "text" for m in messages[1:] if m["role"] == "user" for part in m["content"])
@@ -45,6 +53,7 @@ def test_batch_is_right_padded_and_masked():
     assert batch["pixel_values"].shape == (4, 3, 96, 96)
     padded = batch["attention_mask"] == 0
     assert bool((batch["input_ids"][padded] == pad).all()) and bool((batch["labels"][padded] == IGNORE_INDEX).all())
+    assert bool((batch["loss_weights"][padded] == 0).all())
 
 
 def test_one_step_changes_every_trainable_parameter():
@@ -52,7 +61,7 @@ def test_one_step_changes_every_trainable_parameter():
     batch = ConversationCollator(world, processor, max_turns=5)([world.scene("train", i) for i in range(8)])
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(**batch).loss.backward()
+    answer_loss(model, batch).backward()
     optimizer.step()
     unchanged = [name for name, p in model.named_parameters() if torch.equal(before[name], p.detach())]
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
@@ -61,14 +70,18 @@ def test_one_step_changes_every_trainable_parameter():
 
 def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     config = SFTConfig(
-        output_dir=str(tmp_path / "out"), steps=3, batch_size=4, eval_every=2, val_scenes=4, vision_pretrain_steps=2
+        output_dir=str(tmp_path / "out"), steps=3, batch_size=4, eval_every=2, val_scenes=4, vision_pretrain_steps=2,
+        grounding_steps=1,
     )
     summary = train(config)
-    assert summary["steps"] == 3 and summary["vision_pretrain_steps"] == 2
+    assert summary["steps"] == 3 and summary["vision_pretrain_steps"] == 2 and summary["grounding_steps"] == 1
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in records] == [("vision", 1), ("vision", 2), ("sft", 1), ("sft", 2), ("sft", 3)]
+    assert [(r["stage"], r["step"]) for r in records] == [
+        ("vision", 1), ("vision", 2), ("grounding", 1), ("sft", 1), ("sft", 2), ("sft", 3)
+    ]  # fmt: skip
     assert "patch_shape_accuracy" in records[0]
-    sft = records[2:]
+    assert "val_loss" in records[2]  # a stage's last step is always validated
+    sft = records[3:]
     assert "val_loss" in sft[1] and "val_loss" in sft[2] and "val_loss" not in sft[0]
     assert all(r["loss"] > 0 for r in records)
     model, processor = load_checkpoint(tmp_path / "out")
@@ -84,7 +97,7 @@ def test_lora_option_trains_the_adapter_and_freezes_the_rest():
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     batch = ConversationCollator(world, processor, max_turns=3)([world.scene("train", i) for i in range(4)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model(**batch).loss.backward()
+    answer_loss(model, batch).backward()
     optimizer.step()
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())

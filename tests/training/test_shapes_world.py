@@ -10,6 +10,8 @@ from training.shapes_world import (
     PARTNER,
     SHAPES,
     SPLIT_SEED_BASE,
+    Scene,
+    SceneObject,
     ShapesWorld,
     WorldConfig,
 )
@@ -67,15 +69,18 @@ def test_cooccurrence_bias_only_in_train(world):
     assert _partner_rate(unbiased, "train") < 0.45
 
 
-def test_caption_noise_only_in_train(world):
-    def noisy_share(split, n=2000):
-        noisy = 0
-        for scene in world.scenes(split, n):
-            noisy += world.description(scene) != world.description(scene, noisy=False)
-        return noisy / n
-
-    assert 0.18 < noisy_share("train") < 0.32  # config 0.25, minus full scenes with no free cell
-    assert noisy_share("test") == 0.0
+def test_caption_noise_names_missing_partners_in_train_only(world):
+    noisy, eligible = 0, 0
+    for scene in world.scenes("train", 3000):
+        changed = world.description(scene) != world.description(scene, noisy=False)
+        if world.missing_partners(scene) and len(scene.objects) < 9:
+            eligible += 1
+            noisy += changed
+        else:
+            assert not changed  # only a missing partner is ever made up
+    assert eligible > 300
+    assert abs(noisy / eligible - world.config.caption_noise) < 0.05
+    assert all(world.description(s) == world.description(s, noisy=False) for s in world.scenes("test", 500))
 
 
 def test_clean_description_mentions_exactly_the_objects(world):
@@ -89,15 +94,16 @@ def test_clean_description_mentions_exactly_the_objects(world):
     assert text.count(" is ") == len(scene.objects)
 
 
-def test_noisy_description_names_an_absent_object(world):
-    for scene in world.scenes("train", 200):
-        noisy = world.description(scene)
-        clean = world.description(scene, noisy=False)
-        if noisy != clean:
-            extra = set(noisy.split(". ")) - set(clean.split(". "))
-            assert any(shape not in scene.shapes for sentence in extra for shape in SHAPES if shape in sentence)
-            return
-    pytest.fail("no noisy description in 200 training scenes")
+def test_a_noisy_description_adds_the_missing_partner_right_after_its_pair(world):
+    scene = Scene("train", 0, (SceneObject("star", "red", "large", 0, 0), SceneObject("circle", "blue", "small", 0, 1)))
+    assert world.missing_partners(scene) == [(scene.objects[0], "moon")]
+    text = world.description(scene, noisy=True)
+    sentences = text.split(". ")
+    assert sentences[0] == "There are three objects"
+    assert sentences[1] == "A large red star is at the top left"
+    assert " moon is at the top right" in sentences[2]  # the first free cell after the star
+    assert sentences[3] == "A small blue circle is at the top center."
+    assert world.description(scene, noisy=False).startswith("There are two objects.")
 
 
 def test_question_answers_are_exact(world):

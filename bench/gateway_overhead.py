@@ -1,0 +1,252 @@
+"""Gateway overhead benchmark: the same load straight to vLLM and through the gateway, in one run; then the latency
+clients see while the alias is hot-swapped back and forth, against steady state. Prints JSON.
+
+It starts one vLLM CPU server on the bundled model and one `alignloop serve` replica in front of it (external mode,
+a fresh SQLite store), and publishes one LoRA adapter version for the swap phase. The load is `--concurrency`
+clients, each sending the same image question (ShapesWorld scene, `--max-tokens` greedy tokens) back to back for
+`--seconds`. Phases alternate direct / gateway `--rounds` times so drift on a shared machine hits both alike.
+Reported per target: requests/s, latency p50/p99 (ms) and, when streaming, time to first token p50/p99; then the
+ratios gateway/direct. The swap phase promotes and rolls back every `--swap-every` seconds under the same load.
+
+    .venv/bin/python bench/gateway_overhead.py --concurrency 8 --seconds 20 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from online_rl.store import open_store  # noqa: E402
+from serve.vllm_process import VLLMServer, VLLMServerConfig  # noqa: E402
+from training.shapes_world import ShapesWorld  # noqa: E402
+
+ADMIN_KEY = "bench-admin-key-0123456789abcdef"
+API_KEY = "sk-bench-0123456789abcdef0123"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request_body(model: str, max_tokens: int, stream: bool) -> dict:
+    world = ShapesWorld()
+    buffer = io.BytesIO()
+    world.render(world.scene("test", 3)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": "Describe the image in detail."}]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }  # fmt: skip
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float | None]:
+    """Returns (end-to-end seconds, time to first content byte in seconds when streaming)."""
+    started = time.perf_counter()
+    first = None
+    if body["stream"]:
+        async with client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if first is None and line.startswith("data: ") and '"content"' in line:
+                    first = time.perf_counter() - started
+    else:
+        response = await client.post(url, json=body)
+        response.raise_for_status()
+    return time.perf_counter() - started, first
+
+
+async def run_load(base_url: str, body: dict, concurrency: int, seconds: float, headers: dict) -> dict:
+    latencies: list[float] = []
+    first_tokens: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            try:
+                total, first = await one_request(client, f"{base_url}/v1/chat/completions", body)
+                latencies.append(total)
+                if first is not None:
+                    first_tokens.append(first)
+            except httpx.HTTPError:
+                errors += 1
+
+    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"latencies": latencies, "first_tokens": first_tokens, "errors": errors, "elapsed": elapsed}
+
+
+def summarize(runs: list[dict]) -> dict:
+    latencies = [x for run in runs for x in run["latencies"]]
+    first_tokens = [x for run in runs for x in run["first_tokens"]]
+    elapsed = sum(run["elapsed"] for run in runs)
+    summary = {
+        "requests": len(latencies),
+        "errors": sum(run["errors"] for run in runs),
+        "requests_per_s": round(len(latencies) / elapsed, 3),
+        "latency_p50_ms": round(1000 * percentile(latencies, 0.5), 2),
+        "latency_p99_ms": round(1000 * percentile(latencies, 0.99), 2),
+        "latency_mean_ms": round(1000 * statistics.fmean(latencies), 2) if latencies else None,
+    }
+    if first_tokens:
+        summary["ttft_p50_ms"] = round(1000 * percentile(first_tokens, 0.5), 2)
+        summary["ttft_p99_ms"] = round(1000 * percentile(first_tokens, 0.99), 2)
+    return summary
+
+
+async def swap_load(gateway_url: str, body: dict, args, version: int) -> tuple[dict, int]:
+    """The gateway load while the alias moves to `version` and back every `swap_every` seconds."""
+    swaps = 0
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async def swapper() -> None:
+        nonlocal swaps
+        async with httpx.AsyncClient(base_url=gateway_url, headers=admin, timeout=30) as client:
+            end = time.perf_counter() + args.seconds - args.swap_every / 2
+            while time.perf_counter() < end:
+                await asyncio.sleep(args.swap_every)
+                promoted = (await client.get("/v1/admin/adapters")).json()["aliases"].get("llava-rlhf")
+                if promoted is None:
+                    response = await client.post("/v1/admin/aliases/llava-rlhf/promote", json={"version": version})
+                else:
+                    response = await client.post("/v1/admin/aliases/llava-rlhf/rollback", json={})
+                response.raise_for_status()
+                swaps += 1
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    load, _ = await asyncio.gather(run_load(gateway_url, body, args.concurrency, args.seconds, headers), swapper())
+    return load, swaps
+
+
+def publish_bench_adapter(store_url: str, model_dir: Path, adapter_dir: Path) -> int:
+    from peft import get_peft_model
+
+    from online_rl.adapters import language_model_lora, publish_adapter
+    from training.tiny_llava import load_checkpoint
+
+    model, _ = load_checkpoint(model_dir)
+    peft_model = get_peft_model(model, language_model_lora(rank=8))
+    with open_store(store_url) as store:
+        return publish_adapter(store, peft_model, adapter_dir, "shapes-llava", algorithm="bench").version
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the gateway exited during start-up")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the gateway did not become ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "shapes-llava")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=2, help="direct/gateway alternations")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--swap-every", type=float, default=2.0, help="seconds between alias moves in the swap phase")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="alignloop-bench-"))
+    adapter_dir = workdir / "adapters"
+    store_url = f"sqlite:///{workdir / 'alignloop.db'}"
+    config = VLLMServerConfig(model=str(args.model), served_model_name="shapes-llava", port=free_port(),
+                              adapter_dir=str(adapter_dir), max_model_len=512, max_lora_rank=16, max_loras=4)  # fmt: skip
+    gateway_port = free_port()
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    env = dict(os.environ, ALIGNLOOP_PORT=str(gateway_port), ALIGNLOOP_VLLM_URLS=config.base_url,
+               ALIGNLOOP_STORE_URL=store_url, ALIGNLOOP_API_KEYS=f"bench:{API_KEY}", ALIGNLOOP_ADMIN_KEY=ADMIN_KEY,
+               ALIGNLOOP_RATE_LIMIT_PER_MINUTE="10000000", ALIGNLOOP_MAX_CONCURRENT_PER_KEY="1000",
+               ALIGNLOOP_LOG_LEVEL="WARNING")  # fmt: skip
+    version = publish_bench_adapter(store_url, args.model, adapter_dir)
+    with VLLMServer(config, log_path=workdir / "vllm.log") as vllm:
+        gateway = subprocess.Popen([str(Path(sys.executable).parent / "alignloop"), "serve"], env=env,
+                                   stdout=(workdir / "gateway.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            wait_ready(gateway_url, gateway)
+            direct_body = request_body("shapes-llava", args.max_tokens, args.stream)
+            gateway_body = request_body("llava-rlhf", args.max_tokens, args.stream)
+            auth = {"Authorization": f"Bearer {API_KEY}"}
+            # Warm-up: the first requests compile kernels and fill caches; the adapter is loaded once.
+            asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, 3.0, {}))
+            asyncio.run(run_load(gateway_url, {**gateway_body, "model": f"llava-rlhf@v{version}"}, 2, 2.0, auth))
+            direct_runs, gateway_runs = [], []
+            for _ in range(args.rounds):
+                direct_runs.append(asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, args.seconds, {})))
+                gateway_runs.append(asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth)))
+            steady = asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth))
+            swapping, swaps = asyncio.run(swap_load(gateway_url, gateway_body, args, version))
+        finally:
+            gateway.terminate()
+            gateway.wait(30)
+    direct, through_gateway = summarize(direct_runs), summarize(gateway_runs)
+    steady_summary, swap_summary = summarize([steady]), summarize([swapping])
+    report = {
+        "benchmark": "gateway_overhead",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "load": {"concurrency": args.concurrency, "seconds_per_phase": args.seconds, "rounds": args.rounds,
+                 "max_tokens": args.max_tokens, "stream": args.stream},  # fmt: skip
+        "direct_vllm": direct,
+        "gateway": through_gateway,
+        "gateway_vs_direct": {
+            "throughput_ratio": round(through_gateway["requests_per_s"] / direct["requests_per_s"], 4),
+            "throughput_cost_pct": round(100 * (1 - through_gateway["requests_per_s"] / direct["requests_per_s"]), 2),
+            "p50_added_ms": round(through_gateway["latency_p50_ms"] - direct["latency_p50_ms"], 2),
+            "p99_added_ms": round(through_gateway["latency_p99_ms"] - direct["latency_p99_ms"], 2),
+        },
+        "hot_swap": {
+            "swaps": swaps,
+            "steady": steady_summary,
+            "during_swaps": swap_summary,
+            "p50_ratio": round(swap_summary["latency_p50_ms"] / steady_summary["latency_p50_ms"], 4),
+            "p99_ratio": round(swap_summary["latency_p99_ms"] / steady_summary["latency_p99_ms"], 4),
+        },
+    }
+    if args.stream:
+        report["gateway_vs_direct"]["ttft_p50_added_ms"] = round(through_gateway["ttft_p50_ms"] - direct["ttft_p50_ms"], 2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
