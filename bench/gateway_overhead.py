@@ -160,7 +160,7 @@ def publish_bench_adapter(store_url: str, model_dir: Path, adapter_dir: Path) ->
     model, _ = load_checkpoint(model_dir)
     peft_model = get_peft_model(model, language_model_lora(rank=8))
     with open_store(store_url) as store:
-        return publish_adapter(store, peft_model, adapter_dir, "shapes-llava", algorithm="bench").version
+        return publish_adapter(store, peft_model, adapter_dir, str(model_dir), algorithm="bench").version
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -7,7 +7,8 @@ adapter the first time a request names it) never sees half a file. The registry 
 so a registered version always has its files.
 
 The LoRA sits on the language model only (attention and MLP projections), the layout vLLM accepts for a LLaVA, and
-`adapter_config.json` names the base model by its served name, which vLLM's resolver requires.
+`adapter_config.json` names the base model exactly as vLLM was started with it (`vllm_base_model`), which vLLM's
+resolver requires.
 """
 
 from __future__ import annotations
@@ -54,8 +55,22 @@ def _fsync_tree(root: Path) -> None:
         os.close(directory)
 
 
-def write_adapter(peft_model, adapter_dir: str | Path, name: str, base_model_name: str) -> Path:
+def vllm_base_model(model: str | Path) -> str:
+    """The base model as vLLM is started with it (`--model`): the absolute path of a local directory, else the name.
+
+    vLLM's filesystem resolver loads an adapter only when its `base_model_name_or_path` equals this string (vLLM
+    compares it with `model_config.model`, not with the served model name), so the launcher and every publisher
+    derive it here.
+    """
+    path = Path(model)
+    return str(path.resolve()) if path.is_dir() else str(model)
+
+
+def write_adapter(peft_model, adapter_dir: str | Path, name: str, base_model: str) -> Path:
     """Saves the active adapter of `peft_model` as `<adapter_dir>/<name>/`, atomically; returns the final path.
+
+    `base_model` is written as the adapter's `base_model_name_or_path`; pass `vllm_base_model(...)` of the model
+    the serving vLLM was started on.
 
     Raises FileExistsError if the version's directory already exists: versions are immutable.
     """
@@ -72,7 +87,7 @@ def write_adapter(peft_model, adapter_dir: str | Path, name: str, base_model_nam
             raise RuntimeError(f"PEFT did not write {', '.join(missing)}")
         config_path = staging / "adapter_config.json"
         config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = base_model_name
+        config["base_model_name_or_path"] = base_model
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         _fsync_tree(staging)
         os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
@@ -87,7 +102,7 @@ def publish_adapter(
     store: FeedbackStore,
     peft_model,
     adapter_dir: str | Path,
-    base_model_name: str,
+    base_model: str,
     algorithm: str,
     parent_version: int | None = None,
     feedback_range: tuple[str, str] | None = None,
@@ -97,19 +112,22 @@ def publish_adapter(
 ) -> AdapterVersion:
     """Allocates the next version N, writes `policy-vN/` atomically and registers it as a candidate.
 
+    `base_model` is the model vLLM serves, as `vllm_base_model` gives it (a local directory becomes its absolute path).
+
     With `ack=(group, delivery_ids)` the feedback events it was trained on are acknowledged in the same atomic
     registry write, so after a crash they are either both trained-on and acknowledged, or neither.
     """
     version = store.allocate_adapter_version()
     name = adapter_name(version)
-    path = write_adapter(peft_model, adapter_dir, name, base_model_name)
+    base_model = vllm_base_model(base_model)
+    path = write_adapter(peft_model, adapter_dir, name, base_model)
     record = AdapterVersion(
         version=version,
         name=name,
         parent_version=parent_version,
         path=str(path),
         algorithm=algorithm,
-        base_model=base_model_name,
+        base_model=base_model,
         feedback_range=feedback_range,
         num_feedback_events=num_feedback_events,
         notes=notes,

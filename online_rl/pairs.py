@@ -11,9 +11,10 @@ Builders take events and a lookup of generation records and return `PreferencePa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from online_rl.schema import FeedbackEvent, GenerationRecord, PreferenceEvent, image_refs
@@ -61,6 +62,21 @@ def pairs_from_corrections(events: Iterable[FeedbackEvent], lookup: GenerationLo
             )
         )
     return pairs
+
+
+def correction_token_weights(
+    chosen: Sequence[int], rejected: Sequence[int], gamma: float, min_match: int = 3
+) -> tuple[list[float], list[float]]:
+    """Dense DPO token weights for a correction pair (RLHF-V): a token-level diff of the corrected answer (chosen)
+    against the original (rejected). Tokens inside a matching run of at least `min_match` tokens are unchanged and
+    weigh 1; every other token, in either answer, was changed and weighs `gamma`. Returns (chosen, rejected)."""
+    chosen_weights, rejected_weights = [gamma] * len(chosen), [gamma] * len(rejected)
+    matcher = difflib.SequenceMatcher(None, list(rejected), list(chosen), autojunk=False)
+    for block in matcher.get_matching_blocks():
+        if block.size >= min_match:
+            rejected_weights[block.a : block.a + block.size] = [1.0] * block.size
+            chosen_weights[block.b : block.b + block.size] = [1.0] * block.size
+    return chosen_weights, rejected_weights
 
 
 def net_ratings(events: Iterable[FeedbackEvent]) -> dict[str, tuple[int, list[str]]]:

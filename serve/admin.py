@@ -1,5 +1,8 @@
 """Admin operations (admin key only): list adapter versions with their metrics, promote, roll back, set a canary,
-delete a user's data. Every change goes through the store, so every gateway replica picks it up."""
+delete a user's data. Every change goes through the store, so every gateway replica picks it up.
+
+`version_overview` is the one read any API key may make: which version the public alias serves, how much feedback
+arrived since it was promoted, and the eval metrics of recent versions (what the demo's version panel shows)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import anyio
 
 from online_rl.store import FeedbackStore
 from online_rl.store.base import UNSET
-from serve.feedback import store_errors
+from serve.feedback import store_errors, version_label
 from serve.protocol import CanaryRequest, PromoteRequest, RollbackRequest
 from serve.routing import RegistryWatcher
 
@@ -26,6 +29,31 @@ class AdminService:
                 "aliases": {alias: version for alias, version in self.store.aliases().items()},
                 "canaries": {alias: {"version": v, "fraction": f} for alias, (v, f) in self.store.canaries().items()},
                 "data": [adapter.model_dump() for adapter in self.store.list_adapters()],
+            }
+
+        return await anyio.to_thread.run_sync(read)
+
+    async def version_overview(self, recent: int) -> dict:
+        def read() -> dict:
+            alias = self.public_alias
+            promoted = self.store.aliases().get(alias)
+            changes = self.store.alias_history(alias)
+            since = changes[-1].created if changes else None
+            canary = self.store.canaries().get(alias)
+            adapters = self.store.list_adapters()[-recent:] if recent else []
+            return {
+                "object": "versions",
+                "alias": alias,
+                "current": version_label(promoted),
+                "current_version": promoted,
+                "promoted_at": since,
+                "feedback_since_promotion": self.store.count_events(since=since),
+                "canary": {"version": canary[0], "fraction": canary[1]} if canary else None,
+                "data": [
+                    {"version": a.version, "name": a.name, "model": f"{alias}@v{a.version}", "status": a.status,
+                     "algorithm": a.algorithm, "created": a.created, "metrics": a.metrics}  # fmt: skip
+                    for a in adapters
+                ],
             }
 
         return await anyio.to_thread.run_sync(read)

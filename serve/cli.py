@@ -8,6 +8,8 @@
     alignloop feedback export --what pairs --style trl --output DIR           export feedback for training
     alignloop serve  [--vllm-url URL ...]                                     the OpenAI-compatible gateway
     alignloop up                                                              the whole service, embedded
+    alignloop demo   --gateway-url http://127.0.0.1:8000                      the browser demo alone
+    alignloop trainer [--once]                                                the online alignment worker
 
 Subcommand modules are imported when their command runs, so `alignloop --help` is instant. Expected failures
 (a missing path, an endpoint that is down, a malformed file) end with one line on stderr and a non-zero exit code;
@@ -73,6 +75,18 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_command(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from serve.launch import demo_command
+
+    return demo_command(args)
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    from online_rl.trainer import trainer_command
+
+    return trainer_command(args)
+
+
 def _up(args: argparse.Namespace) -> int:
     from serve.launch import up_command
 
@@ -117,7 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
     up = commands.add_parser("up", help="run the whole service on this machine on the bundled model")
     add_serve_arguments(up)
+    up.add_argument("--no-demo", action="store_true", help="serve the API only, without the demo page at /")
     up.set_defaults(handler=_up)
+
+    trainer = commands.add_parser("trainer", help="run the online alignment worker: feedback in, gated versions out")
+    from online_rl.trainer import add_trainer_arguments
+
+    add_trainer_arguments(trainer)
+    trainer.set_defaults(handler=_trainer)
+
+    from serve.launch import add_demo_arguments
+
+    demo = commands.add_parser("demo", help="run the browser demo in front of a running gateway")
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=_demo)
     return parser
 
 

@@ -2,7 +2,8 @@
 
     alignloop serve                                   # embedded: starts vLLM on the bundled model
     alignloop serve --vllm-url http://vllm-0:8000     # external vLLM servers (repeat the flag for several)
-    alignloop up                                      # the whole service on this machine
+    alignloop up                                      # the whole service on this machine, demo at /
+    alignloop demo --gateway-url http://gateway:8000  # the browser demo alone
 """
 
 from __future__ import annotations
@@ -51,13 +52,22 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
 
 
-def run_gateway(settings) -> int:
+def run_gateway(settings, with_demo: bool = False) -> int:
     import uvicorn
 
     from serve.app import create_app
 
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+    app = create_app(settings)
+    if with_demo:
+        from demo.app import mount_demo
+        from demo.settings import DemoSettings
+
+        local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        demo_settings = DemoSettings(gateway_url=f"http://{local_host}:{settings.port}",
+                                     public_alias=settings.public_alias)  # fmt: skip
+        app = mount_demo(app, demo_settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 timeout_graceful_shutdown=30)  # fmt: skip
     return 0
 
@@ -67,5 +77,31 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def up_command(args: argparse.Namespace) -> int:
-    """The whole service on one machine: the gateway in embedded mode (vLLM on the bundled model)."""
-    return run_gateway(load_settings(args, vllm_urls=[]))
+    """The whole service on one machine: the gateway in embedded mode (vLLM on the bundled model), with the demo
+    page at `/` on the same port."""
+    return run_gateway(load_settings(args, vllm_urls=[]), with_demo=not args.no_demo)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-url", help="the alignloop gateway (default http://127.0.0.1:8000)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 7860)")
+    parser.add_argument("--public-alias", help="the model name the gateway serves (default llava-rlhf)")
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """`alignloop demo`: the browser demo alone, in front of a gateway that runs elsewhere."""
+    import pydantic
+
+    from demo.app import run_demo
+    from demo.settings import DemoSettings
+
+    overrides = {key: getattr(args, key) for key in ("gateway_url", "host", "port", "public_alias")
+                 if getattr(args, key, None) is not None}  # fmt: skip
+    try:
+        settings = DemoSettings(**overrides)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    configure_logging("INFO")
+    return run_demo(settings)

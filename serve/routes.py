@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.admin import AdminService
@@ -138,6 +138,14 @@ async def add_image_facts(sha256: str, body: FactsRequest, caller: CallerDep, fe
         raise APIError(400, "the image id must be the sha256 of its bytes, as 64 lowercase hex digits", param="sha256",
                        code="invalid_image_id")  # fmt: skip
     return await feedback.add_facts(caller, sha256, body)
+
+
+@api.get("/v1/versions", responses=ERRORS)
+async def version_overview(
+    _: CallerDep, admin: AdminServiceDep, recent: Annotated[int, Query(ge=0, le=100)] = 10
+) -> dict:
+    """The alias's current version, feedback since its promotion, and recent versions' eval metrics."""
+    return await admin.version_overview(recent)
 
 
 # ---- admin -----------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from online_rl.adapters import vllm_base_model
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class VLLMServerConfig:
 def vllm_command(config: VLLMServerConfig) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", config.model,
+        "--model", vllm_base_model(config.model),
         "--served-model-name", config.model_name,
         "--host", config.host,
         "--port", str(config.port),

@@ -82,3 +82,14 @@ def test_data_export_refuses_a_non_empty_directory(tmp_path):
 def test_train_rejects_an_unknown_recipe():
     result = run("train", "dance")
     assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_with_a_bad_gateway_url_or_port():
+    assert_one_line_error(run("demo", "--port", "70000"), "alignloop demo: error: bad setting port")
+    assert_one_line_error(run("demo", "--gateway-url", "gateway:8000"), "bad setting gateway_url", "http://")
+
+
+def test_trainer_on_a_missing_model_or_with_nothing_to_train(tmp_path):
+    assert_one_line_error(run("trainer", "--model", str(tmp_path / "nope"), "--once"), "alignloop trainer: error:", "nope")
+    idle = run("trainer", "--store", f"sqlite:///{tmp_path / 'store.db'}", "--once")
+    assert idle.returncode == 0 and "nothing to train" in idle.stdout

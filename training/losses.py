@@ -22,3 +22,44 @@ def weighted_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, wei
     shift_weights = weights[:, 1:].float() * (shift_labels != IGNORE_INDEX)
     per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
     return (per_token * shift_weights).sum() / shift_weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# ---- preference losses ------------------------------------------------------------------------------------------
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each next token: (batch, seq-1), 0 where the label is IGNORE_INDEX.
+
+    Position t of the result is log p(labels[t+1] | tokens <= t), aligned with `labels[:, 1:]`.
+    """
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = torch.gather(logprobs, 2, shift_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask
+
+
+def weighted_sequence_score(
+    token_logps: torch.Tensor, weights: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """A response's score from its token log-probs (Dense DPO, RLHF-V): sum(w * logp), divided by sum(w) when
+    `normalize`. `weights` is 0 outside the response, 1 on unchanged tokens and gamma on changed ones; with weight 1
+    everywhere and no normalisation this is the plain sequence log-probability DPO uses."""
+    total = (token_logps * weights).sum(-1)
+    if not normalize:
+        return total
+    return total / weights.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sigmoid DPO loss per pair, -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), with the implicit
+    rewards beta * (pi - ref) of chosen and rejected (detached). Inputs are per-pair sequence scores: summed
+    log-probs for DPO, `weighted_sequence_score` for Dense DPO."""
+    chosen_logratio = policy_chosen - reference_chosen
+    rejected_logratio = policy_rejected - reference_rejected
+    losses = -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+    return losses, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()

@@ -6,15 +6,18 @@ position, multiple choice). The loss is next-token cross-entropy on the assistan
 answer counts the same. Scenes are drawn fresh for every step from the train split, which carries ShapesWorld's
 co-occurrence bias and caption noise, so the model learns the same biased prior that makes real LLaVAs hallucinate.
 
-A fresh tiny model (a tokenizer is trained first) goes through three stages:
+A fresh tiny model (a tokenizer is trained first) goes through four stages:
 - stage 0, vision: the tower is pretrained on ShapesWorld scene graphs; it stands in for LLaVA's pretrained CLIP,
   which no hub can provide here;
 - stage 1, grounding: with the tower frozen (as LLaVA freezes CLIP), the projector and language model learn from
-  yes/no presence probes alone to look an object up in the image by its shape;
-- stage 2, SFT: the full conversation mix.
-Stage 1 and the per-answer weighting are there because without them the tiny model never found the shape lookup:
-with a per-token mean the long descriptions drowned the one-word answers, and after 1,400 mixed steps it still
-answered "Is there a moon?" without looking (POPE at chance, 50%); 200 steps of probes alone found it.
+  short questions alone (presence probes, color, shape, size, position, count) to look an object up in the image;
+- stage 2, SFT: the full conversation mix, descriptions included, every answer weighing the same;
+- stage 3, polish: the SFT stream again at half the rate, with half of the plain per-token loss mixed in, so the
+  long descriptions (several color/shape/position bindings each) weigh more.
+Why: with a per-token mean from the start, the descriptions drowned the one-word answers and after 1,400 steps the
+model still answered "Is there a moon?" without looking (POPE at chance). A grounding stage of presence probes alone
+fixed that but left the projector blind to color (color questions at chance, 15%, even after 600 more steps), so
+stage 1 now carries every kind of short question.
 For a large checkpoint (`--init PATH --lora-rank 64`) stages 0 and 1 are skipped, the vision tower stays frozen and
 the language model gets a PEFT LoRA, merged into the weights at the end. AdamW with warm-up and cosine decay per
 stage; a fixed seed; tqdm bars and a metrics.jsonl (stage, step, loss, learning rate, validation loss) to plot.
@@ -68,7 +71,18 @@ class SFTConfig:
     )
     vision_learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "Stage-0 learning rate."})
     grounding_steps: int = dataclasses.field(
-        default=400, metadata={"help": "Stage 1 for a fresh model: yes/no presence probes only, before the SFT mix."}
+        default=400, metadata={"help": "Stage 1 for a fresh model: short questions only (no descriptions), before the SFT mix."}
+    )
+    token_loss_share: float = dataclasses.field(
+        default=0.0, metadata={"help": "SFT stage: share of the plain per-token loss mixed into the answer-weighted one."}
+    )
+    polish_steps: int = dataclasses.field(
+        default=600, metadata={"help": "Stage 3 for a fresh model: SFT again at a lower rate, per-token loss mixed in."}
+    )
+    polish_learning_rate: float = dataclasses.field(default=5e-4, metadata={"help": "Stage-3 peak learning rate."})
+    polish_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Stage-3 linear warm-up."})
+    polish_token_share: float = dataclasses.field(
+        default=0.5, metadata={"help": "Stage 3: share of the per-token loss (descriptions teach attribute binding)."}
     )
     freeze_vision_tower: bool = dataclasses.field(
         default=True, metadata={"help": "Freeze the vision tower during SFT, as LLaVA does with its CLIP tower."}
@@ -88,25 +102,23 @@ class SFTConfig:
 class ConversationCollator:
     """Turns scenes into a padded batch: the chat-template text, image tokens expanded, labels on answers only.
 
-    `probes_only` makes each conversation yes/no presence probes (the grounding stage) instead of the SFT mix.
+    `short_only` makes every conversation short questions (two yes/no presence probes plus color, shape, size,
+    position, count and multiple choice), never a description: the grounding stage.
     """
 
-    def __init__(self, world: ShapesWorld, processor, max_turns: int, probes_only: bool = False):
+    def __init__(self, world: ShapesWorld, processor, max_turns: int, short_only: bool = False):
         self.world = world
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_turns = max_turns
-        self.probes_only = probes_only
+        self.short_only = short_only
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.image_seq_length = processor.image_processor.crop_size["height"] // processor.patch_size
         self.image_seq_length **= 2
 
     def messages(self, scene: Scene) -> list[dict]:
         messages = []
-        if self.probes_only:
-            items = self.world.probe_conversation(scene, self.max_turns)
-        else:
-            items = self.world.conversation(scene, self.max_turns)
+        items = self.world.conversation(scene, self.max_turns, description_share=0.0 if self.short_only else 1 / 3)
         for turn, item in enumerate(items):
             parts = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": item.question}]
             messages.append({"role": "user", "content": parts})
@@ -163,10 +175,19 @@ class ConversationCollator:
                 "pixel_values": pixel_values}  # fmt: skip
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The SFT loss on a collated batch: token cross-entropy weighted so that every answer counts the same."""
+def answer_loss(model, batch: dict[str, torch.Tensor], token_share: float = 0.0) -> torch.Tensor:
+    """The SFT loss on a collated batch: token cross-entropy weighted so that every answer counts the same.
+
+    `token_share` mixes in the plain per-token loss, in which long descriptions weigh more: they carry many
+    color/shape/position bindings per answer, which short questions teach only one at a time.
+    """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
-    return weighted_token_cross_entropy(model(**inputs).logits, batch["labels"], batch["loss_weights"])
+    logits = model(**inputs).logits
+    loss = weighted_token_cross_entropy(logits, batch["labels"], batch["loss_weights"])
+    if token_share > 0:
+        per_token = (batch["labels"] != IGNORE_INDEX).float()
+        loss = (1 - token_share) * loss + token_share * weighted_token_cross_entropy(logits, batch["labels"], per_token)
+    return loss
 
 
 def vision_tower(model) -> torch.nn.Module:
@@ -294,24 +315,32 @@ def run_stage(
     steps: int,
     metrics_file,
     started: float,
+    learning_rate: float | None = None,
+    warmup_steps: int | None = None,
+    token_share: float = 0.0,
+    order_key: str | None = None,
 ) -> tuple[int, dict]:
-    """One stage of conversation training (AdamW, warm-up then cosine decay, answer-weighted loss); returns the
-    number of steps run and the last metrics record. Validation loss on clean validation scenes every eval_every."""
+    """One stage of conversation training (AdamW, warm-up then cosine decay, answer-weighted loss with
+    `token_share` of the per-token loss); returns the number of steps run and the last metrics record. The
+    training scenes come from a stream seeded by `order_key` (the stage name by default). Validation loss
+    (answer-weighted) on clean validation scenes every eval_every steps."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 4), steps)
+    learning_rate = config.learning_rate if learning_rate is None else learning_rate
+    warmup_steps = config.warmup_steps if warmup_steps is None else warmup_steps
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, steps // 4), steps)
     val_batches = [
         collator(list(world.scenes("validation", config.batch_size, start)))
         for start in range(0, config.val_scenes, config.batch_size)
     ]
     logger.info("%s start trainable=%d steps=%d", stage, sum(p.numel() for p in trainable), steps)
-    scene_order = random.Random(f"{config.seed}-{stage}")
+    scene_order = random.Random(f"{config.seed}-{order_key or stage}")
     step, val, record = 0, float("nan"), {}
     with tqdm(total=steps, desc=stage, unit="step") as bar:
         for step in range(1, steps + 1):
             indices = scene_order.sample(range(100_000_000), config.batch_size)
             batch = collator([world.scene("train", i) for i in indices])
-            loss = answer_loss(model, batch)
+            loss = answer_loss(model, batch, token_share)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -334,7 +363,7 @@ def run_stage(
 
 
 def train(config: SFTConfig) -> dict:
-    """Runs the stages (vision, grounding, SFT) and saves the checkpoint; returns a summary."""
+    """Runs the stages (vision, grounding, SFT, polish) and saves the checkpoint; returns a summary."""
     if config.threads:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
@@ -356,11 +385,21 @@ def train(config: SFTConfig) -> dict:
         if config.freeze_vision_tower:
             vision_tower(model).requires_grad_(False)
         if fresh and config.grounding_steps > 0:
-            probes = ConversationCollator(world, processor, config.max_turns, probes_only=True)
-            grounding_steps, _ = run_stage("grounding", model, world, probes, config, config.grounding_steps,
+            # Short questions only first: each answer is a lookup of one object in the image, and no description
+            # can be answered from the language prior, so the model learns to look before it learns to narrate.
+            short = ConversationCollator(world, processor, config.max_turns, short_only=True)
+            grounding_steps, _ = run_stage("grounding", model, world, short, config, config.grounding_steps,
                                            metrics_file, started)  # fmt: skip
         collator = ConversationCollator(world, processor, config.max_turns)
-        step, record = run_stage("sft", model, world, collator, config, config.steps, metrics_file, started)
+        step, record = run_stage("sft", model, world, collator, config, config.steps, metrics_file, started,
+                                 token_share=config.token_loss_share)  # fmt: skip
+        polish_steps = 0
+        if fresh and config.polish_steps > 0:
+            # A second pass over the SFT scene stream at a lower rate; the per-token share lets descriptions, with
+            # several color/shape/position bindings each, teach attributes that one-word answers teach slowly.
+            polish_steps, record = run_stage("polish", model, world, collator, config, config.polish_steps, metrics_file,
+                                             started, config.polish_learning_rate, config.polish_warmup_steps,
+                                             config.polish_token_share, order_key="sft")  # fmt: skip
     if config.lora_rank > 0:
         model = model.merge_and_unload()
     save_checkpoint(model, processor, output_dir)
@@ -368,6 +407,7 @@ def train(config: SFTConfig) -> dict:
         "vision_pretrain_steps": len(stage0_records),
         "grounding_steps": grounding_steps,
         "steps": step,
+        "polish_steps": polish_steps,
         "minutes": round((time.monotonic() - started) / 60, 1),
         "final_loss": record.get("loss"),
         "val_loss": record.get("val_loss"),

@@ -340,18 +340,6 @@ class ShapesWorld:
         rng.shuffle(questions)
         return questions[:max_turns]
 
-    def probe_conversation(self, scene: Scene, turns: int = 4) -> list[QAItem]:
-        """A grounding conversation: yes/no presence probes only, alternately about present and absent shapes."""
-        rng = random.Random(scene.seed * 17 + 11)
-        present, absent = sorted(scene.shapes), [s for s in SHAPES if s not in scene.shapes]
-        items = [
-            self.presence_item(rng.choice(present), True) if turn % 2 == 0 or not absent
-            else self.presence_item(rng.choice(absent), False)
-            for turn in range(turns)
-        ]  # fmt: skip
-        rng.shuffle(items)
-        return items
-
     # ---- benchmark ----------------------------------------------------------------------------------------
     def popular_shapes(self, sample: int = 2000) -> list[str]:
         """Shapes ranked by how often they appear in training scenes (POPE's 'popular' negatives)."""

@@ -116,6 +116,6 @@ def publish_random_adapter(vllm_server, bundled_model):
 
     def publish(store, seed: int = 0):
         return publish_adapter(store, random_lora(bundled_model, seed), vllm_server.config.adapter_dir,
-                               "shapes-llava", algorithm="random-test")  # fmt: skip
+                               vllm_server.config.model, algorithm="random-test")  # fmt: skip
 
     return publish

@@ -65,3 +65,16 @@ def test_a_preference_names_chosen_and_rejected():
 
 def test_unknown_generations_are_skipped():
     assert build_pairs([fb("gone", -1, "x"), fb("gone", 1)], RECORDS.get) == []
+
+
+def test_dense_weights_mark_the_tokens_a_correction_changed():
+    from online_rl.pairs import correction_token_weights
+
+    rejected = [1, 2, 3, 4, 5, 6]
+    chosen = [1, 2, 3, 9, 5, 6]  # one token replaced; the run [5, 6] after it is shorter than min_match
+    chosen_w, rejected_w = correction_token_weights(chosen, rejected, gamma=5.0, min_match=3)
+    assert rejected_w == [1, 1, 1, 5, 5, 5] and chosen_w == [1, 1, 1, 5, 5, 5]
+    # A deleted sentence: only the deleted tokens of the original change; the corrected answer is all unchanged.
+    chosen_w, rejected_w = correction_token_weights([7, 7, 7, 8, 8, 8], [7, 7, 7, 1, 2, 8, 8, 8], gamma=2.0)
+    assert rejected_w == [1, 1, 1, 2, 2, 1, 1, 1] and chosen_w == [1] * 6
+    assert correction_token_weights([], [1, 2], gamma=3.0) == ([], [3.0, 3.0])

@@ -372,6 +372,25 @@ def test_admin_promotes_with_compare_and_set_and_rolls_back(client, store, fake_
     assert swaps == ['alignloop_swap_events_total{action="move",alias="llava-rlhf"} 3.0']
 
 
+def test_any_key_sees_the_version_overview(client, store, fake_vllm):
+    empty = client.get("/v1/versions", headers=auth(BOB)).json()
+    assert empty["current"] == "base" and empty["current_version"] is None and empty["data"] == []
+    ask(client)  # feedback before the promotion does not count for the new version
+    client.post("/v1/feedback", headers=auth(ALICE), json={"response_id": ask(client), "rating": 1})
+    v1 = register(store, fake_vllm)
+    store.update_adapter(v1, metrics={"pope_random_accuracy": 0.9})
+    v2 = register(store, fake_vllm, promote=True)
+    client.post("/v1/feedback", headers=auth(ALICE), json={"response_id": ask(client), "rating": -1})
+    overview = client.get("/v1/versions", headers=auth(BOB), params={"recent": 1}).json()
+    assert overview["current"] == "policy-v2" and overview["current_version"] == v2
+    assert overview["feedback_since_promotion"] == 1
+    assert [(v["model"], v["status"]) for v in overview["data"]] == [("llava-rlhf@v2", "promoted")]
+    everything = client.get("/v1/versions", headers=auth(ALICE)).json()["data"]
+    assert everything[0]["metrics"] == {"pope_random_accuracy": 0.9}
+    assert_openai_error(client.get("/v1/versions", params={"recent": 1000}, headers=auth(ALICE)), 400, "recent")
+    assert client.get("/v1/versions").status_code == 401
+
+
 def test_admin_deletes_a_users_data(client, store):
     response_id = ask(client)
     record = record_of(client, response_id)

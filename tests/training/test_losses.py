@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.losses import IGNORE_INDEX, weighted_token_cross_entropy
+from training.losses import IGNORE_INDEX, dpo_loss, token_logps, weighted_sequence_score, weighted_token_cross_entropy
 
 
 def test_weighted_cross_entropy_by_hand():
@@ -37,3 +37,33 @@ def test_equal_answer_weights_make_a_short_answer_count_as_much_as_a_long_one():
     long_answer, short_answer = per_token[:4].mean(), per_token[5]
     expected = (long_answer + short_answer) / 2
     assert weighted_token_cross_entropy(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_token_logps_pick_each_label_and_zero_the_rest():
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 0]])
+    expected = torch.tensor([[math.log(0.5), 2.0 - math.log(1 + math.e**2)]])
+    assert torch.allclose(token_logps(logits, labels), expected)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 0]])
+    assert token_logps(logits, labels)[0, 0].item() == 0.0
+
+
+def test_dense_scores_weight_changed_tokens_by_gamma():
+    logps = torch.tensor([[-1.0, -2.0, -3.0, 0.0]])  # the last position is padding
+    weights = torch.tensor([[1.0, 5.0, 1.0, 0.0]])  # the middle token was changed by the correction; gamma = 5
+    assert weighted_sequence_score(logps, weights, normalize=False).item() == pytest.approx(-1 - 10 - 3)
+    assert weighted_sequence_score(logps, weights, normalize=True).item() == pytest.approx(-14 / 7)
+    plain = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert weighted_sequence_score(logps, plain, normalize=False).item() == pytest.approx(-6.0)
+
+
+def test_dpo_loss_by_hand():
+    # Chosen log-ratio 1 - 0.5 = 0.5, rejected log-ratio -2 - (-1) = -1; beta 0.1: loss = -log sigmoid(0.15).
+    losses, chosen_reward, rejected_reward = dpo_loss(
+        torch.tensor([1.0]), torch.tensor([-2.0]), torch.tensor([0.5]), torch.tensor([-1.0]), beta=0.1
+    )
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.15)))
+    assert chosen_reward.item() == pytest.approx(0.05) and rejected_reward.item() == pytest.approx(-0.1)
+    # Equal log-ratios: the loss is log 2 whatever beta is.
+    equal, _, _ = dpo_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([1.0]), 0.5)
+    assert equal.item() == pytest.approx(math.log(2))

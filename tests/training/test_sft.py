@@ -56,6 +56,21 @@ def test_batch_is_right_padded_and_masked():
     assert bool((batch["loss_weights"][padded] == 0).all())
 
 
+def test_token_share_mixes_in_the_plain_per_token_loss():
+    world, model, processor = _tiny_setup()
+    batch = ConversationCollator(world, processor, max_turns=5)([world.scene("train", i) for i in range(2)])
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}).logits
+        targets = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+        answer_weighted = answer_loss(model, batch)
+        assert float(answer_loss(model, batch, token_share=1.0)) == pytest.approx(float(per_token), rel=1e-5)
+        mixed = answer_loss(model, batch, token_share=0.25)
+    assert float(mixed) == pytest.approx(0.75 * float(answer_weighted) + 0.25 * float(per_token), rel=1e-5)
+    assert float(answer_weighted) != pytest.approx(float(per_token), abs=1e-5)  # the weighting does change the loss
+
+
 def test_one_step_changes_every_trainable_parameter():
     world, model, processor = _tiny_setup()
     batch = ConversationCollator(world, processor, max_turns=5)([world.scene("train", i) for i in range(8)])
@@ -71,17 +86,19 @@ def test_one_step_changes_every_trainable_parameter():
 def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     config = SFTConfig(
         output_dir=str(tmp_path / "out"), steps=3, batch_size=4, eval_every=2, val_scenes=4, vision_pretrain_steps=2,
-        grounding_steps=1,
+        grounding_steps=1, polish_steps=2,
     )
     summary = train(config)
     assert summary["steps"] == 3 and summary["vision_pretrain_steps"] == 2 and summary["grounding_steps"] == 1
+    assert summary["polish_steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in records] == [
-        ("vision", 1), ("vision", 2), ("grounding", 1), ("sft", 1), ("sft", 2), ("sft", 3)
+        ("vision", 1), ("vision", 2), ("grounding", 1), ("sft", 1), ("sft", 2), ("sft", 3), ("polish", 1), ("polish", 2)
     ]  # fmt: skip
+    assert records[-1]["lr"] == 0.0 and "val_loss" in records[-1]  # the polish stage decays to zero and validates
     assert "patch_shape_accuracy" in records[0]
     assert "val_loss" in records[2]  # a stage's last step is always validated
-    sft = records[3:]
+    sft = records[3:6]
     assert "val_loss" in sft[1] and "val_loss" in sft[2] and "val_loss" not in sft[0]
     assert all(r["loss"] > 0 for r in records)
     model, processor = load_checkpoint(tmp_path / "out")

@@ -1,0 +1,130 @@
+"""The demo's only way to the model: the gateway's HTTP API, through the `openai` SDK and the feedback endpoints.
+
+`GatewayClient` turns every failure (the API down, a rejected input, a timeout) into `GatewayError` with one line
+a person can read; the page shows that line and never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+from collections.abc import Iterator
+
+import httpx
+import openai
+from PIL import Image
+
+DEMO_CLIENT_HEADER = {"x-alignloop-client": "demo"}
+
+
+class GatewayError(Exception):
+    """A failed call to the gateway, with a message fit for the page."""
+
+
+@dataclasses.dataclass
+class Answer:
+    """One answer as it streams in: `text` grows; `response_id` and `version` come with the first chunk."""
+
+    model: str
+    text: str = ""
+    response_id: str | None = None
+    version: str | None = None
+    finish_reason: str | None = None
+
+
+def image_data_url(image: Image.Image) -> str:
+    """A PNG data URL of the image, the form the gateway always accepts."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _api_error_message(error: Exception, base_url: str) -> str:
+    if isinstance(error, openai.APIConnectionError | httpx.ConnectError | httpx.ConnectTimeout):
+        return f"The alignloop API at {base_url} is not reachable. Is the gateway running?"
+    if isinstance(error, openai.APITimeoutError | httpx.TimeoutException):
+        return "The alignloop API did not answer in time. Try again."
+    if isinstance(error, openai.APIStatusError):
+        body = error.body if isinstance(error.body, dict) else {}
+        message = body.get("message") or (body.get("error") or {}).get("message") or error.message
+        return f"The API refused the request ({error.status_code}): {message}"
+    if isinstance(error, httpx.HTTPStatusError):
+        try:
+            message = error.response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = error.response.text[:200]
+        return f"The API refused the request ({error.response.status_code}): {message}"
+    return f"The API call failed: {error}"
+
+
+class GatewayClient:
+    def __init__(self, gateway_url: str, api_key: str, timeout_s: float = 120.0,
+                 http_client: httpx.Client | None = None):  # fmt: skip
+        """`http_client` replaces the HTTP connection in tests (e.g. a TestClient on an in-process gateway)."""
+        self.base_url = gateway_url.rstrip("/")
+        self.http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout_s, trust_env=False)
+        self.http.headers.update({"Authorization": f"Bearer {api_key}", **DEMO_CLIENT_HEADER})
+        self.openai = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0,
+                                    default_headers=DEMO_CLIENT_HEADER, http_client=self.http)  # fmt: skip
+
+    def close(self) -> None:
+        self.http.close()
+
+    # ---- chat --------------------------------------------------------------------------------------------------
+    def stream_chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
+                    user: str | None = None) -> Iterator[Answer]:  # fmt: skip
+        """Yields the same `Answer` after every chunk, its text one delta longer each time."""
+        answer = Answer(model=model)
+        extra = {"user": user} if user else {}
+        try:
+            stream = self.openai.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True, **extra
+            )
+            for chunk in stream:
+                answer.response_id = answer.response_id or chunk.id
+                answer.version = answer.version or chunk.system_fingerprint
+                for choice in chunk.choices:
+                    answer.text += choice.delta.content or ""
+                    answer.finish_reason = choice.finish_reason or answer.finish_reason
+                yield answer
+        except (openai.OpenAIError, httpx.HTTPError) as error:
+            raise GatewayError(_api_error_message(error, self.base_url)) from error
+        if answer.response_id is None:
+            raise GatewayError("The API closed the stream before answering. Try again.")
+
+    def models(self) -> list[str]:
+        try:
+            return [model.id for model in self.openai.models.list()]
+        except (openai.OpenAIError, httpx.HTTPError) as error:
+            raise GatewayError(_api_error_message(error, self.base_url)) from error
+
+    # ---- feedback ----------------------------------------------------------------------------------------------
+    def _post(self, path: str, body: dict) -> dict:
+        try:
+            response = self.http.post(path, json=body)
+            response.raise_for_status()
+            return response.json()
+        except httpx.HTTPError as error:
+            raise GatewayError(_api_error_message(error, self.base_url)) from error
+
+    def _get(self, path: str, params: dict | None = None) -> dict:
+        try:
+            response = self.http.get(path, params=params)
+            response.raise_for_status()
+            return response.json()
+        except httpx.HTTPError as error:
+            raise GatewayError(_api_error_message(error, self.base_url)) from error
+
+    def feedback(self, response_id: str, rating: int | None = None, correction: str | None = None,
+                 comment: str | None = None, facts: list[str] | None = None, user: str | None = None) -> dict:  # fmt: skip
+        body = {"response_id": response_id, "rating": rating, "correction": correction, "comment": comment,
+                "facts": facts or None, "user": user}  # fmt: skip
+        return self._post("/v1/feedback", {k: v for k, v in body.items() if v is not None})
+
+    def preference(self, first_id: str, second_id: str, preferred_id: str, user: str | None = None) -> dict:
+        body = {"response_ids": [first_id, second_id], "preferred_id": preferred_id, "user": user}
+        return self._post("/v1/preferences", {k: v for k, v in body.items() if v is not None})
+
+    def versions(self, recent: int) -> dict:
+        return self._get("/v1/versions", {"recent": recent})

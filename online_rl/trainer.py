@@ -1,0 +1,288 @@
+"""The online alignment worker (`alignloop trainer`): feedback events in, gated adapter versions out.
+
+One round:
+1. read feedback events from the store's consumer group (after a restart, first the ones it was given and never
+   acknowledged) and turn them into preference pairs (`online_rl.pairs`);
+2. when `round_min_pairs` pairs are waiting, or some pairs have waited `round_max_wait_s`, train a LoRA on them with
+   DPO or Dense DPO (`online_rl.dpo`), starting from the promoted version's adapter (or a fresh one on the base);
+3. publish `policy-vN` atomically and register it, acknowledging the round's events in the same registry write, so
+   an event is trained on by exactly one published version even across crashes;
+4. gate it: score `llava-rlhf@vN` through the gateway with `alignloop eval`'s ShapesWorld benchmark on a held-out
+   split, against the version it would replace. It is promoted (compare-and-set on the alias, so a concurrent
+   admin change wins) only if CHAIR_s and POPE-adversarial do not regress beyond a tolerance and object recall does
+   not fall by more than 2 points; otherwise it is marked rejected and the next round starts again from the
+   promoted version. The metrics go into the registry either way.
+
+Events that formed no pair (a lone thumbs-up, say) are acknowledged with the round that read them. The reference
+policy is the policy with its adapter disabled, i.e. the SFT model.
+
+    alignloop trainer --gateway-url http://127.0.0.1:8000 --store sqlite:///runs/alignloop.db
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from online_rl.pairs import PreferencePair, build_pairs
+from online_rl.schema import Delivery
+from online_rl.store import ConflictError, FeedbackStore
+
+logger = logging.getLogger(__name__)
+
+GATE_METRICS = ("chair_s", "pope_adversarial_accuracy", "object_recall")
+
+
+class TrainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_TRAINER_", extra="forbid")
+
+    store_url: str = "sqlite:///runs/alignloop.db"
+    model: str = Field(default="models/shapes-llava", description="the base model vLLM serves (same --model)")
+    adapter_dir: Path = Path("runs/adapters")
+    gateway_url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr = SecretStr("alignloop-trainer")
+    public_alias: str = "llava-rlhf"
+    group: str = "trainer"
+    consumer: str = "trainer-1"
+    algorithm: Literal["dpo", "dense-dpo"] = "dense-dpo"
+    round_min_pairs: int = Field(default=16, ge=1)
+    round_max_wait_s: float = Field(default=300.0, gt=0)
+    epochs: int = Field(default=3, ge=1)
+    batch_pairs: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    beta: float = Field(default=0.1, gt=0)
+    gamma: float = Field(default=5.0, ge=1.0, description="Dense DPO weight of corrected tokens")
+    dense_normalize: bool = True
+    lora_rank: int = Field(default=8, ge=1)
+    seed: int = 0
+    eval_split: Literal["validation", "test"] = "validation"
+    eval_images: int = Field(default=100, ge=1)
+    chair_tolerance: float = Field(default=0.02, ge=0)
+    pope_tolerance: float = Field(default=0.02, ge=0)
+    recall_tolerance: float = Field(default=0.02, ge=0)
+    poll_interval_s: float = Field(default=2.0, gt=0)
+
+
+@dataclasses.dataclass
+class GateDecision:
+    passed: bool
+    candidate: dict[str, float]
+    baseline: dict[str, float]
+    reasons: list[str]
+
+
+def gate(candidate: dict[str, float], baseline: dict[str, float], settings: TrainerSettings) -> GateDecision:
+    """Promote only if hallucination does not regress beyond the tolerances and recall holds within 2 points."""
+    reasons = []
+    if candidate["chair_s"] > baseline["chair_s"] + settings.chair_tolerance:
+        reasons.append(f"CHAIR_s rose {baseline['chair_s']:.3f} -> {candidate['chair_s']:.3f}")
+    if candidate["pope_adversarial_accuracy"] < baseline["pope_adversarial_accuracy"] - settings.pope_tolerance:
+        reasons.append(f"POPE-adversarial fell {baseline['pope_adversarial_accuracy']:.3f} -> "
+                       f"{candidate['pope_adversarial_accuracy']:.3f}")  # fmt: skip
+    if candidate["object_recall"] < baseline["object_recall"] - settings.recall_tolerance:
+        reasons.append(f"object recall fell {baseline['object_recall']:.3f} -> {candidate['object_recall']:.3f}")
+    return GateDecision(not reasons, candidate, baseline, reasons)
+
+
+@dataclasses.dataclass
+class RoundResult:
+    version: int
+    promoted: bool
+    pairs: int
+    events: int
+    decision: GateDecision
+    train_metrics: dict[str, float]
+    seconds: float
+
+
+class OnlineTrainer:
+    def __init__(self, settings: TrainerSettings, store: FeedbackStore, scorer=None):
+        """`scorer(model_name) -> metrics` scores a served model name; by default through the gateway."""
+        self.settings = settings
+        self.store = store
+        self.scorer = scorer or self._score_through_gateway
+        self.deliveries: list[Delivery] = []
+        self.first_pair_at: float | None = None
+        self._resumed = False
+
+    # ---- events -> pairs ---------------------------------------------------------------------------------------
+    def poll(self) -> list[PreferencePair]:
+        """Reads new events (after a restart: the unacknowledged ones first) and returns the pairs they support."""
+        new = self.store.read_events(self.settings.group, self.settings.consumer, count=1000,
+                                     include_own_pending=not self._resumed)  # fmt: skip
+        self._resumed = True
+        known = {d.delivery_id for d in self.deliveries}
+        self.deliveries += [d for d in new if d.delivery_id not in known]
+        pairs = build_pairs([d.event for d in self.deliveries], self.store.get_generation)
+        if pairs and self.first_pair_at is None:
+            self.first_pair_at = time.monotonic()
+        return pairs
+
+    def round_due(self, pairs: list[PreferencePair]) -> bool:
+        if len(pairs) >= self.settings.round_min_pairs:
+            return True
+        waited = self.first_pair_at is not None and time.monotonic() - self.first_pair_at >= self.settings.round_max_wait_s
+        return bool(pairs) and waited
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def load_policy(self):
+        """The policy to train: the promoted version's adapter on the base model, or a fresh LoRA."""
+        from peft import PeftModel, get_peft_model
+
+        from online_rl.adapters import language_model_lora
+        from training.tiny_llava import load_checkpoint
+
+        model, processor = load_checkpoint(self.settings.model)
+        promoted = self.store.promoted_version(self.settings.public_alias)
+        adapter = self.store.get_adapter(promoted) if promoted else None
+        if adapter is not None:
+            policy = PeftModel.from_pretrained(model, adapter.path, is_trainable=True)
+        else:
+            policy = get_peft_model(model, language_model_lora(rank=self.settings.lora_rank))
+        return policy, processor, promoted
+
+    def train(self, policy, processor, pairs: list[PreferencePair]) -> dict[str, float]:
+        import torch
+
+        from online_rl.dpo import PreferenceLossConfig, preference_loss
+        from online_rl.preference_batch import PreferenceEncoder
+
+        settings = self.settings
+        torch.manual_seed(settings.seed)
+        dense = settings.algorithm == "dense-dpo"
+        encoder = PreferenceEncoder(processor, dense_gamma=settings.gamma if dense else None)
+        loss_config = PreferenceLossConfig(beta=settings.beta, normalize=dense and settings.dense_normalize)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate)
+        order = random.Random(settings.seed)
+        policy.train()
+        history: list[dict[str, float]] = []
+        for _ in range(settings.epochs):
+            shuffled = order.sample(pairs, len(pairs))
+            for start in range(0, len(shuffled), settings.batch_pairs):
+                batch = encoder.collate(shuffled[start : start + settings.batch_pairs], self.store.get_image)
+                loss, metrics = preference_loss(policy, batch, loss_config)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                history.append(metrics)
+        policy.eval()
+        last = history[-max(1, len(history) // settings.epochs) :]  # the final epoch
+        return {key: sum(m[key] for m in last) / len(last) for key in last[0]}
+
+    # ---- gate ----------------------------------------------------------------------------------------------------
+    def _score_through_gateway(self, model_name: str) -> dict[str, float]:
+        from training.evaluation.models import OpenAIChatModel
+        from training.evaluation.shapes_bench import evaluate_shapes
+        from training.shapes_world import ShapesWorld
+
+        served = OpenAIChatModel(f"{self.settings.gateway_url}/v1", model_name, self.settings.api_key.get_secret_value())
+        report = evaluate_shapes(served, ShapesWorld(), self.settings.eval_split, self.settings.eval_images,
+                                 progress=False)  # fmt: skip
+        return {key: float(value) for key, value in report.items() if isinstance(value, int | float)}
+
+    def baseline_metrics(self, promoted: int | None) -> dict[str, float]:
+        """The metrics of what the alias serves now: stored with its version, or measured (and for the base model,
+        measured every time, since the base has no registry record)."""
+        if promoted is not None:
+            adapter = self.store.get_adapter(promoted)
+            if adapter is not None and all(key in adapter.metrics for key in GATE_METRICS):
+                return adapter.metrics
+            metrics = self.scorer(f"{self.settings.public_alias}@v{promoted}")
+            self.store.update_adapter(promoted, metrics=metrics)
+            return metrics
+        return self.scorer("base")
+
+    # ---- one round -----------------------------------------------------------------------------------------------
+    def run_round(self, pairs: list[PreferencePair]) -> RoundResult:
+        from online_rl.adapters import publish_adapter
+
+        started = time.monotonic()
+        settings = self.settings
+        policy, processor, parent = self.load_policy()
+        train_metrics = self.train(policy, processor, pairs)
+        deliveries = list(self.deliveries)
+        delivery_ids = [d.delivery_id for d in deliveries]
+        adapter = publish_adapter(
+            self.store, policy, settings.adapter_dir, settings.model, algorithm=settings.algorithm,
+            parent_version=parent, feedback_range=(delivery_ids[0], delivery_ids[-1]),
+            num_feedback_events=len(deliveries), ack=(settings.group, delivery_ids),
+            notes=f"{len(pairs)} pairs; " + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
+        )  # fmt: skip
+        self.deliveries, self.first_pair_at = [], None
+        logger.info("published %s from %d pairs (%d events)", adapter.name, len(pairs), len(deliveries))
+        baseline = self.baseline_metrics(parent)
+        candidate = self.scorer(f"{settings.public_alias}@v{adapter.version}")
+        decision = gate(candidate, baseline, settings)
+        self.store.update_adapter(adapter.version, metrics=candidate)
+        promoted = False
+        if decision.passed:
+            try:
+                self.store.promote(settings.public_alias, adapter.version, expected=parent, actor="trainer",
+                                   reason=f"gate passed on {settings.eval_split} ({settings.eval_images} images)")  # fmt: skip
+                promoted = True
+            except ConflictError as error:  # the alias moved meanwhile (an admin): keep their choice
+                logger.warning("not promoting %s: %s", adapter.name, error)
+                self.store.update_adapter(adapter.version, status="rejected", notes=f"alias moved meanwhile: {error}")
+        else:
+            self.store.update_adapter(adapter.version, status="rejected", notes="; ".join(decision.reasons))
+        logger.info("%s %s: %s", adapter.name, "promoted" if promoted else "rejected",
+                    "; ".join(decision.reasons) or "gate passed")  # fmt: skip
+        return RoundResult(adapter.version, promoted, len(pairs), len(deliveries), decision, train_metrics,
+                           time.monotonic() - started)  # fmt: skip
+
+    def run_forever(self, stop=None) -> None:
+        """Polls, and runs a round whenever one is due, until `stop()` is true."""
+        while not (stop and stop()):
+            pairs = self.poll()
+            if self.round_due(pairs):
+                self.run_round(pairs)
+            else:
+                time.sleep(self.settings.poll_interval_s)
+
+
+def add_trainer_arguments(parser) -> None:
+    parser.add_argument("--store", dest="store_url", help="store URL (default sqlite:///runs/alignloop.db)")
+    parser.add_argument("--model", help="the base model vLLM serves (default models/shapes-llava)")
+    parser.add_argument("--adapter-dir", help="where versions are published (default runs/adapters)")
+    parser.add_argument("--gateway-url", help="the gateway the eval gate scores through (default http://127.0.0.1:8000)")
+    parser.add_argument("--algorithm", choices=("dpo", "dense-dpo"), help="the preference loss (default dense-dpo)")
+    parser.add_argument("--round-min-pairs", type=int, help="pairs that trigger a round (default 16)")
+    parser.add_argument("--once", action="store_true", help="run one round as soon as there is a pair, then exit")
+
+
+def trainer_command(args) -> int:
+    import pydantic
+
+    from online_rl.store import open_store
+
+    keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs")
+    overrides = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+    try:
+        settings = TrainerSettings(**overrides)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if not (Path(settings.model) / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
+    with open_store(settings.store_url) as store:
+        trainer = OnlineTrainer(settings, store)
+        if args.once:
+            pairs = trainer.poll()
+            if not pairs:
+                print("no preference pairs in the unread feedback; nothing to train")
+                return 0
+            result = trainer.run_round(pairs)
+            print(f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
+                  f"({result.pairs} pairs, {result.events} events, {result.seconds:.0f} s) "
+                  f"{'; '.join(result.decision.reasons)}")  # fmt: skip
+            return 0
+        trainer.run_forever()
+    return 0

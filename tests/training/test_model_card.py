@@ -1,0 +1,35 @@
+"""The model card is written from the run's own files: its numbers are the summary's and the report's."""
+
+import json
+
+from training.evaluation.metrics import ANSWER_KINDS, POPE_SETTINGS
+from training.model_card import write_model_card
+
+
+def fake_report() -> dict:
+    report = {"split": "test", "num_images": 500, "chair_s": 0.321, "chair_i": 0.123, "object_recall": 0.951,
+              "attribute_accuracy": 0.876, "counts": {"questions": {"color": 10}}}  # fmt: skip
+    for setting in POPE_SETTINGS:
+        for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            report[f"pope_{setting}_{key}"] = 0.5
+    report["pope_random_accuracy"] = 0.912
+    for kind in ANSWER_KINDS:
+        report[f"{kind}_accuracy"] = 0.7
+    return report
+
+
+def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
+    summary = {"parameters": 4_600_000, "minutes": 31.4, "torch_threads": 2, "vision_pretrain_steps": 2000,
+               "grounding_steps": 400, "steps": 1400, "val_loss": 0.1234,
+               "config": {"seed": 0, "batch_size": 32, "learning_rate": 0.001, "caption_noise": 0.6}}  # fmt: skip
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    (tmp_path / "eval.json").write_text(json.dumps(fake_report()))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"stage": "vision", "step": 1, "loss": 2.0}, {"stage": "sft", "step": 1, "loss": 1.0, "val_loss": 1.1},
+    ]))  # fmt: skip
+    card = write_model_card(tmp_path).read_text()
+    assert "**31 minutes**" in card and "4.6M parameters" in card
+    assert "| 1 grounding | 400 |" in card and "| 2 SFT | 1400 |" in card
+    assert "0.912" in card and "0.321" in card and "--num-images 500" in card
+    assert "make model" in card
+    assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
