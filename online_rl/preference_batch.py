@@ -40,7 +40,12 @@ class PreferenceEncoder:
         self.dense_gamma = dense_gamma
 
     def encode(self, messages: Sequence[dict], response: str) -> EncodedResponse:
-        """The prompt messages (OpenAI format, images as any image part) followed by `response` as the next turn."""
+        """The prompt messages (OpenAI format, images as any image part) followed by `response` as the next turn.
+
+        The response is stripped: the template puts one space after "ASSISTANT:", and a served answer keeps the
+        leading space of its first token, which would otherwise make chosen and rejected differ where they do not.
+        """
+        response = response.strip()
         prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         text = self.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
         if not text.startswith(prompt):

@@ -82,14 +82,16 @@ async def chat_completions(
 ):
     limiter = request.app.state.concurrency
     limiter.acquire(caller.key_id)
+    streaming = False
     try:
         prepared = await chat.prepare(body, caller, client or "api")
         if not body.stream:
             return JSONResponse(await chat.complete(prepared), headers=prepared.headers())
         relay = await chat.open_stream(prepared)
-    except BaseException:
-        limiter.release(caller.key_id)
-        raise
+        streaming = True  # from here the stream releases the slot when it ends
+    finally:
+        if not streaming:
+            limiter.release(caller.key_id)
 
     async def stream():
         try:

@@ -93,7 +93,7 @@ def gateway_store(gateway, gateway_store_url):
 
 
 def random_lora(model_dir: Path, seed: int):
-    """A PEFT model with a rank-8 LoRA of random (non-zero) weights on the language model: it changes answers."""
+    """A PEFT model with a rank-8 LoRA of strong random weights on the language model: it changes every answer."""
     from peft import get_peft_model
 
     from online_rl.adapters import language_model_lora
@@ -105,7 +105,7 @@ def random_lora(model_dir: Path, seed: int):
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0.0, 0.05)
+                parameter.normal_(0.0, 0.5)
     return peft_model
 
 

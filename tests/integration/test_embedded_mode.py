@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def vllm_children(gateway: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(gateway.pid).children(recursive=True)
+    """The vLLM server processes the gateway started itself (vLLM's own engine processes are their children, some
+    forked with the same command line, so only direct children count)."""
+    return [p for p in psutil.Process(gateway.pid).children(recursive=False)
             if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]  # fmt: skip
 
 
@@ -78,7 +80,9 @@ def test_up_supervises_its_vllm(bundled_model, tmp_path):
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(60)
         log.close()
-    assert gateway.returncode == 0
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught: the exit status says "terminated".
+    assert gateway.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
     wait_for(lambda: not psutil.pid_exists(restarted.pid) or restarted.status() == psutil.STATUS_ZOMBIE, 10,
              "vLLM to stop with the gateway")  # fmt: skip
 

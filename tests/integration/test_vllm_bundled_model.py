@@ -41,7 +41,9 @@ def client(vllm_server):
 
 
 def test_models_endpoint_lists_the_bundled_model(client):
-    assert [m.id for m in client.models.list().data] == ["shapes-llava"]
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "shapes-llava"
+    assert all(name.startswith("policy-v") for name in ids[1:])  # adapters other tests of the session loaded
 
 
 @pytest.mark.parametrize("color", ["red", "blue", "green", "yellow"])
@@ -73,4 +75,4 @@ def test_served_model_streams_a_description(client):
     chunks = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     text = "".join(chunks)
     assert len([c for c in chunks if c]) > 3
-    assert text.startswith("There are two objects.")
+    assert text.strip().startswith("There are two objects.")  # vLLM keeps the first token's leading space

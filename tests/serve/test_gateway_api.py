@@ -256,6 +256,23 @@ def test_rate_limits_and_concurrency_caps_answer_429(settings, fake_vllm):
         assert client.post("/v1/chat/completions", json=body, headers=auth(BOB)).status_code == 200  # per key
 
 
+def test_finished_requests_give_their_concurrency_slot_back(settings, fake_vllm):
+    """The per-key cap counts requests in flight: many finished ones, streamed or not, never use it up."""
+    settings = settings.model_copy(update={"max_concurrent_per_key": 2})
+    with make_client(settings, fake_vllm) as client:
+        wait_until(lambda: client.get("/ready").status_code == 200)
+        body = {"model": "base", "messages": [{"role": "user", "content": "x"}]}
+        for stream in (False, True, False):
+            codes = [client.post("/v1/chat/completions", json={**body, "stream": stream}, headers=auth(ALICE)).status_code
+                     for _ in range(5)]  # fmt: skip
+            assert codes == [200] * 5
+        fake_vllm.fail_with = 500  # failed requests give it back too
+        assert [client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code for _ in range(3)] == [502] * 3
+        fake_vllm.fail_with = None
+        assert client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code == 200
+        assert client.app.state.concurrency.in_flight == {}  # nothing left counted
+
+
 def test_upstream_failures_become_502_and_503(client, fake_vllm):
     body = {"model": "base", "messages": [{"role": "user", "content": "x"}]}
     fake_vllm.fail_with = 500
