@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -212,9 +213,12 @@ def main() -> None:
             asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, 3.0, {}))
             asyncio.run(run_load(gateway_url, {**gateway_body, "model": f"llava-rlhf@v{version}"}, 2, 2.0, auth))
             direct_runs, gateway_runs = [], []
+            gateway_process, gateway_cpu_s = psutil.Process(gateway.pid), 0.0
             for _ in range(args.rounds):
                 direct_runs.append(asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, args.seconds, {})))
+                cpu_before = sum(gateway_process.cpu_times()[:2])
                 gateway_runs.append(asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth)))
+                gateway_cpu_s += sum(gateway_process.cpu_times()[:2]) - cpu_before
             steady = asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth))
             swapping, swaps = asyncio.run(swap_load(gateway_url, gateway_body, args, version))
         finally:
@@ -234,6 +238,9 @@ def main() -> None:
             "throughput_cost_pct": round(100 * (1 - through_gateway["requests_per_s"] / direct["requests_per_s"]), 2),
             "p50_added_ms": round(through_gateway["latency_p50_ms"] - direct["latency_p50_ms"], 2),
             "p99_added_ms": round(through_gateway["latency_p99_ms"] - direct["latency_p99_ms"], 2),
+            # CPU the gateway process itself used: on a machine where it shares vLLM's cores, this is what it costs.
+            "gateway_cpu_ms_per_request": round(1000 * gateway_cpu_s / max(through_gateway["requests"], 1), 2),
+            "gateway_cpu_share_of_machine": round(gateway_cpu_s / (args.rounds * args.seconds * os.cpu_count()), 4),
         },
         "hot_swap": {
             "swaps": swaps,
