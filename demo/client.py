@@ -100,17 +100,9 @@ class GatewayClient:
             raise GatewayError(_api_error_message(error, self.base_url)) from error
 
     # ---- feedback ----------------------------------------------------------------------------------------------
-    def _post(self, path: str, body: dict) -> dict:
+    def _request(self, method: str, path: str, **kwargs) -> dict:
         try:
-            response = self.http.post(path, json=body)
-            response.raise_for_status()
-            return response.json()
-        except httpx.HTTPError as error:
-            raise GatewayError(_api_error_message(error, self.base_url)) from error
-
-    def _get(self, path: str, params: dict | None = None) -> dict:
-        try:
-            response = self.http.get(path, params=params)
+            response = self.http.request(method, path, **kwargs)
             response.raise_for_status()
             return response.json()
         except httpx.HTTPError as error:
@@ -120,11 +112,11 @@ class GatewayClient:
                  comment: str | None = None, facts: list[str] | None = None, user: str | None = None) -> dict:  # fmt: skip
         body = {"response_id": response_id, "rating": rating, "correction": correction, "comment": comment,
                 "facts": facts or None, "user": user}  # fmt: skip
-        return self._post("/v1/feedback", {k: v for k, v in body.items() if v is not None})
+        return self._request("POST", "/v1/feedback", json={k: v for k, v in body.items() if v is not None})
 
     def preference(self, first_id: str, second_id: str, preferred_id: str, user: str | None = None) -> dict:
         body = {"response_ids": [first_id, second_id], "preferred_id": preferred_id, "user": user}
-        return self._post("/v1/preferences", {k: v for k, v in body.items() if v is not None})
+        return self._request("POST", "/v1/preferences", json={k: v for k, v in body.items() if v is not None})
 
     def versions(self, recent: int) -> dict:
-        return self._get("/v1/versions", {"recent": recent})
+        return self._request("GET", "/v1/versions", params={"recent": recent})

@@ -16,6 +16,7 @@ from PIL import Image
 
 from online_rl.pairs import PreferencePair, correction_token_weights
 from training.losses import IGNORE_INDEX
+from training.tiny_llava import image_token_count
 
 ImageLoader = Callable[[str], bytes | None]
 
@@ -35,8 +36,7 @@ class PreferenceEncoder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        side = processor.image_processor.crop_size["height"] // processor.patch_size
-        self.image_seq_length = side * side
+        self.image_seq_length = image_token_count(processor)
         self.dense_gamma = dense_gamma
 
     def encode(self, messages: Sequence[dict], response: str) -> EncodedResponse:

@@ -259,17 +259,10 @@ def add_trainer_arguments(parser) -> None:
 
 
 def trainer_command(args) -> int:
-    import pydantic
-
     from online_rl.store import open_store
 
     keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs")
-    overrides = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
-    try:
-        settings = TrainerSettings(**overrides)
-    except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        raise ValueError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    settings = TrainerSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     if not (Path(settings.model) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
     with open_store(settings.store_url) as store:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import httpx
 
 # Errors that come from the user's input or environment, reported as one line. Anything else is a bug: traceback.
+# (pydantic's ValidationError, a bad setting, is a ValueError.)
 USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     FileExistsError,
@@ -148,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The first line a user needs: for a pydantic settings error, which setting and why."""
+    import pydantic
+
+    if isinstance(error, pydantic.ValidationError) and error.errors():
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        return f"bad setting {where}: {first['msg'].removeprefix('Value error, ')}"
+    return (str(error) or type(error).__name__).splitlines()[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -158,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.debug:
             raise
-        message = str(error) or type(error).__name__
-        print(f"alignloop {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
+        print(f"alignloop {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"alignloop {args.command}: interrupted", file=sys.stderr)

@@ -34,18 +34,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_settings(args: argparse.Namespace, **fixed):
-    """Environment first, flags over it; a bad setting becomes one clear ValueError."""
-    import pydantic
-
+    """Environment first, flags over it (a bad setting raises pydantic's ValidationError, one line on the CLI)."""
     from serve.settings import GatewaySettings
 
     overrides = {key: getattr(args, key) for key in SERVE_FLAGS if getattr(args, key, None) is not None}
-    try:
-        return GatewaySettings(**overrides, **fixed)
-    except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ValueError(f"bad setting {where}: {first['msg'].removeprefix('Value error, ')}") from None
+    return GatewaySettings(**overrides, **fixed)
 
 
 def configure_logging(level: str) -> None:
@@ -91,17 +84,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     """`alignloop demo`: the browser demo alone, in front of a gateway that runs elsewhere."""
-    import pydantic
-
     from demo.app import run_demo
     from demo.settings import DemoSettings
 
     overrides = {key: getattr(args, key) for key in ("gateway_url", "host", "port", "public_alias")
                  if getattr(args, key, None) is not None}  # fmt: skip
-    try:
-        settings = DemoSettings(**overrides)
-    except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        raise ValueError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    settings = DemoSettings(**overrides)
     configure_logging("INFO")
     return run_demo(settings)

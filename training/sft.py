@@ -46,6 +46,7 @@ from training.tiny_llava import (
     build_model,
     build_processor,
     count_parameters,
+    image_token_count,
     load_checkpoint,
     save_checkpoint,
     train_tokenizer,
@@ -113,8 +114,7 @@ class ConversationCollator:
         self.max_turns = max_turns
         self.short_only = short_only
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        self.image_seq_length = processor.image_processor.crop_size["height"] // processor.patch_size
-        self.image_seq_length **= 2
+        self.image_seq_length = image_token_count(processor)
 
     def messages(self, scene: Scene) -> list[dict]:
         messages = []

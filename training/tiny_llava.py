@@ -180,6 +180,12 @@ def build_model(tokenizer: PreTrainedTokenizerFast, spec: TinyLlavaSpec, seed: i
     return model
 
 
+def image_token_count(processor) -> int:
+    """How many positions one image takes in the language model's input: one per vision patch."""
+    side = processor.image_processor.crop_size["height"] // processor.patch_size
+    return side * side
+
+
 def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProcessor, output_dir: str | Path) -> Path:
     """Saves model, tokenizer and processor, with the vision tower in the llava-hf key layout vLLM expects.
 
