@@ -118,5 +118,11 @@ class GatewayClient:
         body = {"response_ids": [first_id, second_id], "preferred_id": preferred_id, "user": user}
         return self._request("POST", "/v1/preferences", json={k: v for k, v in body.items() if v is not None})
 
+    def facts(self, image_sha256: str, caption: str | None = None, facts: list[str] | None = None) -> dict:
+        """Registers what is true of an image this key has sent (its sha256 is that of the image's bytes)."""
+        body = {"caption": caption, "facts": facts or None}
+        return self._request("POST", f"/v1/images/{image_sha256}/facts",
+                             json={k: v for k, v in body.items() if v is not None})  # fmt: skip
+
     def versions(self, recent: int) -> dict:
         return self._request("GET", "/v1/versions", params={"recent": recent})

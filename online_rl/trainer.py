@@ -5,6 +5,8 @@ One round:
    acknowledged) and turn them into preference pairs (`online_rl.pairs`);
 2. when `round_min_pairs` pairs are waiting, or some pairs have waited `round_max_wait_s`, train a LoRA on them with
    DPO or Dense DPO (`online_rl.dpo`), starting from the promoted version's adapter (or a fresh one on the base);
+   with `online_share` > 0 (Mixed-DPO) that share of the slots holds judged pairs sampled from the policy itself
+   on logged prompts whose images have facts (`online_rl.online_pairs`);
 3. publish `policy-vN` atomically and register it, acknowledging the round's events in the same registry write, so
    an event is trained on by exactly one published version even across crashes;
 4. gate it: score `llava-rlhf@vN` through the gateway with `alignloop eval`'s ShapesWorld benchmark on a held-out
@@ -13,8 +15,10 @@ One round:
    not fall by more than 2 points; otherwise it is marked rejected and the next round starts again from the
    promoted version. The metrics go into the registry either way.
 
-Events that formed no pair (a lone thumbs-up, say) are acknowledged with the round that read them. The reference
-policy is the policy with its adapter disabled, i.e. the SFT model.
+An up-rated answer with no rejected partner gets one from BDHS (`online_rl.bdhs`, up to `bdhs_per_round` a round):
+the policy, with ~99% of the image hidden, completes the answer's cut sentences into its typical hallucinations.
+Events that formed no pair at all are acknowledged with the round that read them. The reference policy is the
+policy with its adapter disabled, i.e. the SFT model.
 
     alignloop trainer --gateway-url http://127.0.0.1:8000 --store sqlite:///runs/alignloop.db
 """
@@ -61,6 +65,12 @@ class TrainerSettings(BaseSettings):
     gamma: float = Field(default=5.0, ge=1.0, description="Dense DPO weight of corrected tokens")
     dense_normalize: bool = True
     lora_rank: int = Field(default=8, ge=1)
+    online_share: float = Field(default=0.0, ge=0, le=1, description=(
+        "Mixed-DPO: chance that a training slot holds a judged online pair (sampled from the policy) instead of its "
+        "feedback pair; 0 trains on feedback pairs alone"))
+    online_samples: int = Field(default=2, ge=2, description="answers sampled per prompt for a judged online pair")
+    bdhs_per_round: int = Field(default=8, ge=0, description=(
+        "BDHS: up-rated answers with no rejected partner that get a sampled hallucination as rejected, per round"))
     seed: int = 0
     eval_split: Literal["validation", "test"] = "validation"
     eval_images: int = Field(default=100, ge=1)
@@ -109,6 +119,7 @@ class OnlineTrainer:
         self.store = store
         self.scorer = scorer or self._score_through_gateway
         self.deliveries: list[Delivery] = []
+        self.bdhs_candidates: list = []  # (generation, event ids) of up-rated answers without a rejected partner
         self.first_pair_at: float | None = None
         self._resumed = False
 
@@ -120,16 +131,43 @@ class OnlineTrainer:
         self._resumed = True
         known = {d.delivery_id for d in self.deliveries}
         self.deliveries += [d for d in new if d.delivery_id not in known]
-        pairs = build_pairs([d.event for d in self.deliveries], self.store.get_generation)
-        if pairs and self.first_pair_at is None:
+        events = [d.event for d in self.deliveries]
+        pairs = build_pairs(events, self.store.get_generation)
+        if self.settings.bdhs_per_round > 0:
+            from online_rl.bdhs import unpartnered_good_answers
+
+            candidates = unpartnered_good_answers(events, self.store.get_generation, pairs)
+            self.bdhs_candidates = candidates[-self.settings.bdhs_per_round :]
+        if (pairs or self.bdhs_candidates) and self.first_pair_at is None:
             self.first_pair_at = time.monotonic()
         return pairs
 
     def round_due(self, pairs: list[PreferencePair]) -> bool:
-        if len(pairs) >= self.settings.round_min_pairs:
+        """Enough pairs (counting the BDHS pairs the round will make) are waiting, or some have waited long enough."""
+        waiting = len(pairs) + len(self.bdhs_candidates)
+        if waiting >= self.settings.round_min_pairs:
             return True
         waited = self.first_pair_at is not None and time.monotonic() - self.first_pair_at >= self.settings.round_max_wait_s
-        return bool(pairs) and waited
+        return waiting > 0 and waited
+
+    def bdhs_pairs(self, policy, processor) -> list[PreferencePair]:
+        """A BDHS pair for each waiting up-rated answer without a rejected partner (online_rl.bdhs)."""
+        import io
+
+        from PIL import Image
+
+        from online_rl.bdhs import BDHSSampler
+
+        sampler = BDHSSampler(policy, processor, seed=self.settings.seed + len(self.store.list_adapters()))
+        pairs = []
+        for generation, event_ids in self.bdhs_candidates:
+            data = self.store.get_image(generation.image_hashes[0])
+            if data is None:
+                continue
+            pair = sampler.pair(generation, Image.open(io.BytesIO(data)).convert("RGB"), event_ids)
+            if pair is not None:
+                pairs.append(pair)
+        return pairs
 
     # ---- training ----------------------------------------------------------------------------------------------
     def load_policy(self):
@@ -201,12 +239,27 @@ class OnlineTrainer:
         return self.scorer("base")
 
     # ---- one round -----------------------------------------------------------------------------------------------
-    def run_round(self, pairs: list[PreferencePair]) -> RoundResult:
+    def run_round(self, pairs: list[PreferencePair]) -> RoundResult | None:
+        """Trains, publishes and gates one version; None when the waiting events support no pair at all."""
         from online_rl.adapters import publish_adapter
 
         started = time.monotonic()
         settings = self.settings
         policy, processor, parent = self.load_policy()
+        if self.bdhs_candidates:
+            pairs = pairs + self.bdhs_pairs(policy, processor)
+        if not pairs:  # BDHS made nothing of the waiting answers: they support no pair, so they are done with
+            self.store.ack_events(settings.group, [d.delivery_id for d in self.deliveries])
+            logger.info("no pairs from %d events; acknowledged them", len(self.deliveries))
+            self.deliveries, self.bdhs_candidates, self.first_pair_at = [], [], None
+            return None
+        if settings.online_share > 0:
+            from online_rl.online_pairs import mixed_pairs, online_pairs
+
+            rng = random.Random(f"{settings.seed}-{len(self.store.list_adapters())}")
+            pairs = mixed_pairs(pairs, lambda n: online_pairs(policy, processor, self.store, n, rng,
+                                                              settings.online_samples, adapter_version=parent),
+                                rng, settings.online_share)  # fmt: skip
         train_metrics = self.train(policy, processor, pairs)
         deliveries = list(self.deliveries)
         delivery_ids = [d.delivery_id for d in deliveries]
@@ -214,9 +267,11 @@ class OnlineTrainer:
             self.store, policy, settings.adapter_dir, settings.model, algorithm=settings.algorithm,
             parent_version=parent, feedback_range=(delivery_ids[0], delivery_ids[-1]),
             num_feedback_events=len(deliveries), ack=(settings.group, delivery_ids),
-            notes=f"{len(pairs)} pairs; " + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
+            notes=f"{len(pairs)} pairs ({sum(p.source == 'online' for p in pairs)} online, "
+            f"{sum(p.source == 'bdhs' for p in pairs)} bdhs); "
+            + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
         )  # fmt: skip
-        self.deliveries, self.first_pair_at = [], None
+        self.deliveries, self.bdhs_candidates, self.first_pair_at = [], [], None
         logger.info("published %s from %d pairs (%d events)", adapter.name, len(pairs), len(deliveries))
         baseline = self.baseline_metrics(parent)
         candidate = self.scorer(f"{settings.public_alias}@v{adapter.version}")
@@ -255,13 +310,15 @@ def add_trainer_arguments(parser) -> None:
     parser.add_argument("--gateway-url", help="the gateway the eval gate scores through (default http://127.0.0.1:8000)")
     parser.add_argument("--algorithm", choices=("dpo", "dense-dpo"), help="the preference loss (default dense-dpo)")
     parser.add_argument("--round-min-pairs", type=int, help="pairs that trigger a round (default 16)")
+    parser.add_argument("--online-share", type=float,
+                        help="Mixed-DPO: share of training slots given to judged online pairs (default 0)")
     parser.add_argument("--once", action="store_true", help="run one round as soon as there is a pair, then exit")
 
 
 def trainer_command(args) -> int:
     from online_rl.store import open_store
 
-    keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs")
+    keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs", "online_share")
     settings = TrainerSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     if not (Path(settings.model) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
@@ -269,10 +326,10 @@ def trainer_command(args) -> int:
         trainer = OnlineTrainer(settings, store)
         if args.once:
             pairs = trainer.poll()
-            if not pairs:
+            result = trainer.run_round(pairs) if pairs or trainer.bdhs_candidates else None
+            if result is None:
                 print("no preference pairs in the unread feedback; nothing to train")
                 return 0
-            result = trainer.run_round(pairs)
             print(f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
                   f"({result.pairs} pairs, {result.events} events, {result.seconds:.0f} s) "
                   f"{'; '.join(result.decision.reasons)}")  # fmt: skip

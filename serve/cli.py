@@ -88,6 +88,12 @@ def _trainer(args: argparse.Namespace) -> int:
     return trainer_command(args)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from online_rl.simulator import simulate_command
+
+    return simulate_command(args)
+
+
 def _up(args: argparse.Namespace) -> int:
     from serve.launch import up_command
 
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole service on this machine on the bundled model")
     add_serve_arguments(up)
     up.add_argument("--no-demo", action="store_true", help="serve the API only, without the demo page at /")
+    up.add_argument("--no-trainer", action="store_true", help="do not run the online trainer beside the gateway")
     up.set_defaults(handler=_up)
 
     trainer = commands.add_parser("trainer", help="run the online alignment worker: feedback in, gated versions out")
@@ -140,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_trainer_arguments(trainer)
     trainer.set_defaults(handler=_trainer)
+
+    simulate = commands.add_parser("simulate", help="play simulated users against the gateway: questions, thumbs, corrections")
+    from online_rl.simulator import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(handler=_simulate)
 
     from serve.launch import add_demo_arguments
 

@@ -2,7 +2,7 @@
 
     alignloop serve                                   # embedded: starts vLLM on the bundled model
     alignloop serve --vllm-url http://vllm-0:8000     # external vLLM servers (repeat the flag for several)
-    alignloop up                                      # the whole service on this machine, demo at /
+    alignloop up                                      # the whole service on this machine: demo at /, trainer
     alignloop demo --gateway-url http://gateway:8000  # the browser demo alone
 """
 
@@ -45,7 +45,8 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
 
 
-def run_gateway(settings, with_demo: bool = False) -> int:
+def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) -> int:
+    """Runs the gateway until it is stopped; `helpers` (SupervisedProcess) run beside it and stop with it."""
     import uvicorn
 
     from serve.app import create_app
@@ -60,8 +61,10 @@ def run_gateway(settings, with_demo: bool = False) -> int:
         demo_settings = DemoSettings(gateway_url=f"http://{local_host}:{settings.port}",
                                      public_alias=settings.public_alias)  # fmt: skip
         app = mount_demo(app, demo_settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=30)  # fmt: skip
+    from serve.supervisor import with_helpers
+
+    uvicorn.run(with_helpers(app, helpers or []), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)  # fmt: skip
     return 0
 
 
@@ -71,8 +74,13 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def up_command(args: argparse.Namespace) -> int:
     """The whole service on one machine: the gateway in embedded mode (vLLM on the bundled model), with the demo
-    page at `/` on the same port."""
-    return run_gateway(load_settings(args, vllm_urls=[]), with_demo=not args.no_demo)
+    page at `/` on the same port, and the online trainer in a supervised process beside it (its log is
+    trainer.log next to the adapter directory)."""
+    from serve.supervisor import trainer_process
+
+    settings = load_settings(args, vllm_urls=[])
+    helpers = [] if args.no_trainer else [trainer_process(settings, settings.adapter_dir.parent / "trainer.log")]
+    return run_gateway(settings, with_demo=not args.no_demo, helpers=helpers)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ report (`eval.json`), so the card's numbers are never typed by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def plot_training_curves(metrics_path: Path, output: Path) -> None:
 
 def model_card(summary: dict, report: dict, machine: str) -> str:
     config = summary["config"]
+    world = summary.get("world") or dataclasses.asdict(WorldConfig())
     minutes = summary["minutes"]
     return f"""# shapes-llava
 
@@ -49,10 +51,13 @@ A tiny LLaVA (`LlavaForConditionalGeneration`: a CLIP-ViT vision tower and a Lla
 model `make up` serves and the starting point of online alignment. It loads unchanged in transformers and vLLM
 (llava-hf key layout, head_dim 64).
 
-It is trained on ShapesWorld's train split, which has co-occurrence bias (star/moon, heart/diamond,
-square/triangle usually appear together) and caption noise (a missing partner is named anyway in
-{WorldConfig().caption_noise:.0%} of such descriptions), so it hallucinates the way LLaVA models do: it
-names co-occurring objects that are not there, and says "yes" to them when probed.
+It is trained on ShapesWorld's train split, which has co-occurrence bias (a star, moon, heart, diamond, square or
+triangle brings its partner of star/moon, heart/diamond, square/triangle along with probability
+{world["cooccurrence_bias"]:g}), caption noise
+(a missing partner is named anyway in {world["caption_noise"]:.0%} of such scenes' descriptions) and probe noise (in
+{world.get("probe_noise", 0):.0%} of such scenes' conversations, "Is there a <partner>?" is answered "Yes."), so it
+hallucinates the way LLaVA models do: it names co-occurring objects that are not there, and says "yes" to them when
+probed.
 
 ## Reproduce
 
@@ -65,7 +70,7 @@ Training took **{minutes:.0f} minutes** on {machine} (torch threads: {summary["t
 | stage | steps | what it trains |
 |---|---|---|
 | 0 vision | {summary["vision_pretrain_steps"]} | the vision tower, on per-patch scene-graph labels (it stands in for a pretrained CLIP) |
-| 1 grounding | {summary.get("grounding_steps", 0)} | projector and language model, on short questions only (presence probes, color, shape, size, position, count; no descriptions) |
+| 1 grounding | {summary.get("grounding_steps", 0)} | projector and language model, on short questions only (up to {config["max_turns"]} per image: presence probes, color, shape, size, position, count, multiple choice; no descriptions) |
 | 2 SFT | {summary["steps"]} | projector and language model, on the full conversation mix (tower frozen); every answer weighs the same |
 | 3 polish | {summary.get("polish_steps", 0)} | the same, at a lower rate, with {config.get("polish_token_share", 0):g} of the per-token loss mixed in, so descriptions teach attribute binding |
 
@@ -82,6 +87,17 @@ loss {summary["val_loss"]}. The loss curves are in `training_curves.png` and eve
 ```
 
 The gap between POPE-random and POPE-adversarial, and CHAIR_s, are the hallucinations alignment should remove.
+
+## How the recipe was chosen
+
+`training/experiments/sft_sweep.py` trains variants of this recipe side by side (on a GPU: `--device` picks it, and
+`--loader_workers` render batches in parallel) and scores each on 500 test images. The runs behind the current
+defaults (14 variants on one H200, 3 to 5 minutes each) are in `training/experiments/sft_sweep_results.json`:
+eight question turns per conversation instead of five lifted attribute accuracy from about 0.70 to 0.84-1.00;
+caption noise 1.0 instead of 0.6 lifted CHAIR_s; but the longer a variant trained, the more its presence probes
+looked at the image and the smaller its POPE-adversarial gap (0.1 to 1.2 points at 1,400+ SFT steps). Probe noise
+is the knob that keeps that gap at this model's strength. CHAIR_s varied most between runs (0.02 to 0.27 across the
+sweep, 0.05 vs 0.10 for two seeds of one variant); the longer the per-token polish, the higher it went.
 """
 
 

@@ -4,7 +4,9 @@ Each example is one rendered scene and a conversation about it in the LLaVA-1.5 
 description, or up to `max_turns` short questions (two yes/no presence probes, then color, shape, size, count,
 position, multiple choice). The loss is next-token cross-entropy on the assistant turns only, weighted so that every
 answer counts the same. Scenes are drawn fresh for every step from the train split, which carries ShapesWorld's
-co-occurrence bias and caption noise, so the model learns the same biased prior that makes real LLaVAs hallucinate.
+co-occurrence bias, caption noise and probe noise, so the model learns the same biased prior that makes real LLaVAs
+hallucinate. Eight turns hold every kind of short question about an image at once; with five, attribute accuracy
+stayed near 0.70 (training/experiments/sft_sweep_results.json).
 
 A fresh tiny model (a tokenizer is trained first) goes through four stages:
 - stage 0, vision: the tower is pretrained on ShapesWorld scene graphs; it stands in for LLaVA's pretrained CLIP,
@@ -21,6 +23,8 @@ stage 1 now carries every kind of short question.
 For a large checkpoint (`--init PATH --lora-rank 64`) stages 0 and 1 are skipped, the vision tower stays frozen and
 the language model gets a PEFT LoRA, merged into the weights at the end. AdamW with warm-up and cosine decay per
 stage; a fixed seed; tqdm bars and a metrics.jsonl (stage, step, loss, learning rate, validation loss) to plot.
+The model trains on the GPU when there is one (`--device`); `--loader_workers N` renders the batches in N processes
+ahead of the model, with the same batches as in the loop.
 
     alignloop train sft --output-dir models/shapes-llava
 """
@@ -66,7 +70,7 @@ class SFTConfig:
     learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_steps: int = dataclasses.field(default=100, metadata={"help": "Linear warm-up before cosine decay."})
     weight_decay: float = dataclasses.field(default=0.01, metadata={"help": "AdamW weight decay."})
-    max_turns: int = dataclasses.field(default=5, metadata={"help": "Question/answer turns per conversation."})
+    max_turns: int = dataclasses.field(default=8, metadata={"help": "Question/answer turns per conversation."})
     vision_pretrain_steps: int = dataclasses.field(
         default=2000, metadata={"help": "Stage 0 for a fresh model: scene-graph pretraining of the vision tower."}
     )
@@ -78,7 +82,7 @@ class SFTConfig:
         default=0.0, metadata={"help": "SFT stage: share of the plain per-token loss mixed into the answer-weighted one."}
     )
     polish_steps: int = dataclasses.field(
-        default=600, metadata={"help": "Stage 3 for a fresh model: SFT again at a lower rate, per-token loss mixed in."}
+        default=1000, metadata={"help": "Stage 3 for a fresh model: SFT again at a lower rate, per-token loss mixed in."}
     )
     polish_learning_rate: float = dataclasses.field(default=5e-4, metadata={"help": "Stage-3 peak learning rate."})
     polish_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Stage-3 linear warm-up."})
@@ -98,6 +102,12 @@ class SFTConfig:
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the model init and the scene order."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads; 0 keeps torch's default."})
+    device: str = dataclasses.field(
+        default="auto", metadata={"help": "Where the model trains: auto (cuda when there is one), cpu, cuda, cuda:1, ..."}
+    )
+    loader_workers: int = dataclasses.field(
+        default=0, metadata={"help": "Processes rendering and collating batches ahead of the model; 0: in the loop."}
+    )
 
 
 class ConversationCollator:
@@ -173,6 +183,44 @@ class ConversationCollator:
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_weights": loss_weights,
                 "pixel_values": pixel_values}  # fmt: skip
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Batch number `step` of a stage: `make_batch` applied to the scenes drawn for that step.
+
+    The scene indices of every step are drawn up front from the stage's seeded stream, so the batches are the same
+    whether they are built in the training loop or ahead of it by DataLoader workers (`loader_workers`).
+    """
+
+    def __init__(self, world: ShapesWorld, make_batch, scene_indices: list[list[int]]):
+        self.world = world
+        self.make_batch = make_batch
+        self.scene_indices = scene_indices
+
+    def __len__(self) -> int:
+        return len(self.scene_indices)
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return self.make_batch([self.world.scene("train", i) for i in self.scene_indices[step]])
+
+
+def step_batches(world: ShapesWorld, make_batch, order: random.Random, steps: int, config: SFTConfig):
+    """Iterates the batches of a stage in step order, rendered by `config.loader_workers` processes when > 0."""
+    indices = [order.sample(range(100_000_000), config.batch_size) for _ in range(steps)]
+    dataset = StepBatches(world, make_batch, indices)
+    workers = config.loader_workers
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                            prefetch_factor=4 if workers else None))  # fmt: skip
+
+
+def training_device(config: SFTConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor], token_share: float = 0.0) -> torch.Tensor:
@@ -252,6 +300,20 @@ def patch_cells(side: int) -> torch.Tensor:
     return torch.tensor([(row * GRID // side) * GRID + col * GRID // side for row in range(side) for col in range(side)])
 
 
+class SceneGraphBatch:
+    """Stage-0 batches: pixel values and, per patch, the class indices of the object in the patch's grid cell."""
+
+    def __init__(self, world: ShapesWorld, processor):
+        self.world = world
+        self.processor = processor
+        self.cell_of_patch = patch_cells(processor.image_processor.crop_size["height"] // processor.patch_size)
+
+    def __call__(self, scenes: list[Scene]) -> dict[str, torch.Tensor]:
+        pixels = self.processor.image_processor([self.world.render(s) for s in scenes], return_tensors="pt")
+        targets = {key: cell_targets[:, self.cell_of_patch] for key, cell_targets in scene_graph_targets(scenes).items()}
+        return {"pixel_values": pixels["pixel_values"], **targets}
+
+
 def pretrain_vision_tower(model, processor, world: ShapesWorld, config: SFTConfig) -> list[dict]:
     """Stage 0 for a from-scratch model: teach the vision tower to see before the language model learns to talk.
 
@@ -265,20 +327,18 @@ def pretrain_vision_tower(model, processor, world: ShapesWorld, config: SFTConfi
     Returns per-step records.
     """
     tower = vision_tower(model)
-    probe = SceneGraphProbe(tower.config.hidden_size)
+    device = next(tower.parameters()).device
+    probe = SceneGraphProbe(tower.config.hidden_size).to(device)
     params = [p for p in tower.parameters() if p.requires_grad] + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.vision_learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.vision_pretrain_steps)
-    side = processor.image_processor.crop_size["height"] // processor.patch_size
-    cell_of_patch = patch_cells(side)
-    order = random.Random(config.seed + 1)
+    batches = step_batches(world, SceneGraphBatch(world, processor), random.Random(config.seed + 1),
+                           config.vision_pretrain_steps, config)  # fmt: skip
     records = []
     for step in tqdm(range(1, config.vision_pretrain_steps + 1), desc="vision stage 0", unit="step"):
-        scenes = [world.scene("train", i) for i in order.sample(range(100_000_000), config.batch_size)]
-        pixels = processor.image_processor([world.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
-        patches = tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
-        logits = probe(patches)
-        targets = {key: cell_targets[:, cell_of_patch] for key, cell_targets in scene_graph_targets(scenes).items()}
+        targets = to_device(next(batches), device)
+        hidden = tower(targets.pop("pixel_values"), output_hidden_states=True).hidden_states
+        logits = probe(hidden[model.config.vision_feature_layer][:, 1:])  # per patch, without the class token
         losses = {k: torch.nn.functional.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten()) for k in logits}
         loss = sum(losses.values())
         loss.backward()
@@ -329,17 +389,17 @@ def run_stage(
     warmup_steps = config.warmup_steps if warmup_steps is None else warmup_steps
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, steps // 4), steps)
+    device = next(model.parameters()).device
     val_batches = [
-        collator(list(world.scenes("validation", config.batch_size, start)))
+        to_device(collator(list(world.scenes("validation", config.batch_size, start))), device)
         for start in range(0, config.val_scenes, config.batch_size)
     ]
     logger.info("%s start trainable=%d steps=%d", stage, sum(p.numel() for p in trainable), steps)
-    scene_order = random.Random(f"{config.seed}-{order_key or stage}")
+    batches = step_batches(world, collator, random.Random(f"{config.seed}-{order_key or stage}"), steps, config)
     step, val, record = 0, float("nan"), {}
     with tqdm(total=steps, desc=stage, unit="step") as bar:
         for step in range(1, steps + 1):
-            indices = scene_order.sample(range(100_000_000), config.batch_size)
-            batch = collator([world.scene("train", i) for i in indices])
+            batch = to_device(next(batches), device)
             loss = answer_loss(model, batch, token_share)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -362,15 +422,19 @@ def run_stage(
     return step, record
 
 
-def train(config: SFTConfig) -> dict:
-    """Runs the stages (vision, grounding, SFT, polish) and saves the checkpoint; returns a summary."""
+def train(config: SFTConfig, world: ShapesWorld | None = None) -> dict:
+    """Runs the stages (vision, grounding, SFT, polish) and saves the checkpoint; returns a summary.
+
+    `world` defaults to ShapesWorld's own configuration (experiments pass variants, e.g. another caption noise).
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    world = ShapesWorld()
+    world = world or ShapesWorld()
+    device = training_device(config)
     model, processor = prepare_model(config, world)
-    model.train()
+    model.to(device).train()
     started = time.monotonic()
     fresh = config.init is None
     output_dir = Path(config.output_dir)
@@ -400,6 +464,7 @@ def train(config: SFTConfig) -> dict:
             polish_steps, record = run_stage("polish", model, world, collator, config, config.polish_steps, metrics_file,
                                              started, config.polish_learning_rate, config.polish_warmup_steps,
                                              config.polish_token_share, order_key="sft")  # fmt: skip
+    model.to("cpu")
     if config.lora_rank > 0:
         model = model.merge_and_unload()
     save_checkpoint(model, processor, output_dir)
@@ -414,6 +479,8 @@ def train(config: SFTConfig) -> dict:
         "parameters": count_parameters(model),
         "config": dataclasses.asdict(config),
         "torch_threads": torch.get_num_threads(),
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "world": dataclasses.asdict(world.config),
     }
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("sft done steps=%d minutes=%.1f val_loss=%s", step, summary["minutes"], summary["val_loss"])

@@ -4,15 +4,17 @@ A scene holds 1 to 4 objects on a 3x3 grid; each object has a shape, a color, a 
 from a seeded random generator (scene `i` of a split always comes out the same), rendered with PIL at the model's
 input size with jitter and pixel noise, and described by templates whose answers are exact.
 
-Two knobs reproduce the causes of hallucination that LLaVA-RLHF and RLHF-V name (shared/PAPERS.md):
+Three knobs reproduce the causes of hallucination that LLaVA-RLHF and RLHF-V name (shared/PAPERS.md):
 
 - co-occurrence bias: in training scenes, an object of a paired shape (star/moon, heart/diamond, square/triangle)
   brings its partner along with probability `cooccurrence_bias`, usually small (`partner_small`), so the language
   prior learns "a star means a moon" exactly where the image is least clear;
 - caption noise: when a shape's co-occurring partner is missing, a share `caption_noise` of training descriptions
-  mention the partner anyway, right after its pair, like the over-generalised captions in real instruction data.
+  mention the partner anyway, right after its pair, like the over-generalised captions in real instruction data;
+- probe noise: when a partner is missing, a share `probe_noise` of training conversations also ask whether the
+  partner is there and answer "Yes", as question-answer data written from such captions does.
 
-The train split carries both biases; validation and test are clean and unbiased, so a model that learned the prior
+The train split carries all three; validation and test are clean and unbiased, so a model that learned the prior
 instead of looking at the image is caught there. Splits are disjoint by seed.
 """
 
@@ -68,7 +70,8 @@ class WorldConfig:
     max_objects: int = 4
     cooccurrence_bias: float = 0.9
     partner_small: float = 0.75  # a partner brought by the bias is usually small: hard to see, easy to assume
-    caption_noise: float = 0.6  # of training descriptions whose scene misses a co-occurring partner
+    caption_noise: float = 1.0  # of training descriptions whose scene misses a co-occurring partner
+    probe_noise: float = 0.3  # of training conversations whose scene misses one: "Is there a <partner>?" "Yes."
     position_jitter: float = 0.12  # as a fraction of a cell
     color_jitter: int = 18
     pixel_noise_std: float = 6.0
@@ -244,9 +247,9 @@ class ShapesWorld:
         ghost, anchor = self._ghost_object(scene, rng) if noisy else (None, None)
         sentences = []
         for obj in scene.objects:
-            sentences.append(_object_sentence(obj))
+            sentences.append(object_sentence(obj))
             if ghost is not None and obj is anchor:
-                sentences.append(_object_sentence(ghost))
+                sentences.append(object_sentence(ghost))
         n = len(scene.objects) + (ghost is not None)
         head = f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n != 1 else ''}."
         return " ".join([head, *sentences])
@@ -334,11 +337,22 @@ class ShapesWorld:
         absent = [s for s in SHAPES if s not in scene.shapes]
         if absent:
             probes.append(self.presence_item(rng.choice(absent), False))
+        assumed = self.assumed_partner(scene, rng)
+        if assumed is not None:
+            probes.append(self.presence_item(assumed, True))
         others = [item for item in items[1:] if item.kind != "presence"]
         rng.shuffle(others)
         questions = probes + others[: max(0, max_turns - len(probes))]
         rng.shuffle(questions)
         return questions[:max_turns]
+
+    def assumed_partner(self, scene: Scene, rng: random.Random) -> str | None:
+        """Probe noise (train split only): with probability `probe_noise`, a missing co-occurring partner that the
+        training conversation claims is present, the way QA pairs generated from an over-generalised caption do."""
+        missing = self.missing_partners(scene)
+        if not (_biased(scene.split) and missing) or rng.random() >= self.config.probe_noise:
+            return None
+        return rng.choice(missing)[1]
 
     # ---- benchmark ----------------------------------------------------------------------------------------
     def popular_shapes(self, sample: int = 2000) -> list[str]:
@@ -379,7 +393,7 @@ def _join_phrases(phrases: list[str]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _object_sentence(obj: SceneObject) -> str:
+def object_sentence(obj: SceneObject) -> str:
     where = "in the center" if obj.position == "center" else f"at the {obj.position}"
     return f"{obj.phrase.capitalize()} is {where}."
 

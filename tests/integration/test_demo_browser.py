@@ -39,7 +39,7 @@ def service(bundled_model, tmp_path_factory):
     env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_VLLM_LOG=str(workdir / "vllm.log"),
                ALIGNLOOP_DEMO_EXAMPLES_DIR=str(workdir / "examples"))  # fmt: skip
     command = [str(Path(sys.executable).parent / "alignloop"), "up", "--port", str(port), "--model", str(bundled_model),
-               "--store", store_url, "--adapter-dir", str(adapter_dir)]  # fmt: skip
+               "--store", store_url, "--adapter-dir", str(adapter_dir), "--no-trainer"]  # fmt: skip
     log_path = workdir / "up.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,5 +1,5 @@
 """`alignloop up`, embedded mode: the gateway starts vLLM itself, answers 503 while vLLM is down, restarts it after
-a crash, and takes it down on shutdown."""
+a crash, and takes it (and the trainer beside it) down on shutdown."""
 
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def test_up_supervises_its_vllm(bundled_model, tmp_path):
         wait_for(lambda: ready(url), 240, "embedded vLLM")
         assert chat(url).status_code == 200
         (engine,) = vllm_children(gateway)
+        (trainer,) = [p for p in psutil.Process(gateway.pid).children() if "trainer" in p.cmdline()]
 
         os.killpg(os.getpgid(engine.pid), signal.SIGKILL)  # vLLM crashes, with its workers
         down = wait_for(lambda: (r := chat(url)).status_code == 503 and r, 15, "503 while vLLM is down")
@@ -85,6 +86,7 @@ def test_up_supervises_its_vllm(bundled_model, tmp_path):
     assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
     wait_for(lambda: not psutil.pid_exists(restarted.pid) or restarted.status() == psutil.STATUS_ZOMBIE, 10,
              "vLLM to stop with the gateway")  # fmt: skip
+    assert not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE  # stopped in the graceful shutdown
 
 
 def _get(url: str) -> httpx.Response | None:

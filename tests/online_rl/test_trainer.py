@@ -90,3 +90,69 @@ def test_a_restarted_trainer_gets_back_only_what_it_never_acknowledged(base_mode
     assert sorted(p.rejected_generation_id for p in pairs) == ["gen-0", "gen-1", "gen-5"]
     restarted.run_round(pairs)
     assert store.pending_count("trainer") == 0 and restarted.poll() == []
+
+
+def test_mixed_dpo_trains_on_judged_online_pairs_from_logged_prompts(bundled_model, store, tmp_path):
+    from online_rl.schema import FactsRecord
+    from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
+
+    world = ShapesWorld()
+    for index in range(6):  # logged description prompts whose images have facts, each with a correction
+        scene = world.scene("validation", 200 + index)
+        buffer = io.BytesIO()
+        world.render(scene).save(buffer, format="PNG")
+        sha = store.put_image(buffer.getvalue())
+        store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                                                 {"type": "text", "text": DESCRIBE_PROMPT}]}]  # fmt: skip
+        store.add_generation(GenerationRecord(id=f"gen-{index}", alias="llava-rlhf", messages=messages,
+                                              response=world.description(scene, noisy=True), user_id="u-1"))  # fmt: skip
+        store.add_feedback(FeedbackEvent(generation_id=f"gen-{index}", correction=world.description(scene, noisy=False),
+                                         user_id="u-1"))  # fmt: skip
+    trainer = OnlineTrainer(settings_for(bundled_model, tmp_path, online_share=1.0, online_samples=4), store,
+                            scorer=lambda name: dict(GOOD))  # fmt: skip
+    result = trainer.run_round(trainer.poll())
+    notes = store.get_adapter(result.version).notes
+    online = int(notes.split("(")[1].split(" online")[0])
+    assert notes.startswith("6 pairs (") and 1 <= online <= 6, notes  # slots whose samples tied keep their correction
+
+
+def add_thumbs_up(store, world, count: int) -> None:
+    """Up-rated true descriptions of validation scenes: good answers with no rejected partner."""
+    for index in range(count):
+        scene = world.scene("validation", 300 + index)
+        buffer = io.BytesIO()
+        world.render(scene).save(buffer, format="PNG")
+        sha = store.put_image(buffer.getvalue())
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                                                 {"type": "text", "text": "Describe the image in detail."}]}]  # fmt: skip
+        store.add_generation(GenerationRecord(id=f"good-{index}", alias="llava-rlhf", messages=messages,
+                                              response=world.description(scene, noisy=False), user_id="u-1"))  # fmt: skip
+        store.add_feedback(FeedbackEvent(generation_id=f"good-{index}", rating=1, user_id="u-1"))
+
+
+def test_lone_thumbs_up_become_bdhs_pairs_and_trigger_a_round(bundled_model, store, tmp_path):
+    from training.shapes_world import ShapesWorld
+
+    add_thumbs_up(store, ShapesWorld(), 3)
+    trainer = OnlineTrainer(settings_for(bundled_model, tmp_path, bdhs_per_round=2), store,
+                            scorer=lambda name: dict(GOOD))  # fmt: skip
+    pairs = trainer.poll()
+    assert pairs == [] and len(trainer.bdhs_candidates) == 2 and trainer.round_due(pairs)  # 2 BDHS pairs due
+    result = trainer.run_round(pairs)
+    adapter = store.get_adapter(result.version)
+    assert adapter.notes.startswith("2 pairs (0 online, 2 bdhs)"), adapter.notes
+    assert adapter.num_feedback_events == 3 and store.pending_count("trainer") == 0
+
+
+def test_events_that_support_no_pair_at_all_are_acknowledged_without_a_version(bundled_model, store, tmp_path):
+    from training.shapes_world import ShapesWorld
+
+    class NoBDHS(OnlineTrainer):
+        def bdhs_pairs(self, policy, processor):
+            return []
+
+    add_thumbs_up(store, ShapesWorld(), 2)
+    trainer = NoBDHS(settings_for(bundled_model, tmp_path), store, scorer=lambda name: dict(GOOD))
+    assert trainer.run_round(trainer.poll()) is None
+    assert store.list_adapters() == [] and store.pending_count("trainer") == 0 and trainer.poll() == []

@@ -69,7 +69,8 @@ def test_cooccurrence_bias_only_in_train(world):
     assert _partner_rate(unbiased, "train") < 0.45
 
 
-def test_caption_noise_names_missing_partners_in_train_only(world):
+def test_caption_noise_names_missing_partners_in_train_only():
+    world = ShapesWorld(WorldConfig(caption_noise=0.6))
     noisy, eligible = 0, 0
     for scene in world.scenes("train", 3000):
         changed = world.description(scene) != world.description(scene, noisy=False)
@@ -79,8 +80,31 @@ def test_caption_noise_names_missing_partners_in_train_only(world):
         else:
             assert not changed  # only a missing partner is ever made up
     assert eligible > 300
-    assert abs(noisy / eligible - world.config.caption_noise) < 0.05
+    assert abs(noisy / eligible - 0.6) < 0.05
     assert all(world.description(s) == world.description(s, noisy=False) for s in world.scenes("test", 500))
+
+
+def _false_yes_probes(world: ShapesWorld, scene) -> list[str]:
+    """Shapes a conversation about the scene wrongly says are there."""
+    conversation = world.conversation(scene, max_turns=9, description_share=0.0)
+    return [item.target for item in conversation
+            if item.kind == "presence" and item.answer == "Yes." and item.target not in scene.shapes]  # fmt: skip
+
+
+def test_probe_noise_says_yes_to_missing_partners_in_train_only():
+    world = ShapesWorld(WorldConfig(probe_noise=0.3))
+    noisy, eligible = 0, 0
+    for scene in world.scenes("train", 3000):
+        false_yes = _false_yes_probes(world, scene)
+        missing = {partner for _, partner in world.missing_partners(scene)}
+        eligible += bool(missing)
+        noisy += bool(false_yes)
+        assert set(false_yes) <= missing and len(false_yes) <= 1  # only a missing partner, at most once
+    assert eligible > 300
+    assert abs(noisy / eligible - 0.3) < 0.05
+    assert not any(_false_yes_probes(world, scene) for scene in world.scenes("validation", 500))
+    clean = ShapesWorld(WorldConfig(probe_noise=0.0))
+    assert not any(_false_yes_probes(clean, scene) for scene in clean.scenes("train", 1000))
 
 
 def test_clean_description_mentions_exactly_the_objects(world):

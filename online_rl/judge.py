@@ -1,0 +1,141 @@
+"""The rule judge: grades an answer about a ShapesWorld image against the scene's ground truth, and corrects it.
+
+It is what a careful human rater would do with perfect eyesight, so it serves two roles:
+- the feedback simulator's honest rater (thumbs from `Judgement.correct`, RLHF-V-style corrections from
+  `Judgement.correction`);
+- the judge of online pairs for images whose facts are known.
+
+A description is correct when every sentence is true of the scene. Its correction is a minimal edit in the spirit of
+RLHF-V's fine-grained corrections: sentences about objects that are not there are deleted, a sentence about a present
+object is rewritten to that object's true attributes and place, and the count sentence states the true count;
+sentences that were already right are left as they are, so the token diff marks only the hallucinated segments.
+A short answer is correct when it parses to the truth (`answer_is_correct`); its correction is the exact answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from training.evaluation.metrics import answer_is_correct, extract_shape_mentions, parse_color, parse_size
+from training.shapes_world import (
+    CELL_NAMES,
+    COLORS,
+    DESCRIBE_PROMPT,
+    NUMBER_WORDS,
+    SHAPES,
+    SIZES,
+    QAItem,
+    Scene,
+    SceneObject,
+    ShapesWorld,
+    object_sentence,
+)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_COUNT_SENTENCE = re.compile(r"^\s*there (?:is|are)\s+(\w+)\s+objects?\b", re.IGNORECASE)
+_OBJECT_FACT = re.compile(r"^There is an? (\w+) (\w+) (\w+) at the ([a-z ]+)\.$")
+_CELLS = {name: (row, col) for row, names in enumerate(CELL_NAMES) for col, name in enumerate(names)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    correct: bool
+    hallucinated: tuple[str, ...]  # shapes the answer names that the scene does not hold (descriptions)
+    correction: str | None  # the minimally corrected answer; None when the answer is already correct
+
+
+def count_sentence(scene: Scene) -> str:
+    n = len(scene.objects)
+    return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n != 1 else ''}."
+
+
+def _matching_object(scene: Scene, sentence: str, shape: str) -> SceneObject | None:
+    """The scene's object of `shape` that the sentence most likely means (by its color, then size)."""
+    candidates = [obj for obj in scene.objects if obj.shape == shape]
+    color, size = parse_color(sentence), parse_size(sentence)
+    for key, value in (("color", color), ("size", size)):
+        narrowed = [obj for obj in candidates if getattr(obj, key) == value]
+        if narrowed:
+            candidates = narrowed
+    return candidates[0] if candidates else None
+
+
+def correct_description(scene: Scene, response: str) -> tuple[str, tuple[str, ...]]:
+    """(corrected text, hallucinated shapes) for a description of the scene."""
+    corrected, hallucinated, used = [], [], set()
+    for sentence in _SENTENCE_END.split(response.strip()):
+        if not sentence:
+            continue
+        if _COUNT_SENTENCE.match(sentence):
+            corrected.append(count_sentence(scene))
+            continue
+        shapes = extract_shape_mentions(sentence)
+        absent = [shape for shape in shapes if shape not in scene.shapes]
+        if absent:
+            hallucinated += absent
+            continue  # a sentence about an object that is not there is deleted
+        if len(shapes) != 1:
+            corrected.append(sentence)  # nothing checkable (or several objects): left as the user wrote it
+            continue
+        obj = _matching_object(scene, sentence, shapes[0])
+        if obj is None or id(obj) in used:
+            continue  # a second sentence about the same object repeats it: deleted
+        used.add(id(obj))
+        truth = object_sentence(obj)
+        corrected.append(sentence if sentence.strip().lower() == truth.lower() else truth)
+    if not any(extract_shape_mentions(s) for s in corrected):  # nothing true was left: the clean description
+        corrected = [count_sentence(scene)] + [object_sentence(obj) for obj in scene.objects]
+    return " ".join(corrected), tuple(dict.fromkeys(hallucinated))
+
+
+def scene_from_facts(facts: Sequence[str]) -> Scene | None:
+    """The scene graph behind ShapesWorld's fact sentences ("There is a small red star at the top left."), as the
+    simulator registers them for each image; None when no sentence describes an object."""
+    objects = []
+    for fact in facts:
+        match = _OBJECT_FACT.match(fact.strip())
+        if match is None:
+            continue
+        size, color, shape, where = match.groups()
+        if size in SIZES and color in COLORS and shape in SHAPES and where in _CELLS:
+            objects.append(SceneObject(shape, color, size, *_CELLS[where]))
+    return Scene("facts", 0, tuple(objects)) if objects else None
+
+
+def item_for_question(world: ShapesWorld, scene: Scene, question: str) -> QAItem | None:
+    """The judgeable question a user asked, with its true answer for the scene: a detailed description, or a
+    presence probe about one shape; None for anything else."""
+    question = question.strip()
+    if question == DESCRIBE_PROMPT:
+        return QAItem(
+            "description",
+            DESCRIBE_PROMPT,
+            " ".join([count_sentence(scene)] + [object_sentence(o) for o in scene.objects]),
+        )
+    for shape in SHAPES:
+        item = world.presence_item(shape, shape in scene.shapes)
+        if item.question == question:
+            return item
+    return None
+
+
+class ShapesRuleJudge:
+    """Judges answers to ShapesWorld questions by the scene's ground truth."""
+
+    def judge(self, scene: Scene, item: QAItem, response: str) -> Judgement:
+        if item.kind == "description":
+            corrected, hallucinated = correct_description(scene, response)
+            same = " ".join(corrected.split()) == " ".join(response.split())
+            return Judgement(same, hallucinated, None if same else corrected)
+        if answer_is_correct(item, response):
+            return Judgement(True, (), None)
+        return Judgement(False, (), item.answer)
+
+    def score(self, scene: Scene, item: QAItem, response: str) -> float:
+        """A reward for ranking answers: 1 for a correct one; for a wrong description, less per hallucination."""
+        judgement = self.judge(scene, item, response)
+        if judgement.correct:
+            return 1.0
+        return -float(len(judgement.hallucinated)) if item.kind == "description" else 0.0

@@ -1,0 +1,115 @@
+"""Judged online pairs and Mixed-DPO: preference pairs sampled from the current policy and ranked by a judge.
+
+For a logged prompt whose image has known facts (the simulator, or a user, registered them), the policy samples
+`samples` answers; the rule judge (online_rl/judge.py) scores them against the scene those facts describe, and the
+best- and worst-scored answers become a pair (source "online"). Answers the judge cannot tell apart give no pair.
+
+Mixed-DPO fills each training slot with an offline pair (from users' feedback, written by earlier versions) or, with
+probability `online_share`, with a fresh online pair, so the policy learns from its own current mistakes as well as
+from the logged ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+from collections.abc import Callable, Sequence
+
+from PIL import Image
+
+from online_rl.judge import ShapesRuleJudge, item_for_question, scene_from_facts
+from online_rl.pairs import PreferencePair
+from online_rl.schema import GenerationRecord
+from online_rl.store.base import FeedbackStore
+from training.shapes_world import QAItem, Scene, ShapesWorld
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeablePrompt:
+    """A logged prompt with one image whose scene is known, and the question's true answer."""
+
+    record: GenerationRecord
+    scene: Scene
+    item: QAItem
+
+
+def judgeable_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> list[JudgeablePrompt]:
+    """The distinct recent single-image prompts whose question the rule judge can grade (descriptions and presence
+    probes) and whose image has object facts."""
+    prompts, seen = [], set()
+    for record in store.list_generations(limit=limit):
+        if record.prompt_hash in seen or len(record.image_hashes) != 1:
+            continue
+        seen.add(record.prompt_hash)
+        facts = [fact for facts in store.get_facts(record.image_hashes[0]) if facts.source != "correction"
+                 for fact in facts.facts]  # fmt: skip
+        scene = scene_from_facts(list(dict.fromkeys(facts)))  # the same facts registered twice name one scene
+        item = item_for_question(world, scene, record.question) if scene is not None else None
+        if item is not None:
+            prompts.append(JudgeablePrompt(record, scene, item))
+    return prompts
+
+
+def judged_pair(prompt: JudgeablePrompt, answers: Sequence[str], judge: ShapesRuleJudge,
+                adapter_version: int | None = None) -> PreferencePair | None:  # fmt: skip
+    """The best against the worst of the sampled answers; None when every answer scores the same."""
+    scores = [judge.score(prompt.scene, prompt.item, answer) for answer in answers]
+    best, worst = scores.index(max(scores)), scores.index(min(scores))
+    if scores[best] == scores[worst] or answers[best].strip() == answers[worst].strip():
+        return None
+    return PreferencePair(messages=tuple(prompt.record.messages), chosen=answers[best].strip(),
+                          rejected=answers[worst].strip(), source="online", chosen_generation_id=None,
+                          rejected_generation_id=None, event_ids=(), adapter_version=adapter_version)  # fmt: skip
+
+
+def sample_answers(policy, processor, messages: Sequence[dict], image: Image.Image, samples: int,
+                   max_new_tokens: int, temperature: float = 1.0) -> list[str]:  # fmt: skip
+    """`samples` answers from the policy (transformers, sampling at `temperature`) to the prompt."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=[image] * samples, text=[prompt] * samples, return_tensors="pt")
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        output = policy.generate(**inputs, do_sample=True, temperature=temperature, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    policy.train(was_training)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def online_pairs(policy, processor, store: FeedbackStore, count: int, rng: random.Random, samples: int = 2,
+                 max_new_tokens: int = 96, adapter_version: int | None = None,
+                 prompts: list[JudgeablePrompt] | None = None) -> list[PreferencePair]:  # fmt: skip
+    """Up to `count` judged pairs from the policy, on logged prompts drawn at random (each at most once)."""
+    world, judge = ShapesWorld(), ShapesRuleJudge()
+    prompts = judgeable_prompts(store, world) if prompts is None else prompts
+    pairs = []
+    for prompt in rng.sample(prompts, len(prompts)):
+        if len(pairs) >= count:
+            break
+        data = store.get_image(prompt.record.image_hashes[0])
+        if data is None:
+            continue
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        answers = sample_answers(policy, processor, prompt.record.messages, image, samples,
+                                 max_new_tokens if prompt.item.kind == "description" else 8)  # fmt: skip
+        pair = judged_pair(prompt, answers, judge, adapter_version)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def mixed_pairs(offline: Sequence[PreferencePair], make_online: Callable[[int], list[PreferencePair]],
+                rng: random.Random, online_share: float = 0.5) -> list[PreferencePair]:  # fmt: skip
+    """Mixed-DPO: each of len(offline) slots holds its offline pair, or with probability `online_share` an online
+    pair (`make_online(n)` returns up to n of them); a slot whose online pair could not be made keeps its offline one."""
+    online_slots = [index for index in range(len(offline)) if rng.random() < online_share]
+    online = make_online(len(online_slots)) if online_slots else []
+    mixed = list(offline)
+    for index, pair in zip(online_slots, online):
+        mixed[index] = pair
+    return mixed

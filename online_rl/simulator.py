@@ -1,0 +1,287 @@
+"""The feedback simulator behind `alignloop simulate`: simulated users ask the gateway about ShapesWorld images and
+rate the answers by ground truth, so the whole online loop can run, and be measured, without people.
+
+Each interaction: a user draws a scene, sends its image with a question (a detailed description, or a short question
+from the benchmark's kinds, POPE-adversarial presence probes included), reads the streamed answer, registers the
+image's facts once, and sends one feedback event: a thumb, and for some wrong answers an RLHF-V-style correction
+written by the rule judge (online_rl/judge.py).
+
+Raters come in three kinds, in configurable shares:
+- honest: thumbs up exactly when the judge finds the answer correct; corrections are true;
+- noisy: like honest, but each thumb is flipped with probability `noise_rate`;
+- adversarial: thumbs reversed, and their "corrections" of right answers put a hallucination in (an absent object
+  in a description, a wrong short answer).
+
+The report counts the events sent by kind, every failed request, and how often the answers of each served version
+were correct, so a run shows both the load on the loop and whether the served model got better.
+
+    alignloop simulate --gateway-url http://127.0.0.1:8000 --events 300 --adversarial-share 0.3
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from demo.client import GatewayClient, GatewayError, image_data_url
+from online_rl.judge import ShapesRuleJudge, count_sentence
+from training.evaluation.shapes_bench import max_tokens_for
+from training.shapes_world import (
+    COLORS,
+    NUMBER_WORDS,
+    PARTNER,
+    SHAPES,
+    SIZES,
+    QAItem,
+    Scene,
+    ShapesWorld,
+    object_sentence,
+)
+
+logger = logging.getLogger(__name__)
+RaterKind = Literal["honest", "noisy", "adversarial"]
+
+
+class SimulatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_SIMULATE_", extra="forbid")
+
+    gateway_url: str = "http://127.0.0.1:8000"
+    api_key: SecretStr = SecretStr("alignloop-dev")
+    model: str = Field(default="llava-rlhf", description="the public model alias the users ask")
+    events: int = Field(default=300, ge=1, description="feedback events to send")
+    users: int = Field(default=20, ge=1)
+    noisy_share: float = Field(default=0.0, ge=0, le=1, description="share of users who are noisy raters")
+    adversarial_share: float = Field(default=0.0, ge=0, le=1, description="share of users who rate adversarially")
+    noise_rate: float = Field(default=0.3, ge=0, le=1, description="a noisy rater's chance to flip a thumb")
+    correction_share: float = Field(default=0.5, ge=0, le=1, description="wrong answers that get a correction")
+    description_share: float = Field(default=0.5, ge=0, le=1, description="questions that ask for a description")
+    split: Literal["train", "validation", "test"] = "validation"
+    start: int = Field(default=10_000, ge=0, description="first scene index (keep clear of the gate's images)")
+    concurrency: int = Field(default=4, ge=1, le=64)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> SimulatorSettings:
+        if self.noisy_share + self.adversarial_share > 1:
+            raise ValueError("noisy_share + adversarial_share must be at most 1")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedUser:
+    user_id: str
+    kind: RaterKind
+
+
+def make_users(settings: SimulatorSettings) -> list[SimulatedUser]:
+    """`users` users, the first shares adversarial and noisy (rounded to whole users), the rest honest."""
+    adversarial = round(settings.users * settings.adversarial_share)
+    noisy = min(round(settings.users * settings.noisy_share), settings.users - adversarial)
+    kinds = ["adversarial"] * adversarial + ["noisy"] * noisy + ["honest"] * (settings.users - adversarial - noisy)
+    return [SimulatedUser(f"sim-{kind}-{i:03d}", kind) for i, kind in enumerate(kinds)]
+
+
+def corrupt(scene: Scene, item: QAItem, rng: random.Random) -> str:
+    """An adversarial 'correction': a wrong answer that looks like a right one."""
+    if item.kind == "description":
+        absent = [s for s in SHAPES if s not in scene.shapes]
+        partners = [PARTNER[s] for s in scene.shapes if s in PARTNER and PARTNER[s] in absent]
+        ghost_shape = rng.choice(partners or absent)
+        ghost = dataclasses.replace(scene.objects[0], shape=ghost_shape, color=rng.choice(list(COLORS)))
+        sentences = [object_sentence(obj) for obj in scene.objects] + [object_sentence(ghost)]
+        fake = dataclasses.replace(scene, objects=(*scene.objects, ghost))
+        return " ".join([count_sentence(fake), *sentences])
+    truth = item.answer.rstrip(".").lower()
+    if item.kind == "presence":
+        return "No." if truth == "yes" else "Yes."
+    pools = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "count": list(NUMBER_WORDS[:6])}
+    pool = [value for value in pools.get(item.kind, []) if value != truth]
+    if item.kind == "multiple_choice":
+        pool = [letter for letter in "ABCD" if letter != item.answer]
+        return rng.choice(pool)
+    return f"{rng.choice(pool).capitalize()}." if pool else "I don't know."
+
+
+@dataclasses.dataclass
+class SimulationReport:
+    events: int = 0
+    interactions: int = 0
+    failed_requests: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+    events_by_kind: Counter = dataclasses.field(default_factory=Counter)
+    answers_by_version: dict = dataclasses.field(default_factory=lambda: defaultdict(Counter))
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        versions = {
+            version: {
+                "answers": c["answers"],
+                "correct": round(c["correct"] / c["answers"], 4) if c["answers"] else None,
+                "descriptions": c["descriptions"],
+                "hallucinating_descriptions": (
+                    round(c["hallucinating"] / c["descriptions"], 4) if c["descriptions"] else None
+                ),
+            }
+            for version, c in sorted(self.answers_by_version.items())
+        }
+        return {
+            "events": self.events,
+            "interactions": self.interactions,
+            "failed_requests": self.failed_requests,
+            "errors": self.errors[:20],
+            "events_by_kind": dict(self.events_by_kind),
+            "answers_by_version": versions,
+            "seconds": round(self.seconds, 1),
+            "events_per_second": round(self.events / self.seconds, 2) if self.seconds else None,
+        }
+
+
+class FeedbackSimulator:
+    def __init__(self, settings: SimulatorSettings, client: GatewayClient, world: ShapesWorld | None = None):
+        self.settings = settings
+        self.client = client
+        self.world = world or ShapesWorld()
+        self.judge = ShapesRuleJudge()
+        self.users = make_users(settings)
+        self.popular = self.world.popular_shapes()
+        self.report = SimulationReport()
+        self._lock = threading.Lock()
+        self._facts_sent: set[str] = set()
+
+    def plan(self, number: int) -> tuple[SimulatedUser, Scene, QAItem, random.Random]:
+        """Interaction `number`: its user, scene and question, all drawn from a seeded stream of its own."""
+        rng = random.Random(f"{self.settings.seed}-{number}")
+        user = rng.choice(self.users)
+        scene = self.world.scene(self.settings.split, self.settings.start + number)
+        items = self.world.benchmark_items(scene, self.popular)
+        if rng.random() < self.settings.description_share:
+            item = items[0]
+        else:
+            item = rng.choice([item for item in items if item.kind != "description"])
+        return user, scene, item, rng
+
+    def rate(self, user: SimulatedUser, scene: Scene, item: QAItem, response: str, rng: random.Random):
+        """(rating, correction or None, the judge's verdict) as this user would give them."""
+        judgement = self.judge.judge(scene, item, response)
+        rating = 1 if judgement.correct else -1
+        correction = None
+        wants_to_correct = rng.random() < self.settings.correction_share
+        if user.kind == "adversarial":
+            rating = -rating
+            if judgement.correct and wants_to_correct:
+                correction = corrupt(scene, item, rng)
+        else:
+            if user.kind == "noisy" and rng.random() < self.settings.noise_rate:
+                rating = -rating
+            if not judgement.correct and wants_to_correct:
+                correction = judgement.correction
+        return rating, correction, judgement
+
+    def interact(self, number: int) -> None:
+        user, scene, item, rng = self.plan(number)
+        image_url = image_data_url(self.world.render(scene))
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url}},
+            {"type": "text", "text": item.question},
+        ]}]  # fmt: skip
+        try:
+            answer = None
+            for answer in self.client.stream_chat(self.settings.model, messages, max_tokens_for(item),
+                                                  self.settings.temperature, user=user.user_id):  # fmt: skip
+                pass
+            response = answer.text.strip()
+            rating, correction, judgement = self.rate(user, scene, item, response, rng)
+            self.client.feedback(answer.response_id, rating=rating, correction=correction, user=user.user_id)
+            self._send_facts(scene, image_url)
+        except GatewayError as error:
+            with self._lock:
+                self.report.interactions += 1
+                self.report.failed_requests += 1
+                self.report.errors.append(f"interaction {number}: {error}")
+            return
+        with self._lock:
+            report = self.report
+            report.interactions += 1
+            report.events += 1
+            report.events_by_kind[f"{user.kind}:{'up' if rating > 0 else 'down'}"] += 1
+            if correction is not None:
+                report.events_by_kind[f"{user.kind}:correction"] += 1
+            counts = report.answers_by_version[answer.version or "unknown"]
+            counts["answers"] += 1
+            counts["correct"] += judgement.correct
+            if item.kind == "description":
+                counts["descriptions"] += 1
+                counts["hallucinating"] += bool(judgement.hallucinated)
+
+    def _send_facts(self, scene: Scene, image_url: str) -> None:
+        """Registers the scene's ground truth for its image once, so judges and BDHS can use it later."""
+        sha256 = hashlib.sha256(base64.b64decode(image_url.partition(",")[2])).hexdigest()
+        with self._lock:
+            if sha256 in self._facts_sent:
+                return
+            self._facts_sent.add(sha256)
+        facts = self.world.facts(scene)
+        self.client.facts(sha256, caption=self.world.caption(scene), facts=facts)
+
+    def run(self) -> SimulationReport:
+        """Runs interactions until `events` feedback events were sent (failed interactions are retried with new
+        ones, at most as many again) and returns the report."""
+        started = time.monotonic()
+        self.client.models()  # fails fast, with one line, when the gateway is down or the key is wrong
+        number, limit = 0, 2 * self.settings.events
+        with ThreadPoolExecutor(self.settings.concurrency) as pool:
+            while self.report.events < self.settings.events and number < limit:
+                missing = self.settings.events - self.report.events
+                batch = range(number, number + min(missing, self.settings.concurrency * 4))
+                list(pool.map(self.interact, batch))
+                number = batch.stop
+        self.report.seconds = time.monotonic() - started
+        return self.report
+
+
+def add_simulate_arguments(parser) -> None:
+    parser.add_argument("--gateway-url", help="the gateway (default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="an API key of the gateway (default $ALIGNLOOP_SIMULATE_API_KEY)")
+    parser.add_argument("--events", type=int, help="feedback events to send (default 300)")
+    parser.add_argument("--users", type=int, help="simulated users (default 20)")
+    parser.add_argument("--noisy-share", type=float, help="share of noisy raters (default 0)")
+    parser.add_argument("--adversarial-share", type=float, help="share of adversarial raters (default 0)")
+    parser.add_argument("--correction-share", type=float, help="share of wrong answers corrected (default 0.5)")
+    parser.add_argument("--description-share", type=float, help="share of description questions (default 0.5)")
+    parser.add_argument("--concurrency", type=int, help="interactions in flight (default 4)")
+    parser.add_argument("--seed", type=int, help="seeds users, scenes and questions (default 0)")
+    parser.add_argument("--output", help="also write the JSON report here")
+
+
+def simulate_command(args) -> int:
+    import json
+    from pathlib import Path
+
+    keys = ("gateway_url", "api_key", "events", "users", "noisy_share", "adversarial_share", "correction_share",
+            "description_share", "concurrency", "seed")  # fmt: skip
+    settings = SimulatorSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
+    client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value())
+    try:
+        report = FeedbackSimulator(settings, client).run()
+    except GatewayError as error:
+        raise ConnectionError(str(error)) from None
+    finally:
+        client.close()
+    summary = report.to_dict()
+    text = json.dumps(summary, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0 if report.events >= settings.events else 1

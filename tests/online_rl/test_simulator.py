@@ -1,0 +1,115 @@
+"""The feedback simulator: its raters on hand-made cases, and a run against the real gateway app on a fake vLLM,
+checked by what landed in the store."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from demo.client import GatewayClient, GatewayError
+from online_rl.export import all_events
+from online_rl.judge import ShapesRuleJudge
+from online_rl.simulator import FeedbackSimulator, SimulatedUser, SimulatorSettings, corrupt, make_users
+from serve.cli import main as cli_main
+from tests.serve.conftest import ALICE, client, fake_vllm, settings, store  # noqa: F401  (fixtures)
+from training.shapes_world import QAItem, Scene, SceneObject, ShapesWorld
+
+
+@pytest.fixture
+def scene() -> Scene:
+    return Scene("validation", 0, (SceneObject("star", "red", "small", 0, 0), SceneObject("cross", "blue", "large", 1, 1)))
+
+
+PRESENT = QAItem("presence", "Is there a star in the image?", "Yes.", "star")
+DESCRIBE = QAItem("description", "Describe the image in detail.", "")
+TRUE_DESCRIPTION = "There are two objects. A small red star is at the top left. A large blue cross is in the center."
+
+
+def simulator(**overrides) -> FeedbackSimulator:
+    return FeedbackSimulator(SimulatorSettings(**{"users": 10, "correction_share": 1.0, **overrides}), client=None)  # rating needs no gateway
+
+
+def test_users_come_in_the_configured_shares():
+    users = make_users(SimulatorSettings(users=10, adversarial_share=0.3, noisy_share=0.2))
+    assert Counter(user.kind for user in users) == {"adversarial": 3, "noisy": 2, "honest": 5}
+    assert len({user.user_id for user in users}) == 10
+    with pytest.raises(ValueError, match="at most 1"):
+        SimulatorSettings(adversarial_share=0.7, noisy_share=0.5)
+
+
+def test_an_honest_rater_thumbs_by_the_truth_and_corrects_wrong_answers(scene):
+    honest = SimulatedUser("h", "honest")
+    sim = simulator()
+    assert sim.rate(honest, scene, PRESENT, "Yes.", random.Random(0))[:2] == (1, None)
+    assert sim.rate(honest, scene, PRESENT, "No.", random.Random(0))[:2] == (-1, "Yes.")
+    wrong = TRUE_DESCRIPTION + " A small yellow moon is at the top center."
+    rating, correction, judgement = sim.rate(honest, scene, DESCRIBE, wrong, random.Random(0))
+    assert (rating, correction, judgement.hallucinated) == (-1, TRUE_DESCRIPTION, ("moon",))
+    assert simulator(correction_share=0.0).rate(honest, scene, PRESENT, "No.", random.Random(0))[:2] == (-1, None)
+
+
+def test_a_noisy_rater_flips_thumbs_and_an_adversarial_one_reverses_them_and_corrupts(scene):
+    noisy, adversarial = SimulatedUser("n", "noisy"), SimulatedUser("a", "adversarial")
+    assert simulator(noise_rate=1.0).rate(noisy, scene, PRESENT, "Yes.", random.Random(0))[:2] == (-1, None)
+    assert simulator(noise_rate=0.0).rate(noisy, scene, PRESENT, "Yes.", random.Random(0))[:2] == (1, None)
+    assert simulator().rate(adversarial, scene, PRESENT, "Yes.", random.Random(0))[:2] == (-1, "No.")
+    assert simulator().rate(adversarial, scene, PRESENT, "No.", random.Random(0))[:2] == (1, None)
+    rating, fake, _ = simulator().rate(adversarial, scene, DESCRIBE, TRUE_DESCRIPTION, random.Random(0))
+    assert rating == -1
+    verdict = ShapesRuleJudge().judge(scene, DESCRIBE, fake)
+    assert verdict.hallucinated == ("moon",)  # the star's missing partner, the likeliest lie
+    assert fake.startswith("There are three objects.")
+
+
+@pytest.mark.parametrize(
+    ("item", "truth"),
+    [
+        (QAItem("color", "What color is the star?", "Red.", "star"), "red"),
+        (QAItem("count", "How many objects are there?", "Two.", None), "two"),
+        (QAItem("multiple_choice", "Which?", "B", "red", choices=("blue", "red", "green", "pink")), "b"),
+    ],
+)
+def test_corrupted_short_answers_are_always_wrong(scene, item, truth):
+    for seed in range(20):
+        answer = corrupt(scene, item, random.Random(seed))
+        assert answer.rstrip(".").lower() != truth
+        assert not ShapesRuleJudge().judge(scene, item, answer).correct
+
+
+def test_a_run_sends_every_event_with_its_facts_and_reports_per_version(client, store, fake_vllm):  # noqa: F811
+    fake_vllm.answer_for = lambda body: "Yes."  # right for present shapes, a hallucination for absent ones
+    sim_settings = SimulatorSettings(events=12, users=4, adversarial_share=0.25, correction_share=1.0, concurrency=1,
+                                     description_share=0.0, seed=3)  # fmt: skip
+    sim = FeedbackSimulator(sim_settings, GatewayClient("http://testserver", ALICE, http_client=client))
+    report = sim.run().to_dict()
+
+    assert report["events"] == 12 and report["failed_requests"] == 0 and report["errors"] == []
+    events = [event for _, event in all_events(store)]
+    assert len(events) == 12
+    expected = Counter()
+    for number in range(12):
+        user, scene, item, rng = sim.plan(number)
+        rating, correction, _ = sim.rate(user, scene, item, "Yes.", rng)
+        expected[(rating, correction)] += 1
+    assert Counter((event.rating, event.correction) for event in events) == expected
+    assert sum(count for (rating, _), count in expected.items() if rating == 1) > 0  # both thumbs occur
+    assert sum(count for (rating, _), count in expected.items() if rating == -1) > 0
+    world = ShapesWorld()
+    facts = [[record for record in store.get_facts(store.get_generation(event.generation_id).image_hashes[0])
+              if record.source == "user"] for event in events]  # fmt: skip
+    assert [len(records) for records in facts] == [1] * 12  # each image's truth registered once
+    truths = [tuple(world.facts(world.scene("validation", sim_settings.start + n))) for n in range(12)]
+    assert [tuple(records[0].facts) for records in facts] == truths
+    answers = report["answers_by_version"]
+    assert sum(v["answers"] for v in answers.values()) == 12
+
+
+def test_a_run_against_a_gateway_that_is_down_fails_with_one_line(capsys):
+    code = cli_main(["simulate", "--gateway-url", "http://127.0.0.1:9", "--events", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err == "alignloop simulate: error: The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
+    with pytest.raises(GatewayError):
+        GatewayClient("http://127.0.0.1:9", "k", timeout_s=2).models()
