@@ -21,7 +21,8 @@ def fake_report() -> dict:
 def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     summary = {"parameters": 4_600_000, "minutes": 31.4, "torch_threads": 2, "vision_pretrain_steps": 2000,
                "grounding_steps": 400, "steps": 1400, "val_loss": 0.1234,
-               "config": {"seed": 0, "batch_size": 32, "learning_rate": 0.001, "caption_noise": 0.6}}  # fmt: skip
+               "config": {"seed": 0, "batch_size": 32, "learning_rate": 0.001, "max_turns": 8},
+               "world": {"cooccurrence_bias": 0.9, "caption_noise": 0.75, "probe_noise": 0.25}}  # fmt: skip
     (tmp_path / "training_summary.json").write_text(json.dumps(summary))
     (tmp_path / "eval.json").write_text(json.dumps(fake_report()))
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
@@ -32,4 +33,7 @@ def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     assert "| 1 grounding | 400 |" in card and "| 2 SFT | 1400 |" in card
     assert "0.912" in card and "0.321" in card and "--num-images 500" in card
     assert "make model" in card
+    flat = " ".join(card.split())
+    assert "probability 0.9" in flat and "named anyway in 75%" in flat and "in 25% of such scenes' conversations" in flat
+    assert "up to 8 per image" in flat
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
