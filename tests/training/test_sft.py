@@ -156,7 +156,8 @@ def test_vision_stage_trains_the_tower_only():
 
 
 def test_sft_keeps_the_frozen_vision_tower(tmp_path):
-    config = SFTConfig(output_dir=str(tmp_path / "out"), steps=2, batch_size=4, val_scenes=4, vision_pretrain_steps=0)
+    config = SFTConfig(output_dir=str(tmp_path / "out"), steps=2, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
+                       grounding_steps=1, polish_steps=1)  # every stage after the tower's, briefly
     initial, _ = prepare_model(config, ShapesWorld())  # same seed, same initial weights as the run
     train(config)
     trained, _ = load_checkpoint(tmp_path / "out")
