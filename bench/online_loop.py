@@ -1,0 +1,199 @@
+"""Online loop benchmark: `alignloop up` on the bundled model, simulated users sending feedback, and the trainer beside
+the gateway turning it into gated versions. Prints JSON.
+
+It measures, in one run:
+- feedback-to-served latency: for every promoted version, the time from the last feedback event it was trained on
+  (the K-th event of its round) to the first answer the gateway's public alias gave with that version; the median
+  over versions is the headline;
+- what the gate decided for every version (validation metrics, the reasons for rejections);
+- how the served model did: each version, and the base model, scored on ShapesWorld's held-out test split through
+  the gateway pinned to it (`llava-rlhf@vN`), so "the served model did not get worse" is a measurement;
+- the simulator's own report (events by rater kind, failed requests, answer accuracy per served version).
+
+`--adversarial-share 0.3` runs it with 30% adversarial raters (thumbs reversed, corrupting corrections).
+
+    .venv/bin/python bench/online_loop.py --events 300 --test-images 200
+    .venv/bin/python bench/online_loop.py --events 300 --test-images 200 --adversarial-share 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from demo.client import GatewayClient
+from online_rl.export import all_events
+from online_rl.simulator import FeedbackSimulator, SimulatorSettings
+from online_rl.store import open_store
+
+HEADLINE = ("chair_s", "chair_i", "object_recall", "pope_adversarial_accuracy", "pope_random_accuracy",
+            "attribute_accuracy")  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class FingerprintWatcher(threading.Thread):
+    """Asks the public alias a one-token question every `interval` s and notes when each version first answers."""
+
+    def __init__(self, url: str, alias: str, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.url, self.alias, self.interval = url, alias, interval
+        self.first_seen: dict[str, float] = {}
+        self.failures = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not self.stopped.is_set():
+                try:
+                    answer = http.post(f"{self.url}/v1/chat/completions", json={
+                        "model": self.alias, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+                    answer.raise_for_status()
+                    self.first_seen.setdefault(answer.json()["system_fingerprint"], time.time())
+                except httpx.HTTPError:
+                    self.failures += 1
+                self.stopped.wait(self.interval)
+
+
+def score(url: str, model: str, images: int) -> dict:
+    from training.evaluation.models import OpenAIChatModel
+    from training.evaluation.shapes_bench import evaluate_shapes
+    from training.shapes_world import ShapesWorld
+
+    report = evaluate_shapes(OpenAIChatModel(f"{url}/v1", model, "bench", concurrency=4), ShapesWorld(), "test",
+                             images, progress=False)  # fmt: skip
+    return {key: round(report[key], 4) for key in HEADLINE}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=300)
+    parser.add_argument("--adversarial-share", type=float, default=0.0)
+    parser.add_argument("--noisy-share", type=float, default=0.0)
+    parser.add_argument("--round-min-pairs", type=int, default=32)
+    parser.add_argument("--round-max-wait", type=float, default=30, help="seconds a round waits for more pairs")
+    parser.add_argument("--gate-images", type=int, default=100, help="validation images the trainer's gate scores")
+    parser.add_argument("--test-images", type=int, default=200, help="held-out test images per version")
+    parser.add_argument("--settle-timeout", type=float, default=1800, help="seconds to wait for the last round")
+    parser.add_argument("--model", default=str(REPO / "models" / "shapes-llava"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="alignloop-online-bench-"))
+    store_url = f"sqlite:///{workdir / 'store.db'}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_VLLM_LOG=str(workdir / "vllm.log"),
+               ALIGNLOOP_RATE_LIMIT_PER_MINUTE="100000",  # the gate, the test scoring and the users share one key
+               ALIGNLOOP_TRAINER_ROUND_MIN_PAIRS=str(args.round_min_pairs),
+               ALIGNLOOP_TRAINER_ROUND_MAX_WAIT_S=str(args.round_max_wait),
+               ALIGNLOOP_TRAINER_EVAL_IMAGES=str(args.gate_images), ALIGNLOOP_TRAINER_SEED=str(args.seed))  # fmt: skip
+    command = [str(Path(sys.executable).parent / "alignloop"), "up", "--no-demo", "--port", str(port), "--model",
+               args.model, "--store", store_url, "--adapter-dir", str(workdir / "adapters")]  # fmt: skip
+    log = (workdir / "gateway.log").open("wb")
+    gateway = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _ready(url), 300, "the gateway and its vLLM")
+        watcher = FingerprintWatcher(url, "llava-rlhf")
+        watcher.start()
+        settings = SimulatorSettings(gateway_url=url, events=args.events, adversarial_share=args.adversarial_share,
+                                     noisy_share=args.noisy_share, seed=args.seed)  # fmt: skip
+        client = GatewayClient(url, "bench")
+        started = time.monotonic()
+        simulation = FeedbackSimulator(settings, client).run().to_dict()
+        client.close()
+        with open_store(store_url) as store:
+            settle(store, quiet_s=args.round_max_wait + 600, timeout=args.settle_timeout)
+            time.sleep(5)  # the watcher sees the last promotion
+            watcher.stopped.set()
+            adapters = store.list_adapters()
+            event_times = {delivery_id: event.created for delivery_id, event in all_events(store)}
+        loop_seconds = time.monotonic() - started
+        versions = []
+        for adapter in adapters:
+            last_event = event_times.get(adapter.feedback_range[1]) if adapter.feedback_range else None
+            served_at = watcher.first_seen.get(adapter.name)
+            versions.append({
+                "version": adapter.version, "status": adapter.status, "parent": adapter.parent_version,
+                "events": adapter.num_feedback_events, "notes": adapter.notes,
+                "gate_metrics": {key: round(adapter.metrics[key], 4) for key in HEADLINE if key in adapter.metrics},
+                "feedback_to_served_s": round(served_at - last_event, 1) if served_at and last_event else None,
+                "test": score(url, f"llava-rlhf@v{adapter.version}", args.test_images),
+            })  # fmt: skip
+        base = score(url, "base", args.test_images)
+        final = next((v for v in reversed(versions) if v["status"] == "promoted"), None)
+        latencies = [v["feedback_to_served_s"] for v in versions if v["feedback_to_served_s"] is not None]
+        print(json.dumps({
+            "events": args.events, "adversarial_share": args.adversarial_share, "noisy_share": args.noisy_share,
+            "round_min_pairs": args.round_min_pairs, "gate_images": args.gate_images, "test_images": args.test_images,
+            "loop_seconds": round(loop_seconds, 1),
+            "versions_trained": len(versions), "versions_promoted": sum(v["status"] == "promoted" for v in versions),
+            "feedback_to_served_median_s": statistics.median(latencies) if latencies else None,
+            "base_test": base, "served_test": final["test"] if final else base,
+            "served_minus_base": {key: round((final["test"] if final else base)[key] - base[key], 4) for key in HEADLINE},
+            "watcher_failures": watcher.failures, "simulation": simulation, "versions": versions,
+        }, indent=2))  # fmt: skip
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(120)
+        log.close()
+    return 0
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def settle(store, quiet_s: float, timeout: float) -> None:
+    """Waits until the trainer has nothing left to do: no version is still being gated and every event is in a
+    version, or the registry has not changed for `quiet_s` (what is left supports no pair, so no round will come)."""
+    time.sleep(10)  # the trainer reads new events every couple of seconds
+    deadline, last_change, last_state = time.monotonic() + timeout, time.monotonic(), None
+    while time.monotonic() < deadline:
+        adapters = store.list_adapters()
+        state = [(a.version, a.status) for a in adapters]
+        if state != last_state:
+            last_state, last_change = state, time.monotonic()
+        gating = any(a.status == "candidate" for a in adapters)
+        trained = sum(a.num_feedback_events for a in adapters)
+        if not gating and (trained >= len(all_events(store)) or time.monotonic() - last_change > quiet_s):
+            return
+        time.sleep(5)
+    raise TimeoutError("timed out waiting for the trainer's last round")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
