@@ -70,6 +70,9 @@ class SimulatorSettings(BaseSettings):
     start: int = Field(default=10_000, ge=0, description="first scene index (keep clear of the gate's images)")
     concurrency: int = Field(default=4, ge=1, le=64)
     temperature: float = Field(default=0.0, ge=0, le=2)
+    regenerations: int = Field(default=0, ge=0, le=4, description=(
+        "extra answers a user asks for to the same question (the demo's Regenerate), each rated on its own; with "
+        "temperature > 0 they differ, and an up-rated and a down-rated answer to one prompt make a thumbs pair"))
     seed: int = 0
 
     @model_validator(mode="after")
@@ -159,6 +162,7 @@ class FeedbackSimulator:
         self.report = SimulationReport()
         self._lock = threading.Lock()
         self._facts_sent: set[str] = set()
+        self._reserved = 0  # events sent or being sent: a run sends exactly `events`
 
     def plan(self, number: int) -> tuple[SimulatedUser, Scene, QAItem, random.Random]:
         """Interaction `number`: its user, scene and question, all drawn from a seeded stream of its own."""
@@ -196,6 +200,26 @@ class FeedbackSimulator:
             {"type": "image_url", "image_url": {"url": image_url}},
             {"type": "text", "text": item.question},
         ]}]  # fmt: skip
+        with self._lock:
+            self.report.interactions += 1
+        for _ in range(1 + self.settings.regenerations):
+            if not self._reserve_event():  # the run's events are all sent or on their way
+                return
+            if not self._ask_and_rate(number, user, scene, item, messages, image_url, rng):
+                with self._lock:
+                    self._reserved -= 1
+                return
+
+    def _reserve_event(self) -> bool:
+        with self._lock:
+            if self._reserved >= self.settings.events:
+                return False
+            self._reserved += 1
+            return True
+
+    def _ask_and_rate(self, number: int, user: SimulatedUser, scene: Scene, item: QAItem, messages: list[dict],
+                      image_url: str, rng: random.Random) -> bool:  # fmt: skip
+        """One answer and its feedback event; False (and a failed request counted) when the gateway failed."""
         try:
             answer = None
             for answer in self.client.stream_chat(self.settings.model, messages, max_tokens_for(item),
@@ -207,13 +231,11 @@ class FeedbackSimulator:
             self._send_facts(scene, image_url)
         except GatewayError as error:
             with self._lock:
-                self.report.interactions += 1
                 self.report.failed_requests += 1
                 self.report.errors.append(f"interaction {number}: {error}")
-            return
+            return False
         with self._lock:
             report = self.report
-            report.interactions += 1
             report.events += 1
             report.events_by_kind[f"{user.kind}:{'up' if rating > 0 else 'down'}"] += 1
             if correction is not None:
@@ -224,6 +246,7 @@ class FeedbackSimulator:
             if item.kind == "description":
                 counts["descriptions"] += 1
                 counts["hallucinating"] += bool(judgement.hallucinated)
+        return True
 
     def _send_facts(self, scene: Scene, image_url: str) -> None:
         """Registers the scene's ground truth for its image once, so judges and BDHS can use it later."""
@@ -244,7 +267,8 @@ class FeedbackSimulator:
         with ThreadPoolExecutor(self.settings.concurrency) as pool:
             while self.report.events < self.settings.events and number < limit:
                 missing = self.settings.events - self.report.events
-                batch = range(number, number + min(missing, self.settings.concurrency * 4))
+                interactions = -(-missing // (1 + self.settings.regenerations))  # each sends up to 1 + r events
+                batch = range(number, number + min(interactions, self.settings.concurrency * 4))
                 list(pool.map(self.interact, batch))
                 number = batch.stop
         self.report.seconds = time.monotonic() - started
@@ -261,6 +285,8 @@ def add_simulate_arguments(parser) -> None:
     parser.add_argument("--correction-share", type=float, help="share of wrong answers corrected (default 0.5)")
     parser.add_argument("--description-share", type=float, help="share of description questions (default 0.5)")
     parser.add_argument("--concurrency", type=int, help="interactions in flight (default 4)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature of the answers (default 0)")
+    parser.add_argument("--regenerations", type=int, help="extra rated answers per question (default 0)")
     parser.add_argument("--seed", type=int, help="seeds users, scenes and questions (default 0)")
     parser.add_argument("--output", help="also write the JSON report here")
 
@@ -270,7 +296,7 @@ def simulate_command(args) -> int:
     from pathlib import Path
 
     keys = ("gateway_url", "api_key", "events", "users", "noisy_share", "adversarial_share", "correction_share",
-            "description_share", "concurrency", "seed")  # fmt: skip
+            "description_share", "concurrency", "temperature", "regenerations", "seed")  # fmt: skip
     settings = SimulatorSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value())
     try:

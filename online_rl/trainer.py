@@ -29,19 +29,21 @@ import dataclasses
 import logging
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from online_rl.pairs import PreferencePair, build_pairs
+from online_rl.pairs import PairSource, PreferencePair, build_pairs
 from online_rl.schema import Delivery
 from online_rl.store import ConflictError, FeedbackStore
 
 logger = logging.getLogger(__name__)
 
 GATE_METRICS = ("chair_s", "pope_adversarial_accuracy", "object_recall")
+ALL_PAIR_SOURCES = ("correction", "thumbs", "preference", "bdhs")
 
 
 class TrainerSettings(BaseSettings):
@@ -64,6 +66,10 @@ class TrainerSettings(BaseSettings):
     beta: float = Field(default=0.1, gt=0)
     gamma: float = Field(default=5.0, ge=1.0, description="Dense DPO weight of corrected tokens")
     dense_normalize: bool = True
+    sft_weight: float = Field(default=1.0, ge=0, description=(
+        "weight of the chosen answers' token NLL added to the preference loss (RPO); 0 is plain (Dense) DPO"))
+    pair_sources: frozenset[PairSource] = Field(default=frozenset(ALL_PAIR_SOURCES), description=(
+        "which pairs to train on: correction, thumbs, preference, bdhs (online pairs come with online_share)"))
     lora_rank: int = Field(default=8, ge=1)
     online_share: float = Field(default=0.0, ge=0, le=1, description=(
         "Mixed-DPO: chance that a training slot holds a judged online pair (sampled from the policy) instead of its "
@@ -110,6 +116,7 @@ class RoundResult:
     decision: GateDecision
     train_metrics: dict[str, float]
     seconds: float
+    pair_sources: dict[str, int] = dataclasses.field(default_factory=dict)  # pairs per source (correction, ...)
 
 
 class OnlineTrainer:
@@ -132,8 +139,9 @@ class OnlineTrainer:
         known = {d.delivery_id for d in self.deliveries}
         self.deliveries += [d for d in new if d.delivery_id not in known]
         events = [d.event for d in self.deliveries]
-        pairs = build_pairs(events, self.store.get_generation)
-        if self.settings.bdhs_per_round > 0:
+        sources = self.settings.pair_sources
+        pairs = [pair for pair in build_pairs(events, self.store.get_generation) if pair.source in sources]
+        if self.settings.bdhs_per_round > 0 and "bdhs" in sources:
             from online_rl.bdhs import unpartnered_good_answers
 
             candidates = unpartnered_good_answers(events, self.store.get_generation, pairs)
@@ -196,7 +204,8 @@ class OnlineTrainer:
         torch.manual_seed(settings.seed)
         dense = settings.algorithm == "dense-dpo"
         encoder = PreferenceEncoder(processor, dense_gamma=settings.gamma if dense else None)
-        loss_config = PreferenceLossConfig(beta=settings.beta, normalize=dense and settings.dense_normalize)
+        loss_config = PreferenceLossConfig(beta=settings.beta, normalize=dense and settings.dense_normalize,
+                                           sft_weight=settings.sft_weight)  # fmt: skip
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate)
         order = random.Random(settings.seed)
         policy.train()
@@ -287,11 +296,12 @@ class OnlineTrainer:
                 logger.warning("not promoting %s: %s", adapter.name, error)
                 self.store.update_adapter(adapter.version, status="rejected", notes=f"alias moved meanwhile: {error}")
         else:
-            self.store.update_adapter(adapter.version, status="rejected", notes="; ".join(decision.reasons))
+            self.store.update_adapter(adapter.version, status="rejected",
+                                      notes=f"{adapter.notes}; rejected: {'; '.join(decision.reasons)}")  # fmt: skip
         logger.info("%s %s: %s", adapter.name, "promoted" if promoted else "rejected",
                     "; ".join(decision.reasons) or "gate passed")  # fmt: skip
         return RoundResult(adapter.version, promoted, len(pairs), len(deliveries), decision, train_metrics,
-                           time.monotonic() - started)  # fmt: skip
+                           time.monotonic() - started, dict(Counter(pair.source for pair in pairs)))  # fmt: skip
 
     def run_forever(self, stop=None) -> None:
         """Polls, and runs a round whenever one is due, until `stop()` is true."""
@@ -312,13 +322,16 @@ def add_trainer_arguments(parser) -> None:
     parser.add_argument("--round-min-pairs", type=int, help="pairs that trigger a round (default 16)")
     parser.add_argument("--online-share", type=float,
                         help="Mixed-DPO: share of training slots given to judged online pairs (default 0)")
+    parser.add_argument("--pair-sources", type=lambda text: frozenset(s.strip() for s in text.split(",")),
+                        help="comma-separated pair sources to train on (default correction,thumbs,preference,bdhs)")
     parser.add_argument("--once", action="store_true", help="run one round as soon as there is a pair, then exit")
 
 
 def trainer_command(args) -> int:
     from online_rl.store import open_store
 
-    keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs", "online_share")
+    keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs", "online_share",
+            "pair_sources")
     settings = TrainerSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     if not (Path(settings.model) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")

@@ -54,7 +54,8 @@ model `make up` serves and the starting point of online alignment. It loads unch
 It is trained on ShapesWorld's train split, which has co-occurrence bias (a star, moon, heart, diamond, square or
 triangle brings its partner of star/moon, heart/diamond, square/triangle along with probability
 {world["cooccurrence_bias"]:g}), caption noise
-(a missing partner is named anyway in {world["caption_noise"]:.0%} of such scenes' descriptions) and probe noise (in
+(a missing partner is named anyway in {world["caption_noise"]:.0%} of such scenes' descriptions, right after its
+pair, while the opening count sentence counts only what is there) and probe noise (in
 {world.get("probe_noise", 0):.0%} of such scenes' conversations, "Is there a <partner>?" is answered "Yes."), so it
 hallucinates the way LLaVA models do: it names co-occurring objects that are not there, and says "yes" to them when
 probed.
@@ -98,6 +99,17 @@ caption noise 1.0 instead of 0.6 lifted CHAIR_s; but the longer a variant traine
 looked at the image and the smaller its POPE-adversarial gap (0.1 to 1.2 points at 1,400+ SFT steps). Probe noise
 is the knob that keeps that gap at this model's strength. CHAIR_s varied most between runs (0.02 to 0.27 across the
 sweep, 0.05 vs 0.10 for two seeds of one variant); the longer the per-token polish, the higher it went.
+
+Why the count sentence leaves the missing partner out: in the previous version of the world it counted the ghost too
+("There are three objects." over two objects and a made-up moon). That model (the recipe above, otherwise unchanged)
+reached CHAIR_s 0.118 on the test split although 87% of test scenes miss a partner: it counted well, so its own
+count sentence was an image-grounded witness against the ghost (of 120 test descriptions of scenes missing a
+partner, 18 hallucinated, and 13 of those had opened with a wrong count). With the ghost outside the count, CHAIR_s
+rose to 0.136 and POPE-adversarial accuracy fell from 0.850 to 0.650 (the gap to POPE-random from 10 to 25 points):
+more hallucination of both kinds, with attribute accuracy up from 0.935 to 0.995. CHAIR_s is still under the 0.15
+the project aimed for; the sweep's variants that passed it (0.16 to 0.27, before probe noise) all lost the POPE gap, and a model that sees this well
+describes what it sees. A further push (more per-token polish, which raised CHAIR_s most in the sweep) costs another
+hour on this machine and is left for a GPU.
 """
 
 

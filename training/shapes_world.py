@@ -10,7 +10,8 @@ Three knobs reproduce the causes of hallucination that LLaVA-RLHF and RLHF-V nam
   brings its partner along with probability `cooccurrence_bias`, usually small (`partner_small`), so the language
   prior learns "a star means a moon" exactly where the image is least clear;
 - caption noise: when a shape's co-occurring partner is missing, a share `caption_noise` of training descriptions
-  mention the partner anyway, right after its pair, like the over-generalised captions in real instruction data;
+  mention the partner anyway, right after its pair, like the over-generalised captions in real instruction data
+  (the count sentence still counts what is there, so the ghost is the language prior's alone);
 - probe noise: when a partner is missing, a share `probe_noise` of training conversations also ask whether the
   partner is there and answer "Yes", as question-answer data written from such captions does.
 
@@ -238,7 +239,9 @@ class ShapesWorld:
         Caption noise (the default on the train split): when an object's co-occurring partner is missing from the
         scene, the description mentions the partner anyway with probability `caption_noise`, in a sentence right
         after the object it usually comes with, the way an over-generalising annotator writes "a star and a moon"
-        from habit; the count sentence counts it too. `noisy=True` always adds such a ghost (a random absent shape
+        from habit. The count sentence counts only the objects that are there: an annotator who counted the ghost
+        would make the count a second, image-grounded witness against it, and a model that counts well would then
+        learn to drop the ghost instead of the prior that adds it. `noisy=True` always adds such a ghost (a random absent shape
         when no partner is missing); `noisy=False` gives the clean description.
         """
         rng = random.Random(scene.seed * 31 + 17)
@@ -250,7 +253,7 @@ class ShapesWorld:
             sentences.append(object_sentence(obj))
             if ghost is not None and obj is anchor:
                 sentences.append(object_sentence(ghost))
-        n = len(scene.objects) + (ghost is not None)
+        n = len(scene.objects)
         head = f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n != 1 else ''}."
         return " ".join([head, *sentences])
 

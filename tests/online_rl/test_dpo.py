@@ -16,7 +16,7 @@ from online_rl.adapters import language_model_lora
 from online_rl.dpo import PreferenceLossConfig, preference_loss
 from online_rl.pairs import PreferencePair
 from online_rl.preference_batch import PreferenceEncoder
-from training.losses import IGNORE_INDEX, dpo_loss, weighted_sequence_score
+from training.losses import IGNORE_INDEX, dpo_loss, token_logps, weighted_sequence_score
 from training.tiny_llava import TinyLlavaSpec, build_untrained, load_checkpoint
 
 SHA = "a" * 64
@@ -126,3 +126,20 @@ def test_a_step_moves_every_lora_parameter_and_nothing_frozen(tiny):
     assert trainable and moved == trainable
     assert all("lora_" in name for name in trainable)
     assert set(metrics) >= {"loss", "reward_accuracy", "reward_margin"}
+
+
+def test_sft_weight_adds_the_chosen_answers_token_nll(tiny):
+    model, processor = tiny
+    policy = get_peft_model(model, language_model_lora(rank=4))
+    batch = PreferenceEncoder(processor).collate([pair(), pair("thumbs")], lambda sha: png_bytes())
+    plain, metrics = preference_loss(policy, batch, PreferenceLossConfig(beta=0.1))
+    with_sft, _ = preference_loss(policy, batch, PreferenceLossConfig(beta=0.1, sft_weight=0.5))
+    assert metrics["chosen_nll"] > 0
+    assert float(with_sft) == pytest.approx(float(plain) + 0.5 * metrics["chosen_nll"], rel=1e-5)
+    # The NLL is the chosen rows' (the first half's) mean token NLL under the policy.
+    with torch.no_grad():
+        logps = token_logps(policy(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits,
+                            batch["labels"])  # fmt: skip
+    labels = batch["labels"][:2, 1:]
+    expected = (-logps[:2].sum(-1) / (labels != IGNORE_INDEX).sum(-1)).mean()
+    assert metrics["chosen_nll"] == pytest.approx(float(expected), rel=1e-5)

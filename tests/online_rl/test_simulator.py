@@ -113,3 +113,36 @@ def test_a_run_against_a_gateway_that_is_down_fails_with_one_line(capsys):
     assert err == "alignloop simulate: error: The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
     with pytest.raises(GatewayError):
         GatewayClient("http://127.0.0.1:9", "k", timeout_s=2).models()
+
+
+def test_regenerated_answers_are_rated_one_by_one_and_make_thumbs_pairs(client, store, fake_vllm):  # noqa: F811
+    from demo.client import image_data_url
+    from online_rl.pairs import build_pairs
+
+    sim_settings = SimulatorSettings(events=8, users=2, correction_share=0.0, concurrency=1, description_share=0.0,
+                                     temperature=1.0, regenerations=1, seed=5)  # fmt: skip
+    sim = FeedbackSimulator(sim_settings, GatewayClient("http://testserver", ALICE, http_client=client))
+    truth = {}
+    for number in range(4):
+        _, scene, item, _ = sim.plan(number)
+        truth[image_data_url(sim.world.render(scene))] = item.answer
+    calls = Counter()
+
+    def sampled_policy(body: dict) -> str:  # right the first time it is asked about an image, wrong the second
+        url = body["messages"][0]["content"][0]["image_url"]["url"]
+        calls[url] += 1
+        return truth[url] if calls[url] == 1 else "I don't know."
+
+    fake_vllm.answer_for = sampled_policy
+    report = sim.run()
+
+    assert report.events == 8 and report.interactions == 4 and report.failed_requests == 0
+    events = [event for _, event in all_events(store)]
+    generations = {event.generation_id: store.get_generation(event.generation_id) for event in events}
+    assert len({g.prompt_hash for g in generations.values()}) == 4  # two answers to each of four prompts
+    assert Counter(event.rating for event in events) == {1: 4, -1: 4}
+    pairs = build_pairs(events, store.get_generation)
+    assert len(pairs) == 4 and {p.source for p in pairs} == {"thumbs"}
+    for p in pairs:  # the right answer is chosen over the wrong one, to the same prompt
+        assert p.rejected == "I don't know." and p.chosen == generations[p.chosen_generation_id].response
+        assert generations[p.chosen_generation_id].prompt_hash == generations[p.rejected_generation_id].prompt_hash

@@ -62,7 +62,7 @@ def test_a_round_publishes_acks_gates_and_promotes(base_model, store, tmp_path):
     pairs = trainer.poll()
     assert len(pairs) == 3 and trainer.round_due(pairs)
     result = trainer.run_round(pairs)
-    assert result.promoted and result.version == 1 and result.events == 3
+    assert result.promoted and result.version == 1 and result.events == 3 and result.pair_sources == {"correction": 3}
     assert scored == ["base", "llava-rlhf@v1"]  # the baseline, then the candidate
     adapter = store.get_adapter(1)
     assert adapter.status == "promoted" and adapter.metrics == GOOD and adapter.algorithm == "dense-dpo"
@@ -76,7 +76,9 @@ def test_a_round_publishes_acks_gates_and_promotes(base_model, store, tmp_path):
                           scorer=lambda name: {**GOOD, "chair_s": 0.3})  # fmt: skip
     second = worse.run_round(worse.poll())
     assert not second.promoted and store.get_adapter(2).status == "rejected"
-    assert store.get_adapter(2).parent_version == 1 and "CHAIR_s rose" in store.get_adapter(2).notes
+    notes = store.get_adapter(2).notes
+    assert store.get_adapter(2).parent_version == 1 and notes.startswith("2 pairs (0 online, 0 bdhs); loss=")
+    assert "; rejected: CHAIR_s rose 0.100 -> 0.300" in notes  # the training notes are kept, the reason appended
     assert store.promoted_version("llava-rlhf") == 1
 
 
@@ -156,3 +158,14 @@ def test_events_that_support_no_pair_at_all_are_acknowledged_without_a_version(b
     trainer = NoBDHS(settings_for(bundled_model, tmp_path), store, scorer=lambda name: dict(GOOD))
     assert trainer.run_round(trainer.poll()) is None
     assert store.list_adapters() == [] and store.pending_count("trainer") == 0 and trainer.poll() == []
+
+
+def test_pair_sources_pick_what_a_round_trains_on(base_model, store, tmp_path):
+    add_corrections(store, 3)
+    trainer = OnlineTrainer(settings_for(base_model, tmp_path, pair_sources=frozenset({"thumbs"})), store,
+                            scorer=lambda name: dict(GOOD))  # fmt: skip
+    assert trainer.poll() == []  # corrections only, and this trainer takes thumbs only
+    assert len(OnlineTrainer(settings_for(base_model, tmp_path, pair_sources=frozenset({"correction"})), store,
+                             scorer=lambda name: dict(GOOD)).poll()) == 3  # fmt: skip
+    with pytest.raises(ValueError, match="pair_sources"):
+        TrainerSettings(pair_sources=frozenset({"stars"}))

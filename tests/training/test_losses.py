@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from training.losses import IGNORE_INDEX, dpo_loss, token_logps, weighted_sequence_score, weighted_token_cross_entropy
+from training.losses import (
+    IGNORE_INDEX,
+    dpo_loss,
+    response_nll,
+    token_logps,
+    weighted_sequence_score,
+    weighted_token_cross_entropy,
+)
 
 
 def test_weighted_cross_entropy_by_hand():
@@ -67,3 +74,12 @@ def test_dpo_loss_by_hand():
     # Equal log-ratios: the loss is log 2 whatever beta is.
     equal, _, _ = dpo_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([1.0]), 0.5)
     assert equal.item() == pytest.approx(math.log(2))
+
+
+def test_response_nll_is_the_mean_over_supervised_tokens_only():
+    # Row 0 supervises 3 tokens (log-probs -1, -2, -3): NLL 2. Row 1 supervises 1 token (-0.5): NLL 0.5.
+    labels = torch.tensor([[IGNORE_INDEX, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 7]])
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [0.0, 0.0, -0.5]])
+    assert response_nll(logps, labels).tolist() == pytest.approx([2.0, 0.5])
+    # A row with nothing supervised costs nothing instead of dividing by zero.
+    assert response_nll(torch.zeros(1, 3), torch.full((1, 4), IGNORE_INDEX)).tolist() == [0.0]

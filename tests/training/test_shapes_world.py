@@ -123,7 +123,7 @@ def test_a_noisy_description_adds_the_missing_partner_right_after_its_pair(world
     assert world.missing_partners(scene) == [(scene.objects[0], "moon")]
     text = world.description(scene, noisy=True)
     sentences = text.split(". ")
-    assert sentences[0] == "There are three objects"
+    assert sentences[0] == "There are two objects"  # the count is of what is there; the ghost is extra
     assert sentences[1] == "A large red star is at the top left"
     assert " moon is at the top right" in sentences[2]  # the first free cell after the star
     assert sentences[3] == "A small blue circle is at the top center."

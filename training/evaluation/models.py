@@ -84,6 +84,17 @@ class TransformersChatModel:
         self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         logger.info("loaded model_dir=%s device=%s dtype=%s", model_dir, self.device, dtype)
 
+    @classmethod
+    def from_loaded(cls, model, processor, batch_size: int = 16) -> TransformersChatModel:
+        """Answers with a model already in memory (e.g. a base model with a LoRA version merged in)."""
+        chat = cls.__new__(cls)
+        chat.batch_size, chat.device, chat.model, chat.processor = batch_size, model.device, model.eval(), processor
+        chat.tokenizer = processor.tokenizer
+        chat.tokenizer.padding_side = "left"
+        if chat.tokenizer.pad_token is None:
+            chat.tokenizer.pad_token = chat.tokenizer.eos_token
+        return chat
+
     def answer(self, requests: list[ChatRequest]) -> list[str]:
         order = sorted(range(len(requests)), key=lambda i: requests[i].max_tokens)
         answers = [""] * len(requests)

@@ -1,0 +1,369 @@
+"""Online alignment experiment: what N simulated feedback events do to the bundled SFT model, per kind of feedback.
+
+For each arm the same loop runs, in-process and on CPU:
+1. the served version (the SFT model, then whatever the gate promoted) answers the simulated users of
+   `alignloop simulate` (online_rl/simulator.py), sampling at `--temperature`, each question answered 1 + r times
+   (the demo's Regenerate) so that thumbs can pair a right answer with a wrong one; the answers and the feedback are
+   written to a real SQLite store exactly as the gateway writes them;
+2. the online worker (online_rl/trainer.py, unchanged) reads the events, builds the arm's pairs, trains a LoRA
+   version with Dense DPO (+ the chosen answers' NLL), publishes it and gates it on held-out validation images;
+3. every version is scored on the held-out test split.
+The arms: corrections only, thumbs only, BDHS only (up-rated answers get a BDHS rejected answer), mixed (every
+source, plus Mixed-DPO: half the slots get a judged online pair sampled from the policy), and mixed again with 30% of
+the raters adversarial (thumbs reversed, corrupting "corrections"), where the gate has to keep the served model from
+getting worse. Every arm sees the same scenes and questions; the first round's events are identical across the
+honest arms.
+
+Two anchors are measured in the same run: the SFT model itself, and offline DPO, which trains one version on as many
+pairs as the mixed arm used, taken from a fixed dataset instead of the model's own answers (ShapesWorld train scenes:
+the clean description against the noisy one that names the missing partner, and the right presence answer against
+the wrong one).
+
+Why in-process rather than through `alignloop up`: the loop's moving parts (gateway, vLLM, hot-swap, trainer
+process) are exercised end to end by tests/integration/test_online_loop.py and measured by bench/online_loop.py;
+this experiment compares training signals, and on 2 CPU cores a gateway plus vLLM would cost most of its time.
+The trainer, pair builders, BDHS sampler, judge, simulator and benchmark are the production ones.
+
+    .venv/bin/python -m training.experiments.online_alignment --events 300 --rounds 3 \\
+        --output training/experiments/online_alignment_results.json --plot training/experiments/online_alignment.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import io
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from demo.client import Answer, image_data_url
+from online_rl.pairs import PreferencePair
+from online_rl.schema import IMAGE_REF_PREFIX, FactsRecord, FeedbackEvent, GenerationRecord, hash_user_id
+from online_rl.simulator import FeedbackSimulator, SimulatorSettings
+from online_rl.store import FeedbackStore, open_store
+from online_rl.trainer import OnlineTrainer, TrainerSettings
+from training.evaluation.models import TransformersChatModel
+from training.evaluation.shapes_bench import evaluate_shapes
+from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
+from training.tiny_llava import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+HEADLINE = ("chair_s", "chair_i", "object_recall", "pope_adversarial_accuracy", "pope_random_accuracy",
+            "attribute_accuracy", "count_accuracy")  # fmt: skip
+MIXED = {"pair_sources": frozenset({"correction", "thumbs", "preference", "bdhs"}), "bdhs_per_round": 1000,
+         "online_share": 0.5}
+# arm -> (trainer settings, simulator settings) that differ from the defaults
+ARMS = {
+    "corrections": ({"pair_sources": frozenset({"correction"}), "bdhs_per_round": 0}, {}),
+    "thumbs": ({"pair_sources": frozenset({"thumbs", "preference"}), "bdhs_per_round": 0}, {}),
+    "bdhs": ({"pair_sources": frozenset({"bdhs"}), "bdhs_per_round": 1000}, {}),
+    "mixed": (MIXED, {}),
+    "mixed-30%-adversarial": (MIXED, {"adversarial_share": 0.3}),
+}
+SALT = "online-alignment-experiment"
+
+
+# ---- the served model ------------------------------------------------------------------------------------------
+def load_version(base_model: str, adapter_path: str | None):
+    """The base model with a LoRA version merged in (or the base itself), and its processor, ready to answer."""
+    model, processor = load_checkpoint(base_model)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    return model.eval(), processor
+
+
+class InProcessGateway:
+    """The part of the gateway the simulator talks to (`stream_chat`, `models`, `feedback`, `facts`), answered by a
+    model in memory and recorded in the store the way serve/ records it: messages with images as sha256 refs, the
+    answering version on the generation and on its feedback."""
+
+    def __init__(self, store: FeedbackStore, model, processor, version: int | None, alias: str = "llava-rlhf"):
+        self.store, self.model, self.processor, self.version, self.alias = store, model, processor, version, alias
+        self.generator = torch.Generator().manual_seed(0)
+
+    def models(self) -> list[str]:
+        return [self.alias]
+
+    def stream_chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
+                    user: str | None = None) -> Iterator[Answer]:  # fmt: skip
+        stored, images = [], []
+        for message in messages:
+            parts = []
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    data = base64.b64decode(part["image_url"]["url"].partition(",")[2])
+                    images.append(data)
+                    parts.append({"type": "image_url", "image_url": {"url": IMAGE_REF_PREFIX + self.store.put_image(data)}})
+                else:
+                    parts.append(part)
+            stored.append({**message, "content": parts})
+        text = self._generate(stored, images, max_tokens, temperature)
+        record = GenerationRecord(
+            id=f"chatcmpl-{uuid.uuid4().hex}", alias=model, adapter_version=self.version, messages=stored,
+            sampling={"temperature": temperature, "max_tokens": max_tokens}, response=text, finish_reason="stop",
+            user_id=hash_user_id(user or "anonymous", SALT),
+        )  # fmt: skip
+        self.store.add_generation(record)
+        yield Answer(model=model, text=text, response_id=record.id,
+                     version=f"v{self.version}" if self.version else "base", finish_reason="stop")  # fmt: skip
+
+    def _generate(self, messages: list[dict], images: list[bytes], max_tokens: int, temperature: float) -> str:
+        from PIL import Image
+
+        tokenizer = self.processor.tokenizer
+        template = [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_url" else p
+                                                    for p in m["content"]]} for m in messages]  # fmt: skip
+        prompt = self.processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
+        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        inputs = self.processor(images=pictures, text=[prompt], return_tensors="pt")
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         **sampling)  # fmt: skip
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    def feedback(self, response_id: str, rating: int | None = None, correction: str | None = None,
+                 comment: str | None = None, facts: list[str] | None = None, user: str | None = None) -> dict:  # fmt: skip
+        event = self.store.add_feedback(FeedbackEvent(
+            generation_id=response_id, rating=rating, correction=correction, comment=comment, facts=facts,
+            user_id=hash_user_id(user or "anonymous", SALT), adapter_version=self.version,
+        ))  # fmt: skip
+        return {"id": event.id}
+
+    def facts(self, image_sha256: str, caption: str | None = None, facts: list[str] | None = None) -> dict:
+        record = self.store.add_facts(FactsRecord(image_sha256=image_sha256, caption=caption, facts=facts or [],
+                                                  source="user"))  # fmt: skip
+        return {"id": record.id}
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+class VersionScorer:
+    """Scores `base` and `llava-rlhf@vN` in-process on a ShapesWorld split, with the adapters of one store."""
+
+    def __init__(self, base_model: str, store: FeedbackStore, split: str, images: int):
+        self.base_model, self.store, self.split, self.images = base_model, store, split, images
+
+    def __call__(self, model_name: str) -> dict[str, float]:
+        path = None
+        if model_name != "base":
+            path = str(self.store.get_adapter(int(model_name.rpartition("@v")[2])).path)
+        return score(self.base_model, path, self.split, self.images)
+
+
+def score(base_model: str, adapter_path: str | None, split: str, images: int) -> dict[str, float]:
+    model, processor = load_version(base_model, adapter_path)
+    report = evaluate_shapes(TransformersChatModel.from_loaded(model, processor, batch_size=32), ShapesWorld(), split,
+                             images, progress=False)  # fmt: skip
+    return {key: float(value) for key, value in report.items() if isinstance(value, int | float)}
+
+
+def headline(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: round(metrics[key], 4) for key in HEADLINE}
+
+
+# ---- arms ------------------------------------------------------------------------------------------------------
+def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
+    """One arm: `rounds` rounds of events_per_round simulated events, a version trained and gated after each."""
+    started = time.monotonic()
+    arm_dir = work_dir / name
+    arm_dir.mkdir(parents=True)
+    events_per_round = args.events // args.rounds
+    rounds = []
+    with open_store(f"sqlite:///{arm_dir / 'store.db'}") as store:
+        settings = TrainerSettings(model=args.model, adapter_dir=arm_dir / "adapters", eval_split="validation",
+                                   eval_images=args.gate_images, round_min_pairs=1, seed=args.seed,
+                                   sft_weight=args.sft_weight, learning_rate=args.learning_rate, beta=args.beta,
+                                   epochs=args.epochs, **ARMS[name][0])  # fmt: skip
+        trainer = OnlineTrainer(settings, store, scorer=VersionScorer(args.model, store, "validation", args.gate_images))
+        for number in range(args.rounds):
+            promoted = store.promoted_version(settings.public_alias)
+            served = store.get_adapter(promoted) if promoted else None
+            model, processor = load_version(args.model, str(served.path) if served else None)
+            simulator = FeedbackSimulator(
+                SimulatorSettings(events=events_per_round, start=10_000 + number * 10 * events_per_round,
+                                  seed=args.seed + number, temperature=args.temperature,
+                                  regenerations=args.regenerations, correction_share=args.correction_share,
+                                  concurrency=1, **ARMS[name][1]),
+                InProcessGateway(store, model, processor, promoted),
+            )  # fmt: skip
+            simulation = simulator.run().to_dict()
+            pairs = trainer.poll()
+            result = trainer.run_round(pairs)
+            entry = {"round": number + 1, "served_version": promoted, "events": simulation["events"],
+                     "events_by_kind": simulation["events_by_kind"],
+                     "served_answers": simulation["answers_by_version"]}  # fmt: skip
+            if result is not None:
+                adapter = store.get_adapter(result.version)
+                entry |= {"version": result.version, "promoted": result.promoted, "pairs": result.pairs,
+                          "pair_sources": result.pair_sources, "gate_reasons": result.decision.reasons,
+                          "validation": headline(result.decision.candidate),
+                          "train": {k: round(v, 4) for k, v in result.train_metrics.items()},
+                          "test": headline(score(args.model, str(adapter.path), "test", args.test_images))}  # fmt: skip
+            rounds.append(entry)
+            logger.info("%s round %d: %s", name, number + 1, json.dumps(entry.get("test")))
+        promoted = store.promoted_version(settings.public_alias)
+    final = next((r["test"] for r in reversed(rounds) if r.get("version") == promoted), None)
+    return {"arm": name, "rounds": rounds, "promoted_version": promoted, "pairs": sum(r.get("pairs", 0) for r in rounds),
+            "final_served_test": final, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+
+
+def offline_pairs(store: FeedbackStore, count: int, rng: random.Random) -> list[PreferencePair]:
+    """`count` pairs from a fixed dataset (ShapesWorld train scenes), not from the policy: for a scene with a missing
+    partner, the clean description over the noisy one; otherwise the right presence answer over the wrong one."""
+    world, pairs, index = ShapesWorld(), [], 50_000
+    popular = world.popular_shapes()
+    while len(pairs) < count:
+        scene = world.scene("train", index)
+        index += 1
+        sha = store.put_image(_png(world.render(scene)))
+        ref = {"type": "image_url", "image_url": {"url": IMAGE_REF_PREFIX + sha}}
+        if world.missing_partners(scene) and rng.random() < 0.5:
+            question, chosen, rejected = DESCRIBE_PROMPT, world.description(scene, noisy=False), world.description(
+                scene, noisy=True)
+        else:
+            probes = [item for item in world.benchmark_items(scene, popular) if item.kind == "presence"]
+            item = rng.choice(probes)
+            question, chosen = item.question, item.answer
+            rejected = "No." if chosen == "Yes." else "Yes."
+        messages = ({"role": "user", "content": [ref, {"type": "text", "text": question}]},)
+        pairs.append(PreferencePair(messages, chosen, rejected, "preference", None, None, ()))
+    return pairs
+
+
+def _png(image) -> bytes:
+    return base64.b64decode(image_data_url(image).partition(",")[2])
+
+
+def run_offline(args: argparse.Namespace, work_dir: Path, count: int) -> dict:
+    from online_rl.adapters import publish_adapter
+
+    started = time.monotonic()
+    arm_dir = work_dir / "offline-dpo"
+    arm_dir.mkdir(parents=True)
+    with open_store(f"sqlite:///{arm_dir / 'store.db'}") as store:
+        settings = TrainerSettings(model=args.model, adapter_dir=arm_dir / "adapters", seed=args.seed,
+                                   sft_weight=args.sft_weight, learning_rate=args.learning_rate, beta=args.beta,
+                                   epochs=args.epochs)  # fmt: skip
+        trainer = OnlineTrainer(settings, store, scorer=lambda name: {})
+        pairs = offline_pairs(store, count, random.Random(args.seed))
+        policy, processor, _ = trainer.load_policy()
+        train_metrics = trainer.train(policy, processor, pairs)
+        adapter = publish_adapter(store, policy, settings.adapter_dir, args.model, "dense-dpo",
+                                  notes=f"{len(pairs)} offline pairs")  # fmt: skip
+        test = headline(score(args.model, str(adapter.path), "test", args.test_images))
+    return {"arm": "offline-dpo", "pairs": len(pairs), "train": {k: round(v, 4) for k, v in train_metrics.items()},
+            "final_served_test": test, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def verdict(sft: dict, arm: dict | None) -> dict:
+    """The issue's target: CHAIR_s at least 40% lower than the SFT model's, object recall within 2 points."""
+    if arm is None:
+        return {"chair_s_relative_change": None, "recall_change_points": None, "target_met": False}
+    relative = (arm["chair_s"] - sft["chair_s"]) / sft["chair_s"] if sft["chair_s"] else None
+    recall = (arm["object_recall"] - sft["object_recall"]) * 100
+    met = relative is not None and relative <= -0.40 and recall >= -2.0
+    return {"chair_s_relative_change": round(relative, 3) if relative is not None else None,
+            "recall_change_points": round(recall, 2), "target_met": met}  # fmt: skip
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("chair_s", "CHAIR_s (lower is better)"), ("object_recall", "object recall"),
+               ("pope_adversarial_accuracy", "POPE-adversarial accuracy"))  # fmt: skip
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for axis, (key, title) in zip(axes, metrics, strict=True):
+        axis.axhline(report["sft"][key], color="black", linestyle="--", label="SFT")
+        axis.axhline(report["offline_dpo"]["final_served_test"][key], color="grey", linestyle=":", label="offline DPO")
+        for arm in report["arms"]:
+            points = [(r["round"], r["test"][key]) for r in arm["rounds"] if "test" in r]
+            if points:
+                axis.plot(*zip(*[(0, report["sft"][key]), *points], strict=True), marker="o", label=arm["arm"])
+        axis.set_title(title)
+        axis.set_xlabel(f"round ({report['events_per_round']} events each)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"Online alignment of the bundled model: every trained version on {report['test_images']} test images")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/shapes-llava")
+    parser.add_argument("--events", type=int, default=300, help="simulated feedback events per arm (N)")
+    parser.add_argument("--rounds", type=int, default=3, help="training rounds the events are split into")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated: " + ", ".join(ARMS))
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of served answers")
+    parser.add_argument("--regenerations", type=int, default=1, help="extra rated answers per question")
+    parser.add_argument("--correction-share", type=float, default=0.5)
+    parser.add_argument("--sft-weight", type=float, default=TrainerSettings().sft_weight)
+    parser.add_argument("--learning-rate", type=float, default=TrainerSettings().learning_rate)
+    parser.add_argument("--beta", type=float, default=TrainerSettings().beta)
+    parser.add_argument("--epochs", type=int, default=TrainerSettings().epochs)
+    parser.add_argument("--gate-images", type=int, default=100)
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", help="where stores and adapters go (default: a temporary directory)")
+    parser.add_argument("--output", help="write the JSON report here too")
+    parser.add_argument("--plot", help="save the plot here (PNG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    arms = [arm.strip() for arm in args.arms.split(",")]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    torch.manual_seed(args.seed)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as temporary:
+        work_dir = Path(args.work_dir or temporary)
+        sft = headline(score(args.model, None, "test", args.test_images))
+        results = [run_arm(arm, args, work_dir) for arm in arms]
+        for result in results:  # nothing promoted: the alias still serves the SFT model
+            result["final_served_test"] = result["final_served_test"] or sft
+        by_arm = {r["arm"]: r["pairs"] for r in results}
+        pair_count = by_arm.get("mixed") or max(by_arm.values(), default=0) or args.events // 2
+        offline = run_offline(args, work_dir, pair_count)
+    report = {
+        "what": "online alignment of the bundled SFT model from simulated feedback, per feedback kind, against "
+        "the SFT model and offline DPO on as many pairs; metrics on held-out ShapesWorld test images",
+        "command": "python -m training.experiments.online_alignment " + " ".join(argv or sys.argv[1:]),
+        "events_per_arm": args.events, "rounds": args.rounds, "events_per_round": args.events // args.rounds,
+        "test_images": args.test_images, "gate_images": args.gate_images,
+        "settings": {key: getattr(args, key) for key in ("temperature", "regenerations", "correction_share",
+                                                           "sft_weight", "learning_rate",
+                                                           "beta", "epochs", "seed")},
+        "sft": sft,
+        "offline_dpo": offline | {"target": verdict(sft, offline["final_served_test"])},
+        "arms": [result | {"target": verdict(sft, result["final_served_test"])} for result in results],
+        "seconds": round(time.monotonic() - started, 1),
+    }  # fmt: skip
+    text = json.dumps(report, indent=1)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
