@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import io
 import json
 import logging
@@ -294,14 +293,21 @@ def plot(report: dict, path: str) -> None:
         axis.axhline(report["sft"][key], color="black", linestyle="--", label="SFT")
         axis.axhline(report["offline_dpo"]["final_served_test"][key], color="grey", linestyle=":", label="offline DPO")
         for arm in report["arms"]:
-            points = [(r["round"], r["test"][key]) for r in arm["rounds"] if "test" in r]
-            if points:
-                axis.plot(*zip(*[(0, report["sft"][key]), *points], strict=True), marker="o", label=arm["arm"])
+            trained = [r for r in arm["rounds"] if "test" in r]
+            if not trained:
+                continue
+            (line,) = axis.plot([0] + [r["round"] for r in trained], [report["sft"][key]] + [r["test"][key] for r in trained],
+                                marker="", label=arm["arm"])  # fmt: skip
+            for r in trained:  # filled: promoted; hollow: rejected by the gate (never served)
+                axis.plot(r["round"], r["test"][key], marker="o", color=line.get_color(),
+                          markerfacecolor=line.get_color() if r["promoted"] else "white")  # fmt: skip
+        axis.set_xticks(range(report["rounds"] + 1))
         axis.set_title(title)
         axis.set_xlabel(f"round ({report['events_per_round']} events each)")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"Online alignment of the bundled model: every trained version on {report['test_images']} test images")
+    figure.suptitle(f"Online alignment of the bundled model: every trained version on {report['test_images']} test "
+                    "images (filled: promoted by the gate, hollow: rejected)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
