@@ -3,8 +3,7 @@
 The policy and the reference score the same collated batch (`online_rl.preference_batch`); the reference is the
 policy with its adapter disabled (the SFT model) unless a separate reference model is given (e.g. the last promoted
 version). The loss itself lives in `training.losses`, as pure functions with hand-computed tests. `sft_weight` > 0
-adds the chosen answers' per-token negative log-likelihood (RPO), which keeps DPO from buying its margin with
-shorter answers.
+adds the chosen answers' per-token negative log-likelihood (RPO), so the chosen answers stay likely in absolute terms.
 """
 
 from __future__ import annotations

@@ -239,10 +239,10 @@ class ShapesWorld:
         Caption noise (the default on the train split): when an object's co-occurring partner is missing from the
         scene, the description mentions the partner anyway with probability `caption_noise`, in a sentence right
         after the object it usually comes with, the way an over-generalising annotator writes "a star and a moon"
-        from habit. The count sentence counts only the objects that are there: an annotator who counted the ghost
-        would make the count a second, image-grounded witness against it, and a model that counts well would then
-        learn to drop the ghost instead of the prior that adds it. `noisy=True` always adds such a ghost (a random absent shape
-        when no partner is missing); `noisy=False` gives the clean description.
+        from habit. The count sentence counts only the objects that are there: a count that included the ghost
+        would be a second, image-grounded witness against it, and a model that counts well then learns to drop the
+        ghost instead of the prior that adds it. `noisy=True` always adds such a ghost (a random absent shape when
+        no partner is missing); `noisy=False` gives the clean description.
         """
         rng = random.Random(scene.seed * 31 + 17)
         if noisy is None:

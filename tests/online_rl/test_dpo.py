@@ -135,7 +135,7 @@ def test_sft_weight_adds_the_chosen_answers_token_nll(tiny):
     plain, metrics = preference_loss(policy, batch, PreferenceLossConfig(beta=0.1))
     with_sft, _ = preference_loss(policy, batch, PreferenceLossConfig(beta=0.1, sft_weight=0.5))
     assert metrics["chosen_nll"] > 0
-    assert float(with_sft) == pytest.approx(float(plain) + 0.5 * metrics["chosen_nll"], rel=1e-5)
+    assert float(with_sft.detach()) == pytest.approx(float(plain.detach()) + 0.5 * metrics["chosen_nll"], rel=1e-5)
     # The NLL is the chosen rows' (the first half's) mean token NLL under the policy.
     with torch.no_grad():
         logps = token_logps(policy(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits,

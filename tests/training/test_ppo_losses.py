@@ -21,8 +21,12 @@ from training.ppo_losses import (
 
 
 def test_the_head_reads_the_last_attended_token_with_either_padding():
-    hidden = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [9.0, 9.0]],  # right-padded: last real token is position 1
-                           [[9.0, 9.0], [0.0, 3.0], [0.0, 4.0]]])  # left-padded: last real token is position 2
+    hidden = torch.tensor(
+        [
+            [[1.0, 0.0], [2.0, 0.0], [9.0, 9.0]],  # right-padded: last real token is position 1
+            [[9.0, 9.0], [0.0, 3.0], [0.0, 4.0]],
+        ]
+    )  # left-padded: last real token is position 2
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
     assert last_token_states(hidden, mask).tolist() == [[2.0, 0.0], [0.0, 4.0]]
     head = ScalarHead(2)
@@ -103,7 +107,9 @@ def test_whiten_uses_only_masked_entries():
     values = torch.tensor([[1.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     # mean 2, unbiased variance ((1)^2 + (1)^2) / 1 = 2
-    assert whiten(values, mask).flatten().tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0], abs=1e-6)
+    assert whiten(values, mask).flatten().tolist() == pytest.approx(
+        [-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0], abs=1e-6
+    )
 
 
 def test_ppo_policy_loss_clips_by_hand():

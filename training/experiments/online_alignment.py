@@ -60,8 +60,11 @@ logger = logging.getLogger(__name__)
 
 HEADLINE = ("chair_s", "chair_i", "object_recall", "pope_adversarial_accuracy", "pope_random_accuracy",
             "attribute_accuracy", "count_accuracy")  # fmt: skip
-MIXED = {"pair_sources": frozenset({"correction", "thumbs", "preference", "bdhs"}), "bdhs_per_round": 1000,
-         "online_share": 0.5}
+MIXED = {
+    "pair_sources": frozenset({"correction", "thumbs", "preference", "bdhs"}),
+    "bdhs_per_round": 1000,
+    "online_share": 0.5,
+}
 # arm -> (trainer settings, simulator settings) that differ from the defaults
 ARMS = {
     "corrections": ({"pair_sources": frozenset({"correction"}), "bdhs_per_round": 0}, {}),
@@ -105,7 +108,9 @@ class InProcessGateway:
                 if part["type"] == "image_url":
                     data = base64.b64decode(part["image_url"]["url"].partition(",")[2])
                     images.append(data)
-                    parts.append({"type": "image_url", "image_url": {"url": IMAGE_REF_PREFIX + self.store.put_image(data)}})
+                    parts.append(
+                        {"type": "image_url", "image_url": {"url": IMAGE_REF_PREFIX + self.store.put_image(data)}}
+                    )
                 else:
                     parts.append(part)
             stored.append({**message, "content": parts})
@@ -128,7 +133,9 @@ class InProcessGateway:
         prompt = self.processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
         pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
         inputs = self.processor(images=pictures, text=[prompt], return_tensors="pt")
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        )
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -136,7 +143,8 @@ class InProcessGateway:
         return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
     def feedback(self, response_id: str, rating: int | None = None, correction: str | None = None,
-                 comment: str | None = None, facts: list[str] | None = None, user: str | None = None) -> dict:  # fmt: skip
+                 comment: str | None = None, facts: list[str] | None = None,
+                 user: str | None = None) -> dict:  # fmt: skip
         event = self.store.add_feedback(FeedbackEvent(
             generation_id=response_id, rating=rating, correction=correction, comment=comment, facts=facts,
             user_id=hash_user_id(user or "anonymous", SALT), adapter_version=self.version,
@@ -187,7 +195,9 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
                                    eval_images=args.gate_images, round_min_pairs=1, seed=args.seed,
                                    sft_weight=args.sft_weight, learning_rate=args.learning_rate, beta=args.beta,
                                    epochs=args.epochs, **ARMS[name][0])  # fmt: skip
-        trainer = OnlineTrainer(settings, store, scorer=VersionScorer(args.model, store, "validation", args.gate_images))
+        trainer = OnlineTrainer(
+            settings, store, scorer=VersionScorer(args.model, store, "validation", args.gate_images)
+        )
         for number in range(args.rounds):
             promoted = store.promoted_version(settings.public_alias)
             served = store.get_adapter(promoted) if promoted else None
@@ -216,7 +226,8 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
             logger.info("%s round %d: %s", name, number + 1, json.dumps(entry.get("test")))
         promoted = store.promoted_version(settings.public_alias)
     final = next((r["test"] for r in reversed(rounds) if r.get("version") == promoted), None)
-    return {"arm": name, "rounds": rounds, "promoted_version": promoted, "pairs": sum(r.get("pairs", 0) for r in rounds),
+    return {"arm": name, "rounds": rounds, "promoted_version": promoted,
+            "pairs": sum(r.get("pairs", 0) for r in rounds),
             "final_served_test": final, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
 
 
@@ -231,8 +242,11 @@ def offline_pairs(store: FeedbackStore, count: int, rng: random.Random) -> list[
         sha = store.put_image(_png(world.render(scene)))
         ref = {"type": "image_url", "image_url": {"url": IMAGE_REF_PREFIX + sha}}
         if world.missing_partners(scene) and rng.random() < 0.5:
-            question, chosen, rejected = DESCRIBE_PROMPT, world.description(scene, noisy=False), world.description(
-                scene, noisy=True)
+            question, chosen, rejected = (
+                DESCRIBE_PROMPT,
+                world.description(scene, noisy=False),
+                world.description(scene, noisy=True),
+            )
         else:
             probes = [item for item in world.benchmark_items(scene, popular) if item.kind == "presence"]
             item = rng.choice(probes)
@@ -296,7 +310,8 @@ def plot(report: dict, path: str) -> None:
             trained = [r for r in arm["rounds"] if "test" in r]
             if not trained:
                 continue
-            (line,) = axis.plot([0] + [r["round"] for r in trained], [report["sft"][key]] + [r["test"][key] for r in trained],
+            rounds = [0] + [r["round"] for r in trained]
+            (line,) = axis.plot(rounds, [report["sft"][key]] + [r["test"][key] for r in trained],
                                 marker="", label=arm["arm"])  # fmt: skip
             for r in trained:  # filled: promoted; hollow: rejected by the gate (never served)
                 axis.plot(r["round"], r["test"][key], marker="o", color=line.get_color(),
@@ -306,8 +321,10 @@ def plot(report: dict, path: str) -> None:
         axis.set_xlabel(f"round ({report['events_per_round']} events each)")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"Online alignment of the bundled model: every trained version on {report['test_images']} test "
-                    "images (filled: promoted by the gate, hollow: rejected)")
+    figure.suptitle(
+        f"Online alignment of the bundled model: every trained version on {report['test_images']} test "
+        "images (filled: promoted by the gate, hollow: rejected)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
