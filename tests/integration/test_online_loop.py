@@ -27,7 +27,9 @@ EVENTS = 240
 
 
 def versions(url: str) -> dict:
-    return httpx.get(f"{url}/v1/versions", params={"recent": 10}, timeout=10).json()
+    response = httpx.get(f"{url}/v1/versions", params={"recent": 10}, timeout=10)
+    response.raise_for_status()
+    return response.json()
 
 
 def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_model, tmp_path):
@@ -37,7 +39,9 @@ def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_mod
     env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_VLLM_LOG=str(tmp_path / "vllm.log"),
                ALIGNLOOP_TRAINER_ROUND_MIN_PAIRS="24", ALIGNLOOP_TRAINER_EPOCHS="1", ALIGNLOOP_TRAINER_EVAL_IMAGES="8",
                ALIGNLOOP_TRAINER_POLL_INTERVAL_S="1", ALIGNLOOP_TRAINER_CHAIR_TOLERANCE="1",
-               ALIGNLOOP_TRAINER_POPE_TOLERANCE="1", ALIGNLOOP_TRAINER_RECALL_TOLERANCE="1")  # fmt: skip
+               ALIGNLOOP_TRAINER_POPE_TOLERANCE="1", ALIGNLOOP_TRAINER_RECALL_TOLERANCE="1",
+               # The simulator (3 calls per event) and this test's polling share the dev key: no rate limit here.
+               ALIGNLOOP_RATE_LIMIT_PER_MINUTE="1000000")  # fmt: skip
     command = [alignloop, "up", "--no-demo", "--port", str(port), "--model", str(bundled_model),
                "--store", f"sqlite:///{tmp_path / 'store.db'}", "--adapter-dir", str(tmp_path / "adapters")]  # fmt: skip
     log = (tmp_path / "gateway.log").open("wb")
