@@ -123,6 +123,10 @@ class RegistryWatcher:
         if self._loaded and not force and revision == self.table.snapshot.revision:
             return False
         new = await anyio.to_thread.run_sync(read_snapshot, self.store)
+        if self._loaded and new.revision < self.table.snapshot.revision:
+            # Refreshes overlap (the poll loop, an admin call, a request naming a new version): one that read the
+            # registry before another must not put the older snapshot back over the newer one.
+            return False
         initial, self._loaded = not self._loaded, True
         old, self.table.snapshot = self.table.snapshot, new
         if self.on_change is not None and (initial or old.revision != new.revision):
