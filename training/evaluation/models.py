@@ -73,27 +73,25 @@ class TransformersChatModel:
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        self.batch_size = batch_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+        self._attach(model, AutoProcessor.from_pretrained(model_dir), batch_size)
         logger.info("loaded model_dir=%s device=%s dtype=%s", model_dir, self.device, dtype)
 
     @classmethod
     def from_loaded(cls, model, processor, batch_size: int = 16) -> TransformersChatModel:
         """Answers with a model already in memory (e.g. a base model with a LoRA version merged in)."""
         chat = cls.__new__(cls)
-        chat.batch_size, chat.device, chat.model, chat.processor = batch_size, model.device, model.eval(), processor
-        chat.tokenizer = processor.tokenizer
-        chat.tokenizer.padding_side = "left"
-        if chat.tokenizer.pad_token is None:
-            chat.tokenizer.pad_token = chat.tokenizer.eos_token
+        chat._attach(model, processor, batch_size)
         return chat
+
+    def _attach(self, model, processor, batch_size: int) -> None:
+        self.batch_size, self.device, self.model, self.processor = batch_size, model.device, model.eval(), processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def answer(self, requests: list[ChatRequest]) -> list[str]:
         order = sorted(range(len(requests)), key=lambda i: requests[i].max_tokens)
