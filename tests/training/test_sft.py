@@ -86,16 +86,17 @@ def test_one_step_changes_every_trainable_parameter():
 def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     config = SFTConfig(
         output_dir=str(tmp_path / "out"), steps=3, batch_size=4, eval_every=2, val_scenes=4, vision_pretrain_steps=2,
-        grounding_steps=1, polish_steps=2,
+        grounding_steps=1, polish_steps=2, describe_steps=2,
     )
     summary = train(config)
     assert summary["steps"] == 3 and summary["vision_pretrain_steps"] == 2 and summary["grounding_steps"] == 1
-    assert summary["polish_steps"] == 2
+    assert summary["polish_steps"] == 2 and summary["describe_steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in records] == [
-        ("vision", 1), ("vision", 2), ("grounding", 1), ("sft", 1), ("sft", 2), ("sft", 3), ("polish", 1), ("polish", 2)
+        ("vision", 1), ("vision", 2), ("grounding", 1), ("sft", 1), ("sft", 2), ("sft", 3), ("polish", 1), ("polish", 2),
+        ("describe", 1), ("describe", 2),
     ]  # fmt: skip
-    assert records[-1]["lr"] == 0.0 and "val_loss" in records[-1]  # the polish stage decays to zero and validates
+    assert records[-1]["lr"] == 0.0 and "val_loss" in records[-1]  # the last stage decays to zero and validates
     assert "patch_shape_accuracy" in records[0]
     assert "val_loss" in records[2]  # a stage's last step is always validated
     sft = records[3:6]
@@ -157,7 +158,7 @@ def test_vision_stage_trains_the_tower_only():
 
 def test_sft_keeps_the_frozen_vision_tower(tmp_path):
     config = SFTConfig(output_dir=str(tmp_path / "out"), steps=2, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
-                       grounding_steps=1, polish_steps=1)  # every stage after the tower's, briefly
+                       grounding_steps=1, polish_steps=1, describe_steps=1)  # every stage after the tower's, briefly
     initial, _ = prepare_model(config, ShapesWorld())  # same seed, same initial weights as the run
     train(config)
     trained, _ = load_checkpoint(tmp_path / "out")
