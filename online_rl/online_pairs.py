@@ -22,6 +22,7 @@ from online_rl.judge import ShapesRuleJudge, item_for_question, scene_from_facts
 from online_rl.pairs import PreferencePair
 from online_rl.schema import GenerationRecord
 from online_rl.store.base import FeedbackStore
+from training.rollouts import Prompt, generate
 from training.shapes_world import QAItem, Scene, ShapesWorld
 
 
@@ -34,6 +35,13 @@ class JudgeablePrompt:
     item: QAItem
 
 
+def image_facts(store: FeedbackStore, image_sha256: str) -> list[str]:
+    """The facts registered for an image (by the simulator, a user or an admin), each once, in registration order.
+    Facts read out of a user's correction are left out: they restate one side of a correction pair."""
+    facts = [fact for record in store.get_facts(image_sha256) if record.source != "correction" for fact in record.facts]
+    return list(dict.fromkeys(facts))  # the same facts registered twice are one set
+
+
 def judgeable_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> list[JudgeablePrompt]:
     """The distinct recent single-image prompts whose question the rule judge can grade (descriptions and presence
     probes) and whose image has object facts."""
@@ -42,22 +50,28 @@ def judgeable_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 100
         if record.prompt_hash in seen or len(record.image_hashes) != 1:
             continue
         seen.add(record.prompt_hash)
-        facts = [fact for facts in store.get_facts(record.image_hashes[0]) if facts.source != "correction"
-                 for fact in facts.facts]  # fmt: skip
-        scene = scene_from_facts(list(dict.fromkeys(facts)))  # the same facts registered twice name one scene
+        scene = scene_from_facts(image_facts(store, record.image_hashes[0]))
         item = item_for_question(world, scene, record.question) if scene is not None else None
         if item is not None:
             prompts.append(JudgeablePrompt(record, scene, item))
     return prompts
 
 
-def judged_pair(prompt: JudgeablePrompt, answers: Sequence[str], judge: ShapesRuleJudge,
-                adapter_version: int | None = None) -> PreferencePair | None:  # fmt: skip
-    """The best against the worst of the sampled answers; None when every answer scores the same."""
-    scores = [judge.score(prompt.scene, prompt.item, answer) for answer in answers]
+def best_and_worst(scores: Sequence[float], answers: Sequence[str]) -> tuple[int, int] | None:
+    """Indices of the best- and worst-scored answers; None when they tie or say the same thing."""
     best, worst = scores.index(max(scores)), scores.index(min(scores))
     if scores[best] == scores[worst] or answers[best].strip() == answers[worst].strip():
         return None
+    return best, worst
+
+
+def judged_pair(prompt: JudgeablePrompt, answers: Sequence[str], judge: ShapesRuleJudge,
+                adapter_version: int | None = None) -> PreferencePair | None:  # fmt: skip
+    """The best against the worst of the sampled answers; None when every answer scores the same."""
+    ranked = best_and_worst([judge.score(prompt.scene, prompt.item, answer) for answer in answers], answers)
+    if ranked is None:
+        return None
+    best, worst = ranked
     return PreferencePair(messages=tuple(prompt.record.messages), chosen=answers[best].strip(),
                           rejected=answers[worst].strip(), source="online", chosen_generation_id=None,
                           rejected_generation_id=None, event_ids=(), adapter_version=adapter_version)  # fmt: skip
@@ -66,19 +80,8 @@ def judged_pair(prompt: JudgeablePrompt, answers: Sequence[str], judge: ShapesRu
 def sample_answers(policy, processor, messages: Sequence[dict], image: Image.Image, samples: int,
                    max_new_tokens: int, temperature: float = 1.0) -> list[str]:  # fmt: skip
     """`samples` answers from the policy (transformers, sampling at `temperature`) to the prompt."""
-    import torch
-
-    tokenizer = processor.tokenizer
-    prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    inputs = processor(images=[image] * samples, text=[prompt] * samples, return_tensors="pt")
-    was_training = policy.training
-    policy.eval()
-    with torch.no_grad():
-        output = policy.generate(**inputs, do_sample=True, temperature=temperature, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    policy.train(was_training)
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    prompt = Prompt(tuple(messages), image, max_new_tokens)
+    return generate(policy, processor, [prompt] * samples, temperature).texts
 
 
 def online_pairs(policy, processor, store: FeedbackStore, count: int, rng: random.Random, samples: int = 2,

@@ -20,7 +20,13 @@ the policy, with ~99% of the image hidden, completes the answer's cut sentences 
 Events that formed no pair at all are acknowledged with the round that read them. The reference policy is the
 policy with its adapter disabled, i.e. the SFT model.
 
+With `--algorithm ppo` the worker runs Fact-RLHF PPO instead (`training.ppo`): every `ppo_interval_s` it takes the
+distinct recent prompts with one image from the store, with the facts registered for their images, runs
+`ppo_steps` PPO steps against the reward model in `reward_model` from the promoted version's adapter, and
+publishes and gates the result exactly as a DPO round's. It does not read feedback events.
+
     alignloop trainer --gateway-url http://127.0.0.1:8000 --store sqlite:///runs/alignloop.db
+    alignloop trainer --algorithm ppo --reward-model runs/reward-fact
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class TrainerSettings(BaseSettings):
     public_alias: str = "llava-rlhf"
     group: str = "trainer"
     consumer: str = "trainer-1"
-    algorithm: Literal["dpo", "dense-dpo"] = "dense-dpo"
+    algorithm: Literal["dpo", "dense-dpo", "ppo"] = "dense-dpo"
     round_min_pairs: int = Field(default=16, ge=1)
     round_max_wait_s: float = Field(default=300.0, gt=0)
     epochs: int = Field(default=3, ge=1)
@@ -77,6 +83,13 @@ class TrainerSettings(BaseSettings):
     online_samples: int = Field(default=2, ge=2, description="answers sampled per prompt for a judged online pair")
     bdhs_per_round: int = Field(default=8, ge=0, description=(
         "BDHS: up-rated answers with no rejected partner that get a sampled hallucination as rejected, per round"))
+    reward_model: Path = Field(default=Path("runs/reward-fact"), description=(
+        "PPO: the reward model directory (`alignloop train reward`)"))
+    ppo_interval_s: float = Field(default=600.0, gt=0, description="PPO: seconds between rounds")
+    ppo_steps: int = Field(default=10, ge=1, description="PPO: rollout batches per round")
+    ppo_rollout_batch: int = Field(default=16, ge=1, description="PPO: prompts per rollout batch")
+    ppo_learning_rate: float = Field(default=1e-4, gt=0, description="PPO: policy and value learning rate")
+    ppo_min_prompts: int = Field(default=16, ge=1, description="PPO: distinct recent prompts needed for a round")
     seed: int = 0
     eval_split: Literal["validation", "test"] = "validation"
     eval_images: int = Field(default=100, ge=1)
@@ -282,6 +295,48 @@ class OnlineTrainer:
         )  # fmt: skip
         self.deliveries, self.bdhs_candidates, self.first_pair_at = [], [], None
         logger.info("published %s from %d pairs (%d events)", adapter.name, len(pairs), len(deliveries))
+        promoted, decision = self.gate_and_promote(adapter, parent)
+        return RoundResult(adapter.version, promoted, len(pairs), len(deliveries), decision, train_metrics,
+                           time.monotonic() - started, dict(Counter(pair.source for pair in pairs)))  # fmt: skip
+
+    def run_ppo_round(self) -> RoundResult | None:
+        """Fact-RLHF PPO on prompts from recent traffic (`training.ppo`), from the promoted version's adapter, then
+        the same publishing path and gate as a DPO round; None when too few distinct prompts have been logged."""
+        from online_rl.adapters import publish_adapter
+        from training.ppo import PPOConfig, PPOTrainer, traffic_prompts
+
+        started = time.monotonic()
+        settings = self.settings
+        prompts = traffic_prompts(self.store)
+        if len(prompts) < settings.ppo_min_prompts:
+            logger.info("ppo: %d distinct recent prompts, waiting for %d", len(prompts), settings.ppo_min_prompts)
+            return None
+        parent = self.store.promoted_version(settings.public_alias)
+        adapter = self.store.get_adapter(parent) if parent else None
+        config = PPOConfig(model=settings.model, reward_model=str(settings.reward_model),
+                           init_adapter=adapter.path if adapter else None, steps=settings.ppo_steps,
+                           rollout_batch=settings.ppo_rollout_batch, lora_rank=settings.lora_rank,
+                           learning_rate=settings.ppo_learning_rate, seed=settings.seed + len(self.store.list_adapters()),
+                           eval_every=0, final_eval_images=0)  # fmt: skip
+        trainer = PPOTrainer(config)
+        trainer.schedule(config.steps)
+        rng = random.Random(config.seed)
+        history = [trainer.step(rng.sample(prompts, min(len(prompts), config.rollout_batch))) for _ in range(config.steps)]
+        train_metrics = {key: history[-1][key] for key in ("rm_score", "reward", "kl_to_reference") if key in history[-1]}
+        train_metrics["rm_score_first"] = history[0]["rm_score"]
+        published = publish_adapter(
+            self.store, trainer.unwrapped_policy, settings.adapter_dir, settings.model, algorithm="ppo",
+            parent_version=parent, notes=f"ppo: {config.steps} steps x {config.rollout_batch} of {len(prompts)} "
+            f"recent prompts, reward model {settings.reward_model}; " + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
+        )  # fmt: skip
+        logger.info("published %s from %d ppo steps", published.name, config.steps)
+        promoted, decision = self.gate_and_promote(published, parent)
+        return RoundResult(published.version, promoted, 0, 0, decision, train_metrics, time.monotonic() - started,
+                           {"ppo_prompts": len(prompts)})  # fmt: skip
+
+    def gate_and_promote(self, adapter, parent: int | None) -> tuple[bool, GateDecision]:
+        """Scores the new version against the one it would replace; promotes it (compare-and-set) or rejects it."""
+        settings = self.settings
         baseline = self.baseline_metrics(parent)
         candidate = self.scorer(f"{settings.public_alias}@v{adapter.version}")
         decision = gate(candidate, baseline, settings)
@@ -300,12 +355,19 @@ class OnlineTrainer:
                                       notes=f"{adapter.notes}; rejected: {'; '.join(decision.reasons)}")  # fmt: skip
         logger.info("%s %s: %s", adapter.name, "promoted" if promoted else "rejected",
                     "; ".join(decision.reasons) or "gate passed")  # fmt: skip
-        return RoundResult(adapter.version, promoted, len(pairs), len(deliveries), decision, train_metrics,
-                           time.monotonic() - started, dict(Counter(pair.source for pair in pairs)))  # fmt: skip
+        return promoted, decision
 
     def run_forever(self, stop=None) -> None:
-        """Polls, and runs a round whenever one is due, until `stop()` is true."""
+        """Polls, and runs a round whenever one is due, until `stop()` is true. With algorithm "ppo", a PPO round
+        runs every `ppo_interval_s` on recent traffic instead (feedback events are left to a DPO worker)."""
+        last_ppo = float("-inf")
         while not (stop and stop()):
+            if self.settings.algorithm == "ppo":
+                if time.monotonic() - last_ppo >= self.settings.ppo_interval_s:
+                    self.run_ppo_round()
+                    last_ppo = time.monotonic()
+                time.sleep(self.settings.poll_interval_s)
+                continue
             pairs = self.poll()
             if self.round_due(pairs):
                 self.run_round(pairs)
@@ -318,7 +380,10 @@ def add_trainer_arguments(parser) -> None:
     parser.add_argument("--model", help="the base model vLLM serves (default models/shapes-llava)")
     parser.add_argument("--adapter-dir", help="where versions are published (default runs/adapters)")
     parser.add_argument("--gateway-url", help="the gateway the eval gate scores through (default http://127.0.0.1:8000)")
-    parser.add_argument("--algorithm", choices=("dpo", "dense-dpo"), help="the preference loss (default dense-dpo)")
+    parser.add_argument("--algorithm", choices=("dpo", "dense-dpo", "ppo"),
+                        help="dpo / dense-dpo train on feedback pairs; ppo runs Fact-RLHF PPO on recent traffic "
+                             "(default dense-dpo)")  # fmt: skip
+    parser.add_argument("--reward-model", help="ppo: the reward model directory (default runs/reward-fact)")
     parser.add_argument("--round-min-pairs", type=int, help="pairs that trigger a round (default 16)")
     parser.add_argument("--online-share", type=float,
                         help="Mixed-DPO: share of training slots given to judged online pairs (default 0)")
@@ -331,12 +396,24 @@ def trainer_command(args) -> int:
     from online_rl.store import open_store
 
     keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs", "online_share",
-            "pair_sources")
+            "pair_sources", "reward_model")
     settings = TrainerSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     if not (Path(settings.model) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
+    if settings.algorithm == "ppo":
+        from training.reward_model import require_reward_model
+
+        require_reward_model(settings.reward_model)
     with open_store(settings.store_url) as store:
         trainer = OnlineTrainer(settings, store)
+        if args.once and settings.algorithm == "ppo":
+            result = trainer.run_ppo_round()
+            if result is None:
+                print(f"fewer than {settings.ppo_min_prompts} distinct recent prompts with an image; nothing to train")
+                return 0
+            print(f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
+                  f"(ppo, {result.seconds:.0f} s) {'; '.join(result.decision.reasons)}")  # fmt: skip
+            return 0
         if args.once:
             pairs = trainer.poll()
             result = trainer.run_round(pairs) if pairs or trainer.bdhs_candidates else None

@@ -37,7 +37,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     httpx.HTTPError,
 )
-TRAIN_RECIPES: dict[str, str] = {"sft": "training.sft"}
+TRAIN_RECIPES: dict[str, str] = {"sft": "training.sft", "reward": "training.reward_model", "ppo": "training.ppo"}
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -93,3 +93,12 @@ def test_trainer_on_a_missing_model_or_with_nothing_to_train(tmp_path):
     assert_one_line_error(run("trainer", "--model", str(tmp_path / "nope"), "--once"), "alignloop trainer: error:", "nope")
     idle = run("trainer", "--store", f"sqlite:///{tmp_path / 'store.db'}", "--once")
     assert idle.returncode == 0 and "nothing to train" in idle.stdout
+
+
+def test_reward_and_ppo_recipes_on_missing_inputs(tmp_path):
+    assert_one_line_error(run("train", "reward", "--model", str(tmp_path / "nope"), "--pairs_dir", str(tmp_path / "p")),
+                          "alignloop train: error:", "nope")  # fmt: skip
+    assert_one_line_error(run("train", "ppo", "--reward_model", str(tmp_path / "no-rm")), "alignloop train: error:",
+                          "no reward model", "no-rm")  # fmt: skip
+    assert_one_line_error(run("trainer", "--algorithm", "ppo", "--reward-model", str(tmp_path / "no-rm"), "--once"),
+                          "alignloop trainer: error:", "no reward model")  # fmt: skip

@@ -124,8 +124,9 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    stats = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
-             "approx_kl": float(masked_mean(0.5 * (logps - old_logps) ** 2, mask))}  # fmt: skip
+    with torch.no_grad():
+        stats = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
+                 "approx_kl": float(masked_mean(0.5 * (logps - old_logps) ** 2, mask))}  # fmt: skip
     return loss, stats
 
 

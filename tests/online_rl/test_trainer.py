@@ -169,3 +169,63 @@ def test_pair_sources_pick_what_a_round_trains_on(base_model, store, tmp_path):
                              scorer=lambda name: dict(GOOD)).poll()) == 3  # fmt: skip
     with pytest.raises(ValueError, match="pair_sources"):
         TrainerSettings(pair_sources=frozenset({"stars"}))
+
+
+def log_traffic(store, world, count: int, with_facts: bool = True) -> None:
+    """Logged prompts from users: descriptions and presence probes about validation scenes, facts registered."""
+    from online_rl.schema import FactsRecord
+    from training.shapes_world import DESCRIBE_PROMPT
+
+    for index in range(count):
+        scene = world.scene("validation", 400 + index)
+        buffer = io.BytesIO()
+        world.render(scene).save(buffer, format="PNG")
+        sha = store.put_image(buffer.getvalue())
+        if with_facts:
+            store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
+        question = DESCRIBE_PROMPT if index % 2 == 0 else "Is there a moon in the image?"
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                                                 {"type": "text", "text": question}]}]  # fmt: skip
+        store.add_generation(GenerationRecord(id=f"traffic-{index}", alias="llava-rlhf", messages=messages,
+                                              response="x", user_id="u-1"))  # fmt: skip
+
+
+@pytest.fixture
+def reward_model_dir(bundled_model, tmp_path):
+    from training.reward_model import new_reward_model, save_reward_model
+
+    model, _ = new_reward_model(bundled_model, lora_rank=4, seed=0)
+    return save_reward_model(model, tmp_path / "reward", {"with_facts": True, "base_model": str(bundled_model)})
+
+
+def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(bundled_model, store, tmp_path, reward_model_dir):
+    from training.evaluation.shapes_bench import DESCRIPTION_MAX_TOKENS, SHORT_ANSWER_MAX_TOKENS
+    from training.ppo import traffic_prompts
+    from training.shapes_world import ShapesWorld
+
+    world = ShapesWorld()
+    log_traffic(store, world, 6)
+    prompts = traffic_prompts(store)
+    assert len(prompts) == 6 and {p.kind for p in prompts} == {"description", "presence"}
+    assert all(p.facts and p.scene is not None for p in prompts)
+    assert {p.prompt.max_new_tokens for p in prompts} == {DESCRIPTION_MAX_TOKENS, SHORT_ANSWER_MAX_TOKENS}
+    settings = settings_for(bundled_model, tmp_path, algorithm="ppo", reward_model=reward_model_dir, ppo_steps=2,
+                            ppo_rollout_batch=4, ppo_min_prompts=6)  # fmt: skip
+    scored = []
+    trainer = OnlineTrainer(settings, store, scorer=lambda name: scored.append(name) or dict(GOOD))
+    result = trainer.run_ppo_round()
+    adapter = store.get_adapter(result.version)
+    assert adapter.algorithm == "ppo" and adapter.notes.startswith("ppo: 2 steps x 4 of 6 recent prompts")
+    assert (tmp_path / "adapters" / adapter.name / "adapter_model.safetensors").is_file()
+    assert scored == ["base", f"llava-rlhf@v{result.version}"] and result.promoted
+    assert store.promoted_version("llava-rlhf") == result.version
+    assert result.train_metrics.keys() >= {"rm_score", "rm_score_first", "kl_to_reference"}
+
+
+def test_a_ppo_round_waits_for_enough_distinct_prompts(bundled_model, store, tmp_path, reward_model_dir):
+    from training.shapes_world import ShapesWorld
+
+    log_traffic(store, ShapesWorld(), 3)
+    settings = settings_for(bundled_model, tmp_path, algorithm="ppo", reward_model=reward_model_dir, ppo_min_prompts=4)
+    trainer = OnlineTrainer(settings, store, scorer=lambda name: dict(GOOD))
+    assert trainer.run_ppo_round() is None and store.list_adapters() == []

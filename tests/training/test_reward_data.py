@@ -1,0 +1,92 @@
+"""Reward-model pairs: which questions are rated, the cache round trip, and pairs from a real SQLite store."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+
+from online_rl.schema import FactsRecord, FeedbackEvent, GenerationRecord
+from online_rl.store import open_store
+from tests.online_rl.store_helpers import image_message
+from training.reward_data import (
+    RewardPair,
+    load_pairs,
+    rated_questions,
+    save_pairs,
+    shapes_reward_pairs,
+    store_reward_pairs,
+)
+from training.shapes_world import DESCRIBE_PROMPT, QAItem, ShapesWorld
+from training.tiny_llava import load_checkpoint
+
+
+def test_a_scene_missing_a_partner_is_probed_about_that_partner():
+    world = ShapesWorld()
+    scene = next(s for s in world.scenes("train", 200) if world.missing_partners(s))
+    missing = {partner for _, partner in world.missing_partners(scene)}
+    items = rated_questions(world, scene, random.Random(0))
+    assert [item.kind for item in items] == ["description", "presence"]
+    assert items[0].question == DESCRIBE_PROMPT
+    assert items[1].target in missing and items[1].answer == "No."
+
+
+def test_the_cache_round_trip_keeps_every_field_and_shares_images(tmp_path):
+    world = ShapesWorld()
+    image = world.render(world.scene("validation", 0))
+    messages = ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},)
+    pairs = [RewardPair(messages, "a", "b", ("There is one object in the image.",), image, kind)
+             for kind in ("description", "presence")]  # fmt: skip
+    save_pairs(pairs, tmp_path / "pairs")
+    assert len(list((tmp_path / "pairs" / "images").iterdir())) == 1
+    loaded = load_pairs(tmp_path / "pairs")
+    assert [(p.messages, p.chosen, p.rejected, p.facts, p.kind) for p in loaded] == [
+        (p.messages, p.chosen, p.rejected, p.facts, p.kind) for p in pairs
+    ]
+    assert loaded[0].image.tobytes() == image.tobytes()
+    assert not list(tmp_path.glob(".pairs.tmp"))
+
+
+def test_sampled_pairs_put_the_hallucinating_answer_second(bundled_model):
+    from online_rl.judge import ShapesRuleJudge
+
+    model, processor = load_checkpoint(bundled_model)
+    world, judge = ShapesWorld(), ShapesRuleJudge()
+    pairs = shapes_reward_pairs(model, processor, world, "train", 12, samples=4)
+    assert pairs and {p.kind for p in pairs} <= {"description_object", "description_detail", "presence"}
+    scenes = {tuple(world.facts(s)): s for s in world.scenes("train", 12)}
+    for pair in pairs:
+        scene = scenes[pair.facts]
+        question = pair.messages[0]["content"][1]["text"]  # "Is there a <shape> in the image?" for a probe
+        item = (QAItem("description", DESCRIBE_PROMPT, "") if pair.kind.startswith("description")
+                else world.presence_item(question.split()[3], False))  # fmt: skip
+        assert judge.score(scene, item, pair.chosen) > judge.score(scene, item, pair.rejected)
+        if pair.kind != "presence":  # labelled by what is wrong with the rejected description
+            assert bool(judge.judge(scene, item, pair.rejected).hallucinated) == (pair.kind == "description_object")
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        yield store
+
+
+def test_store_pairs_carry_the_image_and_its_registered_facts(sqlite_store):
+    world = ShapesWorld()
+    scene = world.scene("validation", 3)
+    buffer = io.BytesIO()
+    world.render(scene).save(buffer, format="PNG")
+    sha = sqlite_store.put_image(buffer.getvalue())
+    for gid, text in (("gen-good", "There is one object."), ("gen-bad", "There is a moon.")):
+        sqlite_store.add_generation(GenerationRecord(id=gid, alias="llava-rlhf", messages=image_message(sha, DESCRIBE_PROMPT),
+                                                     response=text, user_id="u-a"))  # fmt: skip
+    sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-good", rating=1, user_id="u-a"))
+    sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-bad", rating=-1, user_id="u-a"))
+    sqlite_store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
+    pairs = store_reward_pairs(sqlite_store)
+    assert len(pairs) == 1
+    pair = pairs[0]
+    assert (pair.chosen, pair.rejected, pair.kind) == ("There is one object.", "There is a moon.", "thumbs")
+    assert pair.facts == tuple(world.facts(scene))
+    assert pair.image.size == world.render(scene).size

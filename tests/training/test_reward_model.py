@@ -1,0 +1,115 @@
+"""The reward model: what it reads, where its head looks, that saving loses nothing, and a short recipe run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from training.evaluation.models import user_turn
+from training.ppo_losses import last_token_states
+from training.reward_data import RewardPair
+from training.reward_model import (
+    RewardConfig,
+    RewardEncoder,
+    load_reward_model,
+    new_reward_model,
+    pair_accuracy,
+    save_reward_model,
+    score_rows,
+    train,
+)
+from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
+
+WORLD = ShapesWorld()
+SCENE = WORLD.scene("validation", 0)
+MESSAGES = tuple(user_turn(DESCRIBE_PROMPT))
+
+
+@pytest.fixture(scope="module")
+def reward_model(bundled_model):
+    return new_reward_model(bundled_model, lora_rank=4, seed=0)
+
+
+def rows(*responses):
+    image = WORLD.render(SCENE)
+    return [(MESSAGES, response, WORLD.facts(SCENE), image) for response in responses]
+
+
+def test_the_facts_are_read_only_by_the_fact_augmented_encoder(reward_model):
+    _, processor = reward_model
+    with_facts, plain = RewardEncoder(processor, True), RewardEncoder(processor, False)
+    fact_text = processor.tokenizer.decode(with_facts.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0)))
+    plain_text = processor.tokenizer.decode(plain.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0)))
+    assert all(fact in fact_text for fact in WORLD.facts(SCENE)[1:])
+    assert not any(fact in plain_text for fact in WORLD.facts(SCENE)[1:])
+    ids = with_facts.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0))
+    assert ids.count(with_facts.image_token_id) == with_facts.image_seq_length  # one image, expanded
+
+
+def test_a_row_scores_the_same_alone_and_padded_in_a_batch(reward_model):
+    model, processor = reward_model
+    encoder = RewardEncoder(processor)
+    short, long = "There is one object.", "There are two objects. A small red star is at the top left. " * 2
+    alone = score_rows(model, encoder, rows(short), random.Random(0))
+    batched = score_rows(model, encoder, rows(long, short), random.Random(0))
+    assert torch.allclose(alone[0], batched[1], atol=1e-4)
+    batch = encoder.collate(rows(long, short), random.Random(0))
+    with torch.no_grad():
+        hidden = model.hidden_states(**batch)
+        expected = model.head.linear(last_token_states(hidden, batch["attention_mask"])).squeeze(-1)
+        assert torch.allclose(model(**batch), expected)
+
+
+def test_saving_and_loading_keeps_the_scores_and_the_value_model_starts_at_zero(reward_model, bundled_model, tmp_path):
+    model, processor = reward_model
+    torch.nn.init.normal_(model.head.linear.weight)  # a head that is not the fresh one
+    encoder = RewardEncoder(processor)
+    scores = score_rows(model, encoder, rows("There is a star.", "There is a moon."), random.Random(0))
+    save_reward_model(model, tmp_path / "rm", {"with_facts": True, "base_model": str(bundled_model)})
+    loaded, _, meta = load_reward_model(tmp_path / "rm")
+    assert meta["with_facts"] is True and not any(p.requires_grad for p in loaded.parameters())
+    assert torch.allclose(score_rows(loaded, encoder, rows("There is a star.", "There is a moon."), random.Random(0)), scores)
+    value, _, _ = load_reward_model(tmp_path / "rm", trainable=True, zero_head=True)
+    assert torch.count_nonzero(value.head.linear.weight) == 0 and value.head.linear.weight.requires_grad
+    reward_lora = {k: v for k, v in loaded.backbone.state_dict().items() if "lora_" in k}
+    value_lora = {k: v for k, v in value.backbone.state_dict().items() if "lora_" in k}
+    assert reward_lora.keys() == value_lora.keys() and all(torch.equal(reward_lora[k], value_lora[k]) for k in reward_lora)
+    assert all(p.requires_grad for k, p in value.backbone.named_parameters() if "lora_" in k)
+
+
+class LengthScorer(torch.nn.Module):
+    """A stand-in reward model: the longer the input, the higher the score."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        return attention_mask.sum(dim=1).float() + self.anchor
+
+
+def test_pair_accuracy_counts_pairs_whose_chosen_answer_scores_higher(reward_model):
+    _, processor = reward_model
+    image = WORLD.render(SCENE)
+    pairs = [RewardPair(MESSAGES, "a longer answer here", "short", (), image, "description"),
+             RewardPair(MESSAGES, "short", "a longer answer here", (), image, "description"),
+             RewardPair(MESSAGES, "Yes, there is one.", "No.", (), image, "presence")]  # fmt: skip
+    report = pair_accuracy(LengthScorer(), RewardEncoder(processor, with_facts=False), pairs)
+    assert report["accuracy"] == round(2 / 3, 4) and report["pairs"] == 3
+    assert report["accuracy_description"] == 0.5 and report["accuracy_presence"] == 1.0
+
+
+def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_path):
+    config = RewardConfig(output_dir=str(tmp_path / "rm"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
+                          train_scenes=6, eval_scenes=4, samples=3, epochs=1, batch_pairs=4, lora_rank=4, cpu=True)  # fmt: skip
+    summary = train(config)
+    assert summary["processes"] == 1 and summary["train_pairs"] > 0 and summary["with_facts"] is True
+    assert 0.0 <= summary["held_out"]["accuracy"] <= 1.0
+    assert (tmp_path / "pairs" / "train" / "pairs.jsonl").is_file()
+    records = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, summary["steps"] + 1))
+    _, _, meta = load_reward_model(tmp_path / "rm")
+    assert meta["held_out"] == summary["held_out"]

@@ -1,0 +1,176 @@
+"""Fact-RLHF experiment: SFT, then reward models with and without facts, then PPO against each, on the bundled model.
+
+1. Reward-model pairs: the SFT model samples answers on ShapesWorld train scenes (and validation scenes for held-out
+   pairs), ranked by ground truth (`training.reward_data`); both reward models train on exactly these pairs.
+2. Two reward models (`training.reward_model`): fact-augmented (the scene's facts in the rating turn) and plain.
+   Reported: accuracy on the held-out pairs, overall and per kind.
+3. Two PPO runs (`training.ppo`), identical but for the reward model: the same seed, prompts and hyperparameters.
+   Every step logs the mean RM score of the rollouts and their true hallucination rate (the judge's verdict against
+   the scene, which neither the policy nor a plain RM sees); every `--eval-every` steps the policy is scored on
+   validation images. Before and after: CHAIR_s, CHAIR_i, object recall, POPE on the test split.
+4. Reward hacking shows as an RM score that climbs while the truth does not improve: fewer hallucinations bought
+   by naming fewer of the objects that are there counts. The plot draws RM score, true hallucination and true
+   recall against the step for each run, and the RM score against the rollouts' recall.
+
+    .venv/bin/python -m training.experiments.fact_rlhf --output training/experiments/fact_rlhf_results.json \\
+        --plot training/experiments/fact_rlhf.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def reward_models(args) -> dict:
+    """Trains (or, with --reuse, reads) the fact and plain reward models and scores both on the same held-out pairs;
+    returns their summaries."""
+    from training.reward_data import load_pairs
+    from training.reward_model import META_FILE, RewardConfig, RewardEncoder, load_reward_model, pair_accuracy, train
+
+    summaries = {}
+    pairs_dir = Path(args.workdir) / "reward-pairs"
+    for arm, with_facts in (("fact", True), ("plain", False)):
+        directory = Path(args.workdir) / f"reward-{arm}"
+        if args.reuse and (directory / META_FILE).is_file():
+            summaries[arm] = json.loads((directory / META_FILE).read_text())
+        else:
+            config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts,
+                                  pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes,
+                                  eval_scenes=args.rm_eval_scenes, epochs=args.rm_epochs, seed=args.seed)  # fmt: skip
+            summaries[arm] = train(config)
+        model, processor, _ = load_reward_model(directory, args.model)
+        summaries[arm]["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts),
+                                                   load_pairs(pairs_dir / "validation"), args.seed)  # fmt: skip
+    return summaries
+
+
+def ppo_runs(args) -> dict:
+    from training.ppo import PPOConfig, PPOTrainer
+
+    runs = {}
+    for arm in ("fact", "plain"):
+        directory = Path(args.workdir) / f"ppo-{arm}"
+        if args.reuse and (directory / "summary.json").is_file():
+            summary = json.loads((directory / "summary.json").read_text())
+        else:
+            config = PPOConfig(output_dir=str(directory), model=args.model,
+                               reward_model=str(Path(args.workdir) / f"reward-{arm}"), steps=args.ppo_steps,
+                               rollout_batch=args.rollout_batch, learning_rate=args.learning_rate,
+                               lora_rank=args.lora_rank, eval_every=args.eval_every, eval_images=args.eval_images,
+                               final_eval_images=args.test_images, seed=args.seed)  # fmt: skip
+            summary = PPOTrainer(config).run()
+        summary["curve"] = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        runs[arm] = summary
+    return runs
+
+
+def relative_change(before: float, after: float) -> float | None:
+    return round((after - before) / before, 4) if before else None
+
+
+def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
+    results = {"what": __doc__.split("\n\n")[0], "model": args.model, "minutes": round(minutes, 1),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
+               "reward_models": {arm: {"held_out": s["held_out"], "train_pairs": s["train_pairs"],
+                                       "minutes": s["minutes"]} for arm, s in rewards.items()},
+               "ppo": {}}  # fmt: skip
+    for arm, run in runs.items():
+        before, after = run["before"], run["after"]
+        curve = run["curve"]
+        first, last = curve[: max(1, len(curve) // 5)], curve[-max(1, len(curve) // 5) :]
+        mean = lambda rows, key: round(sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows)), 4)
+        results["ppo"][arm] = {
+            "train_minutes": run["train_minutes"],
+            "test_before": before,
+            "test_after": after,
+            "chair_s_relative_change": relative_change(before["chair_s"], after["chair_s"]),
+            "object_recall_change": round(after["object_recall"] - before["object_recall"], 4),
+            "rollout_rm_score_first_fifth": mean(first, "rm_score_descriptions"),
+            "rollout_rm_score_last_fifth": mean(last, "rm_score_descriptions"),
+            "rollout_true_hallucination_first_fifth": mean(first, "true_hallucination"),
+            "rollout_true_hallucination_last_fifth": mean(last, "true_hallucination"),
+            "rollout_true_recall_first_fifth": mean(first, "true_recall"),
+            "rollout_true_recall_last_fifth": mean(last, "true_recall"),
+            "curve": [{k: r[k] for k in ("step", "rm_score_descriptions", "true_hallucination", "true_recall", "reward",
+                                         "kl_to_reference", "response_tokens", "eval") if k in r} for r in curve],
+        }  # fmt: skip
+    return results
+
+
+def plot(results: dict, path: str) -> None:
+    """RM score, true hallucination and true recall against the step, per run; then RM score against recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 4, figsize=(21, 4.6))
+    colors = {"fact": "tab:blue", "plain": "tab:red"}
+    for arm, run in results["ppo"].items():
+        curve = [r for r in run["curve"] if "rm_score_descriptions" in r and "true_recall" in r]
+        steps = [r["step"] for r in curve]
+        evals = [r for r in run["curve"] if "eval" in r]
+        color = colors[arm]
+        axes[0].plot(steps, [r["rm_score_descriptions"] for r in curve], color=color, label=f"{arm} RM")
+        for axis, key, metric in ((axes[1], "true_hallucination", "chair_s"), (axes[2], "true_recall", "object_recall")):
+            axis.plot(steps, [r[key] for r in curve], color=color, alpha=0.3, label=f"{arm} RM: rollouts")
+            axis.plot([0] + [r["step"] for r in evals], [run["test_before"][metric]] + [r["eval"][metric] for r in evals],
+                      "o-", color=color, label=f"{arm} RM: held-out images")  # fmt: skip
+        axes[3].scatter([r["true_recall"] for r in curve], [r["rm_score_descriptions"] for r in curve], c=steps,
+                        cmap="Blues" if arm == "fact" else "Reds", s=16, label=f"{arm} RM")  # fmt: skip
+    titles = ("RM score of the rollouts' descriptions", "true hallucination (CHAIR_s)", "true object recall",
+              "RM score against true recall (darker: later)")  # fmt: skip
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_title(title)
+        axis.set_xlabel("PPO step")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[3].set_xlabel("object recall of the rollout descriptions")
+    axes[3].set_ylabel("RM score")
+    figure.suptitle("Fact-RLHF PPO on the bundled model, fact-augmented vs plain reward model (held-out points: step 0 "
+                    "on 500 test images, then 100 validation images)")  # fmt: skip
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/shapes-llava")
+    parser.add_argument("--workdir", default="runs/fact-rlhf", help="reward models, PPO runs and the pair cache")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished reward models and PPO runs in --workdir")
+    parser.add_argument("--rm-train-scenes", type=int, default=2000)
+    parser.add_argument("--rm-eval-scenes", type=int, default=200)
+    parser.add_argument("--rm-epochs", type=int, default=3)
+    parser.add_argument("--ppo-steps", type=int, default=60)
+    parser.add_argument("--rollout-batch", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=15)
+    parser.add_argument("--eval-images", type=int, default=100)
+    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="training/experiments/fact_rlhf_results.json")
+    parser.add_argument("--plot", default="training/experiments/fact_rlhf.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    started = time.monotonic()
+    rewards = reward_models(args)
+    runs = ppo_runs(args)
+    results = report(args, rewards, runs, (time.monotonic() - started) / 60)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    print(json.dumps({"reward_models": {a: r["held_out"]["accuracy"] for a, r in results["reward_models"].items()},
+                      "ppo": {a: {k: v for k, v in r.items() if k != "curve"} for a, r in results["ppo"].items()}},
+                     indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Preference pairs for the reward model, from the two places LLaVA-RLHF's come from: answers rated against the truth,
+and people.
+
+- ShapesWorld (`shapes_reward_pairs`): the SFT model samples several answers to a scene's detailed-description prompt
+  and to a presence probe about an absent object (the co-occurring partner it tends to invent, where there is one);
+  the rule judge (online_rl/judge.py) scores each against the scene graph, and the best and worst answers become a
+  pair when their scores differ, so the hallucinating answer is the rejected one. The facts are the scene's. Each
+  pair is labelled by what is wrong with its rejected answer: an invented object (`description_object`), another
+  error in a description (`description_detail`: a color, a place, a count), or a wrong yes/no (`presence`).
+- The feedback store (`store_reward_pairs`): every pair its events support (corrections, thumbs, arena
+  preferences; online_rl/pairs.py), with the facts registered for the pair's image.
+
+Each pair carries its image and facts, so the same pairs train a fact-augmented and a plain reward model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import random
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from online_rl.judge import ShapesRuleJudge
+from online_rl.online_pairs import best_and_worst, image_facts
+from online_rl.pairs import build_pairs
+from online_rl.store.base import FeedbackStore
+from training.evaluation.models import user_turn
+from training.evaluation.shapes_bench import max_tokens_for
+from training.rollouts import Prompt, generate
+from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, ShapesWorld
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardPair:
+    """A chosen and a rejected answer to one prompt about one image, with the image's facts."""
+
+    messages: tuple[dict, ...]
+    chosen: str
+    rejected: str
+    facts: tuple[str, ...]
+    image: Image.Image
+    kind: str  # ShapesWorld: description_object, description_detail or presence; store pairs: the feedback source
+
+
+def rated_questions(world: ShapesWorld, scene: Scene, rng: random.Random) -> list[QAItem]:
+    """The questions whose sampled answers are paired for a scene: the detailed description, and a presence probe
+    about an absent shape (a missing co-occurring partner when the scene has one: the adversarial probe)."""
+    missing = sorted({partner for _, partner in world.missing_partners(scene)})
+    absent = missing or [shape for shape in SHAPES if shape not in scene.shapes]
+    items = [QAItem("description", DESCRIBE_PROMPT, world.description(scene, noisy=False))]
+    if absent:
+        items.append(world.presence_item(rng.choice(absent), False))
+    return items
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def shapes_reward_pairs(policy, processor, world: ShapesWorld, split: str, num_scenes: int, start: int = 0,
+                        samples: int = 4, temperature: float = 1.0, rows_per_call: int = 64,
+                        seed: int = 0) -> list[RewardPair]:  # fmt: skip
+    """Pairs from `samples` answers sampled by `policy` per rated question of scenes start..start+num_scenes-1."""
+    judge, rng = ShapesRuleJudge(), random.Random(f"reward-pairs-{split}-{start}-{seed}")
+    questions = []  # (scene, image, item)
+    for scene in world.scenes(split, num_scenes, start):
+        image = world.render(scene)
+        questions += [(scene, image, item) for item in rated_questions(world, scene, rng)]
+    answers: dict[int, list[str]] = {index: [] for index in range(len(questions))}
+    for budget in sorted({max_tokens_for(item) for _, _, item in questions}):  # short answers batch apart
+        rows = [index for index, (_, _, item) in enumerate(questions) if max_tokens_for(item) == budget]
+        rows = [index for index in rows for _ in range(samples)]
+        for chunk in _chunks(rows, rows_per_call):
+            prompts = [Prompt(tuple(user_turn(questions[i][2].question)), questions[i][1], budget) for i in chunk]
+            for index, text in zip(chunk, generate(policy, processor, prompts, temperature).texts, strict=True):
+                answers[index].append(text)
+    pairs = []
+    for index, (scene, image, item) in enumerate(questions):
+        sampled = answers[index]
+        ranked = best_and_worst([judge.score(scene, item, answer) for answer in sampled], sampled)
+        if ranked is not None:
+            chosen, rejected = sampled[ranked[0]], sampled[ranked[1]]
+            pairs.append(RewardPair(tuple(user_turn(item.question)), chosen, rejected, tuple(world.facts(scene)), image,
+                                    pair_kind(judge, scene, item, rejected)))  # fmt: skip
+    return pairs
+
+
+def pair_kind(judge: ShapesRuleJudge, scene: Scene, item: QAItem, rejected: str) -> str:
+    """presence; description_object when the rejected description names an object that is not there (object
+    hallucination, what CHAIR counts); description_detail when it is wrong otherwise (a color, a place, a count)."""
+    if item.kind != "description":
+        return item.kind
+    return "description_object" if judge.judge(scene, item, rejected).hallucinated else "description_detail"
+
+
+def store_reward_pairs(store: FeedbackStore, limit: int = 10000) -> list[RewardPair]:
+    """Every pair the store's last `limit` events support, on a prompt with exactly one stored image."""
+    events = [event for _, event in store.list_events(limit=limit)]
+    pairs = []
+    for pair in build_pairs(events, store.get_generation):
+        if len(pair.image_hashes) != 1:
+            continue
+        data = store.get_image(pair.image_hashes[0])
+        if data is None:
+            continue
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        facts = tuple(image_facts(store, pair.image_hashes[0]))
+        pairs.append(RewardPair(pair.messages, pair.chosen.strip(), pair.rejected.strip(), facts, image, pair.source))
+    return pairs
+
+
+def save_pairs(pairs: Sequence[RewardPair], directory: str | Path) -> Path:
+    """`pairs.jsonl` plus one PNG per distinct image under `images/`, written to a temporary directory and renamed,
+    so a reader never sees half a cache."""
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "images").mkdir(parents=True)
+    names: dict[int, str] = {}
+    with (staging / "pairs.jsonl").open("w") as handle:
+        for pair in pairs:
+            if id(pair.image) not in names:
+                names[id(pair.image)] = f"images/{len(names):05d}.png"
+                pair.image.save(staging / names[id(pair.image)])
+            record = {"messages": list(pair.messages), "chosen": pair.chosen, "rejected": pair.rejected,
+                      "facts": list(pair.facts), "kind": pair.kind, "image": names[id(pair.image)]}  # fmt: skip
+            handle.write(json.dumps(record) + "\n")
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+    return directory
+
+
+def load_pairs(directory: str | Path) -> list[RewardPair]:
+    directory = Path(directory)
+    images: dict[str, Image.Image] = {}
+    pairs = []
+    for line in (directory / "pairs.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["image"] not in images:
+            images[record["image"]] = Image.open(directory / record["image"]).convert("RGB")
+        pairs.append(RewardPair(tuple(record["messages"]), record["chosen"], record["rejected"], tuple(record["facts"]),
+                                images[record["image"]], record["kind"]))  # fmt: skip
+    return pairs

@@ -1,0 +1,316 @@
+"""The Fact-RLHF reward model (LLaVA-RLHF, shared/PAPERS.md §1) and its training recipe, `alignloop train reward`.
+
+The model is the policy's own backbone with a LoRA on the language model and a scalar head (`ScalarHead`) on the
+hidden state of the last token of the rating prompt (`training.reward_prompt`): the conversation, the answer, one
+more user turn that lists the image's facts (shuffled) and the criteria, and the primer "The quality score of my last
+response is". `--with_facts false` leaves the facts out: the plain reward model the paper compares against.
+
+The recipe samples its preference pairs from the SFT model on ShapesWorld scenes, ranked by ground truth
+(`training.reward_data`), adds the feedback store's pairs when `--store` names one, trains with
+-log sigmoid(r_chosen - r_rejected), and reports the accuracy on held-out pairs (validation scenes). The sampled pairs
+are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs.
+
+It runs on one device or many: launched with `accelerate launch` or `torchrun`, every process trains on its share
+of each batch and gradients are averaged (DDP; an accelerate FSDP config works the same way, see
+training/accelerate/), with the gloo backend on CPUs.
+
+    alignloop train reward --output_dir runs/reward-fact
+    alignloop train reward --output_dir runs/reward-plain --with_facts false
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from training.ppo_losses import ScalarHead, reward_preference_loss
+from training.reward_data import RewardPair, load_pairs, save_pairs, shapes_reward_pairs, store_reward_pairs
+from training.reward_prompt import reward_model_text
+from training.tiny_llava import image_token_count, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+HEAD_FILE = "reward_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+class ScoredBackbone(torch.nn.Module):
+    """A LoRA'd LLaVA and a `ScalarHead`: one score per row (the reward model) or one per token (the value model)."""
+
+    def __init__(self, backbone, head: ScalarHead):
+        super().__init__()
+        self.backbone = backbone  # a PeftModel over LlavaForConditionalGeneration
+        self.head = head
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The language model's final (normed) hidden states; the LM head is never computed."""
+        llava = self.backbone.get_base_model().model  # LlavaModel, with the LoRA layers in place
+        output = llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                       position_ids=position_ids)  # fmt: skip
+        return output.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                per_token: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One score per row (the head on the last attended token), or with `per_token` one per position."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)
+        if per_token:
+            return self.head.linear(hidden).squeeze(-1)
+        return self.head(hidden, attention_mask)
+
+
+class RewardEncoder:
+    """Encodes (conversation, answer, facts, image) rows as the reward model's input, right-padded."""
+
+    def __init__(self, processor, with_facts: bool = True):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.with_facts = with_facts
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_seq_length = image_token_count(processor)
+
+    def encode(self, messages: Sequence[dict], response: str, facts: Sequence[str], rng: random.Random) -> list[int]:
+        text = reward_model_text(self.tokenizer, messages, response, facts, rng, self.with_facts)
+        ids = []
+        for token_id in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
+            ids += [token_id] * (self.image_seq_length if token_id == self.image_token_id else 1)
+        return ids
+
+    def collate(self, rows: Sequence[tuple[Sequence[dict], str, Sequence[str], object]],
+                rng: random.Random) -> dict[str, torch.Tensor]:  # fmt: skip
+        """rows: (messages, response, facts, PIL image)."""
+        encoded = [self.encode(messages, response, facts, rng) for messages, response, facts, _ in rows]
+        length = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, ids in enumerate(encoded):
+            input_ids[index, : len(ids)] = torch.tensor(ids)
+            attention_mask[index, : len(ids)] = 1
+        images = [image.convert("RGB") for *_, image in rows]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+    def collate_pairs(self, pairs: Sequence[RewardPair], rng: random.Random) -> dict[str, torch.Tensor]:
+        """Rows [chosen_0..chosen_n, rejected_0..rejected_n]."""
+        rows = [(p.messages, p.chosen, p.facts, p.image) for p in pairs]
+        rows += [(p.messages, p.rejected, p.facts, p.image) for p in pairs]
+        return self.collate(rows, rng)
+
+
+def new_reward_model(model_dir: str | Path, lora_rank: int = 16, seed: int = 0):
+    """(ScoredBackbone with a fresh LoRA and head, processor) on the checkpoint in `model_dir`."""
+    from peft import get_peft_model
+
+    from online_rl.adapters import language_model_lora
+
+    torch.manual_seed(seed)
+    model, processor = load_checkpoint(model_dir)
+    backbone = get_peft_model(model, language_model_lora(rank=lora_rank))
+    return ScoredBackbone(backbone, ScalarHead(model.config.text_config.hidden_size)), processor
+
+
+def save_reward_model(model: ScoredBackbone, output_dir: str | Path, metadata: dict) -> Path:
+    """The LoRA (PEFT layout), the head, and a JSON record of how it was trained (with_facts, base model, accuracy)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(str(output_dir), safe_serialization=True)
+    save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(output_dir / HEAD_FILE))
+    (output_dir / META_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return output_dir
+
+
+def require_reward_model(directory: str | Path) -> Path:
+    """`directory` as a Path; FileNotFoundError, with what to do, when no reward model was saved there."""
+    directory = Path(directory)
+    if not (directory / META_FILE).is_file():
+        raise FileNotFoundError(f"no reward model at {directory}: {META_FILE} is missing (`alignloop train reward` makes one)")
+    return directory
+
+
+def load_reward_model(directory: str | Path, base_model: str | Path | None = None, trainable: bool = False,
+                      zero_head: bool = False):  # fmt: skip
+    """(ScoredBackbone, processor, metadata) from `save_reward_model`'s directory.
+
+    `trainable=True, zero_head=True` is PPO's value model: the reward LoRA as a starting point, a zero head."""
+    from peft import PeftModel
+
+    directory = require_reward_model(directory)
+    metadata = json.loads((directory / META_FILE).read_text())
+    model, processor = load_checkpoint(base_model or metadata["base_model"])
+    backbone = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+    head = ScalarHead(model.config.text_config.hidden_size, zero_init=zero_head)
+    if not zero_head:
+        head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+    scored = ScoredBackbone(backbone, head)
+    scored.train(trainable)
+    scored.requires_grad_(False) if not trainable else head.requires_grad_(True)
+    return scored, processor, metadata
+
+
+@torch.no_grad()
+def score_rows(model: ScoredBackbone, encoder: RewardEncoder, rows: Sequence[tuple], rng: random.Random,
+               batch_rows: int = 16) -> torch.Tensor:  # fmt: skip
+    """The reward of each (messages, response, facts, image) row."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(rows), batch_rows):
+        batch = encoder.collate(rows[start : start + batch_rows], rng)
+        scores.append(model(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
+    model.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def pair_accuracy(model: ScoredBackbone, encoder: RewardEncoder, pairs: Sequence[RewardPair],
+                  seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """Share of pairs whose chosen answer scores higher, overall and by kind, and the mean margin."""
+    rng = random.Random(seed)
+    chosen = score_rows(model, encoder, [(p.messages, p.chosen, p.facts, p.image) for p in pairs], rng)
+    rejected = score_rows(model, encoder, [(p.messages, p.rejected, p.facts, p.image) for p in pairs], rng)
+    right = (chosen > rejected).float()
+    report = {"accuracy": round(float(right.mean()), 4), "pairs": len(pairs),
+              "margin": round(float((chosen - rejected).mean()), 4)}  # fmt: skip
+    for kind in sorted({p.kind for p in pairs}):
+        rows = torch.tensor([p.kind == kind for p in pairs])
+        report[f"accuracy_{kind}"] = round(float(right[rows].mean()), 4)
+        report[f"pairs_{kind}"] = int(rows.sum())
+    return report
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    output_dir: str = dataclasses.field(default="runs/reward-model", metadata={"help": "Where the reward model goes."})
+    model: str = dataclasses.field(default="models/shapes-llava", metadata={"help": "The SFT checkpoint (backbone)."})
+    with_facts: bool = dataclasses.field(default=True, metadata={"help": "List the image's facts in the rating turn."})
+    pairs_dir: str = dataclasses.field(
+        default="runs/reward-pairs", metadata={"help": "Cache of the sampled pairs (made once, reused by every run)."}
+    )
+    train_scenes: int = dataclasses.field(default=600, metadata={"help": "Train-split scenes to sample pairs on."})
+    eval_scenes: int = dataclasses.field(default=200, metadata={"help": "Validation scenes for held-out pairs."})
+    samples: int = dataclasses.field(default=4, metadata={"help": "Answers sampled per question."})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature for the pairs."})
+    store: str | None = dataclasses.field(default=None, metadata={"help": "Also train on this feedback store's pairs."})
+    lora_rank: int = dataclasses.field(default=16, metadata={"help": "LoRA rank (the paper: 64)."})
+    learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    epochs: int = dataclasses.field(default=3, metadata={"help": "Passes over the training pairs."})
+    batch_pairs: int = dataclasses.field(default=8, metadata={"help": "Pairs per optimizer step, over all processes."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the LoRA, the head, the order and the facts."})
+    threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
+    cpu: bool = dataclasses.field(default=False, metadata={"help": "Train on CPU even when there is a GPU."})
+
+
+def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPair]:
+    """The cached ShapesWorld pairs of `split`, sampled by the main process on first use."""
+    directory = Path(config.pairs_dir) / split
+    scenes = config.train_scenes if split == "train" else config.eval_scenes
+    if accelerator.is_main_process and not (directory / "pairs.jsonl").is_file():
+        policy, processor = load_checkpoint(config.model)
+        policy.to(accelerator.device)
+        started = time.monotonic()
+        pairs = shapes_reward_pairs(policy, processor, _world(), split, scenes, samples=config.samples,
+                                    temperature=config.temperature, seed=config.seed)  # fmt: skip
+        save_pairs(pairs, directory)
+        logger.info("sampled %d %s pairs from %d scenes in %.0f s", len(pairs), split, scenes, time.monotonic() - started)
+    accelerator.wait_for_everyone()
+    return load_pairs(directory)
+
+
+def _world():
+    from training.shapes_world import ShapesWorld
+
+    return ShapesWorld()
+
+
+def train(config: RewardConfig) -> dict:
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = Accelerator(cpu=config.cpu)
+    train_pairs = reward_pairs(config, "train", accelerator)
+    eval_pairs = reward_pairs(config, "validation", accelerator)
+    if config.store:
+        from online_rl.store import open_store
+
+        with open_store(config.store) as store:
+            train_pairs += store_reward_pairs(store)
+    if not train_pairs:
+        raise ValueError("no preference pairs to train on: the sampled answers never differed")
+    model, processor = new_reward_model(config.model, config.lora_rank, config.seed)
+    encoder = RewardEncoder(processor, config.with_facts)
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    per_process = max(1, config.batch_pairs // processes)
+    steps_per_epoch = math.ceil(len(train_pairs) / (per_process * processes))
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng, order = random.Random(f"{config.seed}-facts-{rank}"), random.Random(config.seed)
+    started, history = time.monotonic(), []
+    model.train()
+    with tqdm(total=total_steps, desc="reward model", unit="step", disable=not accelerator.is_main_process) as bar:
+        for epoch in range(config.epochs):
+            shuffled = order.sample(train_pairs, len(train_pairs))  # the same order in every process
+            for step in range(steps_per_epoch):
+                batch_pairs = shuffled[step * per_process * processes : (step + 1) * per_process * processes]
+                mine = batch_pairs[rank::processes] or batch_pairs[:1]
+                batch = {k: v.to(accelerator.device) for k, v in encoder.collate_pairs(mine, rng).items()}
+                scores = model(**batch)
+                chosen, rejected = scores[: len(mine)], scores[len(mine) :]
+                loss = reward_preference_loss(chosen, rejected).mean()
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                record = {"epoch": epoch, "step": len(history) + 1, "loss": round(loss.item(), 5),
+                          "accuracy": round(float((chosen > rejected).float().mean()), 4)}  # fmt: skip
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+    accelerator.wait_for_everyone()
+    summary: dict = {}
+    if accelerator.is_main_process:
+        scored = accelerator.unwrap_model(model)
+        held_out = pair_accuracy(scored, encoder, eval_pairs, config.seed)
+        summary = {"with_facts": config.with_facts, "base_model": str(Path(config.model).resolve()),
+                   "lora_rank": config.lora_rank, "train_pairs": len(train_pairs), "steps": total_steps,
+                   "processes": processes, "minutes": round((time.monotonic() - started) / 60, 2),
+                   "train_loss_last_epoch": round(sum(r["loss"] for r in history[-steps_per_epoch:]) / steps_per_epoch, 4),
+                   "held_out": held_out}  # fmt: skip
+        save_reward_model(scored, output_dir, summary)
+        with (output_dir / "metrics.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in history)
+        logger.info("reward model with_facts=%s held-out accuracy %.3f", config.with_facts, held_out["accuracy"])
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(RewardConfig, prog=prog, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    summary = train(config)
+    if summary:
+        print(json.dumps(summary["held_out"]))
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
