@@ -11,7 +11,15 @@ from collections.abc import Iterator
 
 import anyio
 
-from online_rl.schema import BASE_VERSION_NAME, FactsRecord, FeedbackEvent, GenerationRecord, PreferenceEvent, adapter_name, hash_user_id
+from online_rl.schema import (
+    BASE_VERSION_NAME,
+    FactsRecord,
+    FeedbackEvent,
+    GenerationRecord,
+    PreferenceEvent,
+    adapter_name,
+    hash_user_id,
+)
 from online_rl.store import ConflictError, FeedbackStore, InvalidInputError, NotFoundError
 from serve.auth import Caller
 from serve.metrics import GatewayMetrics
@@ -116,6 +124,7 @@ class FeedbackService:
 
     async def add_facts(self, caller: Caller, image_sha256: str, body: FactsRequest) -> FactsObject:
         """Facts about an image the caller has sent (any image, for the admin key)."""
+        await self.recorder.wait_image_written(image_sha256)  # an answer just given may still be on its way to the store
         if not caller.is_admin:
             ids = await anyio.to_thread.run_sync(self.store.generations_using_image, image_sha256)
             records = [await anyio.to_thread.run_sync(self.store.get_generation, i) for i in ids]

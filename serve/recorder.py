@@ -3,7 +3,8 @@
 A completion hands its record to `RecordWriter.submit` after its last byte; one background task writes records in
 order, in a worker thread, so the write never delays a response. A write that fails is retried with backoff; one
 that still fails is counted (`alignloop_record_write_failures`) and logged with its id, never dropped silently.
-Feedback that arrives before its record is written waits for that write (`wait_written`) instead of getting a 404.
+Feedback that arrives before its record is written waits for that write (`wait_written`) instead of getting a 404,
+and so do facts about an image whose records are still queued (`wait_image_written`).
 On shutdown the queue is drained.
 """
 
@@ -37,6 +38,7 @@ class RecordWriter:
         self.retries = retries
         self.queue: asyncio.Queue[PendingRecord] = asyncio.Queue()
         self.pending: dict[str, asyncio.Future] = {}
+        self.pending_by_image: dict[str, set[str]] = {}  # image sha256 -> ids of queued records that carry it
 
     def submit(self, record: GenerationRecord, images: list[bytes]) -> None:
         if len(self.pending) >= self.max_pending:
@@ -45,6 +47,8 @@ class RecordWriter:
             return
         future = asyncio.get_running_loop().create_future()
         self.pending[record.id] = future
+        for sha256 in record.image_hashes:
+            self.pending_by_image.setdefault(sha256, set()).add(record.id)
         self.queue.put_nowait(PendingRecord(record, images, future))
         self.metrics.records_pending.set(len(self.pending))
 
@@ -54,6 +58,11 @@ class RecordWriter:
         if future is not None:
             with anyio.move_on_after(timeout):
                 await asyncio.shield(future)
+
+    async def wait_image_written(self, image_sha256: str, timeout: float = 10.0) -> None:
+        """Waits until every queued record that carries this image is in the store."""
+        for generation_id in list(self.pending_by_image.get(image_sha256, ())):
+            await self.wait_written(generation_id, timeout)
 
     def _write(self, item: PendingRecord) -> None:
         for data in item.images:
@@ -71,6 +80,11 @@ class RecordWriter:
                 await self._write_with_retries(item)
             finally:
                 self.pending.pop(item.record.id, None)
+                for sha256 in item.record.image_hashes:
+                    waiting = self.pending_by_image.get(sha256, set())
+                    waiting.discard(item.record.id)
+                    if not waiting:
+                        self.pending_by_image.pop(sha256, None)
                 if not item.written.done():
                     item.written.set_result(None)
                 self.metrics.records_pending.set(len(self.pending))

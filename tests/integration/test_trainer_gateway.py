@@ -59,3 +59,43 @@ def test_corrections_through_the_gateway_train_and_gate_a_version(gateway, gatew
     pinned = client.chat.completions.create(model=f"llava-rlhf@v{result.version}", max_tokens=4,
                                             messages=[{"role": "user", "content": "How many objects are there?"}])  # fmt: skip
     assert pinned.system_fingerprint == adapter.name
+
+
+def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(gateway, gateway_store, gateway_store_url,
+                                                                        vllm_server, tmp_path):  # fmt: skip
+    """Users' prompts and the facts they register go through the gateway; the worker's PPO round trains on them,
+    publishes into vLLM's adapter directory and is scored through the gateway pinned to the new version."""
+    import base64
+    import hashlib
+
+    from training.reward_model import new_reward_model, save_reward_model
+
+    world, client = ShapesWorld(), sdk(gateway)
+    for index in range(4):
+        scene = world.scene("validation", 6000 + index)
+        url = data_url(world.render(scene))
+        question = DESCRIBE_PROMPT if index % 2 == 0 else "Is there a moon in the image?"
+        client.chat.completions.create(model="llava-rlhf", max_tokens=16, messages=image_question(url, question))
+        sha = hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest()
+        facts = httpx.post(f"{gateway.url}/v1/images/{sha}/facts", headers={"Authorization": f"Bearer {ALICE}"},
+                           json={"facts": world.facts(scene)}, timeout=30)  # fmt: skip
+        assert facts.status_code == 200, facts.text
+    reward, _ = new_reward_model(vllm_server.config.model, lora_rank=4, seed=0)
+    reward_dir = save_reward_model(reward, tmp_path / "reward", {"with_facts": True, "base_model": vllm_server.config.model})
+
+    before = gateway_store.promoted_version("llava-rlhf")
+    settings = TrainerSettings(store_url=gateway_store_url, model=vllm_server.config.model,
+                               adapter_dir=vllm_server.config.adapter_dir, gateway_url=gateway.url, api_key=ALICE,
+                               algorithm="ppo", reward_model=reward_dir, ppo_steps=2, ppo_rollout_batch=4,
+                               ppo_min_prompts=4, eval_images=8)  # fmt: skip
+    result = OnlineTrainer(settings, gateway_store).run_ppo_round()
+
+    adapter = gateway_store.get_adapter(result.version)
+    assert adapter.algorithm == "ppo" and adapter.parent_version == before
+    assert set(adapter.metrics) >= {"chair_s", "pope_adversarial_accuracy", "object_recall"}
+    assert adapter.status == ("promoted" if result.promoted else "rejected")
+    if result.promoted:
+        gateway_store.rollback("llava-rlhf", reason="test cleanup")  # leave the alias as the other tests expect
+    pinned = client.chat.completions.create(model=f"llava-rlhf@v{result.version}", max_tokens=4,
+                                            messages=[{"role": "user", "content": "How many objects are there?"}])  # fmt: skip
+    assert pinned.system_fingerprint == adapter.name

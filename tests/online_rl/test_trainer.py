@@ -223,9 +223,12 @@ def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(bundled_m
 
 
 def test_a_ppo_round_waits_for_enough_distinct_prompts(bundled_model, store, tmp_path, reward_model_dir):
+    from training.ppo import traffic_prompts
     from training.shapes_world import ShapesWorld
 
-    log_traffic(store, ShapesWorld(), 3)
+    log_traffic(store, ShapesWorld(), 3, with_facts=False)
+    prompts = traffic_prompts(store)  # without facts: nothing to judge them by, but still prompts to roll out
+    assert [p.kind for p in prompts] == ["other"] * 3 and all(p.facts == () and p.scene is None for p in prompts)
     settings = settings_for(bundled_model, tmp_path, algorithm="ppo", reward_model=reward_model_dir, ppo_min_prompts=4)
     trainer = OnlineTrainer(settings, store, scorer=lambda name: dict(GOOD))
     assert trainer.run_ppo_round() is None and store.list_adapters() == []
