@@ -200,7 +200,7 @@ class ChatService:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     completed = True
-                    break
+                    continue  # read on to the body's end: a half-read response closes its connection to vLLM
                 chunk = json.loads(data)
                 if "error" in chunk:
                     finish_reason = "error"
