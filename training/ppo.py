@@ -23,8 +23,9 @@ sees: `true_hallucination` (the share of descriptions naming an object that is n
 share of present objects named), logged beside the RM score, so a reward model that is being hacked shows as a
 rising score over truth that does not improve (e.g. answers that avoid hallucinating by saying less).
 
-Multi-process: launched with `accelerate launch` or `torchrun`, each process samples and scores its share of the
-rollout batch and the policy's and value model's gradients are averaged (DDP; gloo on CPU).
+Multi-process: launched with `torchrun --nproc_per_node N -m training.ppo ...`, each process samples and scores its
+share of the rollout batch and the policy's and value model's gradients are averaged (accelerate's DDP; gloo on CPU).
+The four models are whole copies in every process; sharding them (FSDP) is not wired in yet.
 
     alignloop train ppo --reward_model runs/reward-fact --output_dir runs/ppo-fact
 """

@@ -10,9 +10,9 @@ The recipe samples its preference pairs from the SFT model on ShapesWorld scenes
 -log sigmoid(r_chosen - r_rejected), and reports the accuracy on held-out pairs (validation scenes). The sampled pairs
 are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs.
 
-It runs on one device or many: launched with `accelerate launch` or `torchrun`, every process trains on its share
-of each batch and gradients are averaged (DDP; an accelerate FSDP config works the same way, see
-training/accelerate/), with the gloo backend on CPUs.
+It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every
+process trains on its share of each batch and accelerate's `Accelerator` averages the gradients (DDP; gloo on CPUs,
+which CI runs with 2 processes). Sharded training (FSDP) is not wired in yet.
 
     alignloop train reward --output_dir runs/reward-fact
     alignloop train reward --output_dir runs/reward-plain --with_facts false
