@@ -38,6 +38,7 @@ class VLLMServerConfig:
     enforce_eager: bool = True
     cpu_kv_cache_gib: int = 1
     extra_args: tuple[str, ...] = ()
+    cpus: str | None = None  # e.g. "1" or "2-7": run vLLM (and bind its OpenMP threads) on these cores only
 
     @property
     def model_name(self) -> str:
@@ -49,7 +50,8 @@ class VLLMServerConfig:
 
 
 def vllm_command(config: VLLMServerConfig) -> list[str]:
-    command = [
+    command = ["taskset", "-c", config.cpus] if config.cpus else []
+    command += [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", vllm_base_model(config.model),
         "--served-model-name", config.model_name,
@@ -68,6 +70,8 @@ def vllm_command(config: VLLMServerConfig) -> list[str]:
 def vllm_environment(config: VLLMServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
+    if config.cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus  # vLLM's CPU backend binds its threads itself otherwise
     if config.adapter_dir:
         # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed; it also opens vLLM's own
         # /v1/load_lora_adapter routes, which is why vLLM must stay reachable only from the gateway.
