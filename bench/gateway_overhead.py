@@ -250,7 +250,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load": {"concurrency": args.concurrency, "seconds_per_phase": args.seconds, "rounds": args.rounds,
                  "max_tokens": args.max_tokens, "stream": args.stream, "vllm_cpus": args.vllm_cpus,
-                 "client_cpus": args.client_cpus},  # fmt: skip
+                 "client_cpus": args.client_cpus},
         "direct_vllm": direct,
         "gateway": through_gateway,
         "gateway_vs_direct": {
