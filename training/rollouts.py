@@ -1,5 +1,5 @@
-"""Sampling from a LLaVA policy in-process, keeping the token ids: PPO's rollouts, and the answers sampled from the SFT
-model that become reward-model pairs and judged online pairs.
+"""Generating from a LLaVA in-process, keeping the token ids: PPO's rollouts, the answers sampled from the SFT model
+that become reward-model pairs and judged online pairs, and (greedy) the in-process evaluation's answers.
 
 One `generate` call samples a batch of prompts (each its own image and its own answer budget) in one left-padded
 `model.generate`, and returns the prompt and response tokens separately, with a mask that covers each response up to
@@ -78,6 +78,7 @@ def generate(policy, processor, prompts: Sequence[Prompt], temperature: float = 
                            return_tensors="pt").to(device)  # fmt: skip
     finally:
         tokenizer.padding_side = padding_side
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(policy.parameters()).dtype)  # bf16 models on a GPU
     was_training = policy.training
     policy.eval()
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}

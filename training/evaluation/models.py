@@ -89,7 +89,6 @@ class TransformersChatModel:
     def _attach(self, model, processor, batch_size: int) -> None:
         self.batch_size, self.device, self.model, self.processor = batch_size, model.device, model.eval(), processor
         self.tokenizer = processor.tokenizer
-        self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -103,27 +102,10 @@ class TransformersChatModel:
         return answers
 
     def _generate(self, batch: list[ChatRequest]) -> list[str]:
-        import torch
+        from training.rollouts import Prompt, generate
 
-        prompts = [
-            self.processor.apply_chat_template(user_turn(r.question), add_generation_prompt=True, tokenize=False)
-            for r in batch
-        ]
-        images = [r.image.convert("RGB") for r in batch]
-        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.inference_mode():
-            output = self.model.generate(
-                **inputs,
-                max_new_tokens=max(r.max_tokens for r in batch),
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        return [
-            self.tokenizer.decode(tokens[: r.max_tokens], skip_special_tokens=True).strip()
-            for tokens, r in zip(new_tokens, batch, strict=True)
-        ]
+        prompts = [Prompt(tuple(user_turn(r.question)), r.image, r.max_tokens) for r in batch]
+        return generate(self.model, self.processor, prompts, greedy=True).texts
 
 
 def check_endpoint(client: openai.OpenAI) -> None:
