@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -42,19 +42,34 @@ def image_facts(store: FeedbackStore, image_sha256: str) -> list[str]:
     return list(dict.fromkeys(facts))  # the same facts registered twice are one set
 
 
-def judgeable_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> list[JudgeablePrompt]:
-    """The distinct recent single-image prompts whose question the rule judge can grade (descriptions and presence
-    probes) and whose image has object facts."""
-    prompts, seen = [], set()
+@dataclasses.dataclass(frozen=True)
+class LoggedPrompt:
+    """A distinct recent prompt with one image, its image's facts, and (when the facts describe a scene and the
+    question is one the rule judge grades) the scene and the question with its true answer."""
+
+    record: GenerationRecord
+    facts: tuple[str, ...]
+    scene: Scene | None
+    item: QAItem | None
+
+
+def logged_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> Iterator[LoggedPrompt]:
+    """The distinct single-image prompts among the last `limit` generation records, newest first."""
+    seen = set()
     for record in store.list_generations(limit=limit):
         if record.prompt_hash in seen or len(record.image_hashes) != 1:
             continue
         seen.add(record.prompt_hash)
-        scene = scene_from_facts(image_facts(store, record.image_hashes[0]))
+        facts = image_facts(store, record.image_hashes[0])
+        scene = scene_from_facts(facts)
         item = item_for_question(world, scene, record.question) if scene is not None else None
-        if item is not None:
-            prompts.append(JudgeablePrompt(record, scene, item))
-    return prompts
+        yield LoggedPrompt(record, tuple(facts), scene if item else None, item)
+
+
+def judgeable_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> list[JudgeablePrompt]:
+    """The distinct recent single-image prompts whose question the rule judge can grade (descriptions and presence
+    probes) and whose image has object facts."""
+    return [JudgeablePrompt(p.record, p.scene, p.item) for p in logged_prompts(store, world, limit) if p.item]
 
 
 def best_and_worst(scores: Sequence[float], answers: Sequence[str]) -> tuple[int, int] | None:

@@ -141,26 +141,20 @@ def traffic_prompts(store, limit: int = 1000, max_new_tokens: int = 96) -> list[
 
     from PIL import Image
 
-    from online_rl.judge import item_for_question, scene_from_facts
-    from online_rl.online_pairs import image_facts
+    from online_rl.online_pairs import logged_prompts
     from training.evaluation.shapes_bench import max_tokens_for
     from training.shapes_world import ShapesWorld
 
-    world, prompts, seen = ShapesWorld(), [], set()
-    for record in store.list_generations(limit=limit):
-        if record.prompt_hash in seen or len(record.image_hashes) != 1:
-            continue
-        seen.add(record.prompt_hash)
+    prompts = []
+    for logged in logged_prompts(store, ShapesWorld(), limit):
+        record, item = logged.record, logged.item
         data = store.get_image(record.image_hashes[0])
         if data is None:
             continue
-        facts = image_facts(store, record.image_hashes[0])
-        scene = scene_from_facts(facts)
-        item = item_for_question(world, scene, record.question) if scene is not None else None
         budget = max_tokens_for(item) if item else min(int(record.sampling.get("max_tokens") or max_new_tokens), max_new_tokens)
         prompt = Prompt(tuple(record.messages), Image.open(io.BytesIO(data)).convert("RGB"), budget)
-        prompts.append(PPOPrompt(prompt, tuple(facts), item.kind if item else "other", item.answer if item else None,
-                                 (), scene if item else None, item))  # fmt: skip
+        prompts.append(PPOPrompt(prompt, logged.facts, item.kind if item else "other", item.answer if item else None,
+                                 (), logged.scene, item))  # fmt: skip
     return prompts
 
 
