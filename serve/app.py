@@ -32,7 +32,7 @@ from serve.routes import api
 from serve.routing import AliasTable, RegistrySnapshot, RegistryWatcher
 from serve.serving import ChatService
 from serve.settings import GatewaySettings
-from serve.upstream import EmbeddedEngine, UpstreamPool
+from serve.upstream import EmbeddedEngine, UpstreamPool, upstream_client
 from serve.vllm_process import VLLMServerConfig
 
 logger = logging.getLogger(__name__)
@@ -67,15 +67,11 @@ def create_app(
         state = app.state
         logger.info("gateway starting %s", " ".join(f"{k}={v}" for k, v in settings.redacted().items()))
         store = open_store(settings.store_url)
-        upstream_client = httpx.AsyncClient(
-            transport=upstream_transport,
-            timeout=httpx.Timeout(settings.upstream_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-        )
+        upstream = upstream_client(settings.upstream_timeout_s, upstream_transport)
         image_client = httpx.AsyncClient(transport=image_transport, trust_env=False)
         metrics = GatewayMetrics()
         urls = settings.vllm_urls or [f"http://{settings.vllm_host}:{settings.vllm_port}"]
-        pool = UpstreamPool(urls, upstream_client, settings.base_model_name)
+        pool = UpstreamPool(urls, upstream, settings.base_model_name)
         table = AliasTable(settings.public_alias, settings.base_model_name)
         watcher = RegistryWatcher(store, table, settings.alias_poll_interval_s,
                                   on_change=lambda old, new, initial: _on_registry_change(metrics, settings.public_alias, old, new, initial))  # fmt: skip
@@ -117,7 +113,7 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             if engine is not None:
                 await asyncio.to_thread(engine.stop)
-            await upstream_client.aclose()
+            await upstream.aclose()
             await image_client.aclose()
             store.close()
             logger.info("gateway stopped")

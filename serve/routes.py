@@ -1,4 +1,8 @@
-"""The gateway's HTTP routes: thin functions that authenticate, parse, and call the services on `app.state`."""
+"""The gateway's HTTP routes: thin functions that authenticate, parse, and call the services on `app.state`.
+
+The dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency in its thread
+pool, a thread hop per dependency per request for work that takes microseconds.
+"""
 
 from __future__ import annotations
 
@@ -31,33 +35,33 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 429, 503)}
 
 
-def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise APIError(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}",
                        code="unsupported_media_type")  # fmt: skip
 
 
-def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+async def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     state = request.app.state
     caller = state.auth.authenticate(authorization)
     state.rate_limiter.check(caller.key_id)
     return caller
 
 
-def current_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+async def current_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     return request.app.state.auth.require_admin(authorization)
 
 
-def chat_service(request: Request) -> ChatService:
+async def chat_service(request: Request) -> ChatService:
     return request.app.state.chat
 
 
-def feedback_service(request: Request) -> FeedbackService:
+async def feedback_service(request: Request) -> FeedbackService:
     return request.app.state.feedback
 
 
-def admin_service(request: Request) -> AdminService:
+async def admin_service(request: Request) -> AdminService:
     return request.app.state.admin
 
 

@@ -28,7 +28,7 @@ from serve.metrics import GatewayMetrics
 from serve.protocol import APIError, ChatCompletionRequest
 from serve.recorder import RecordWriter
 from serve.routing import AliasTable, RegistryWatcher, Target
-from serve.upstream import Upstream, UpstreamPool
+from serve.upstream import CONNECT_FAILURES, Upstream, UpstreamPool
 
 logger = logging.getLogger(__name__)
 RECORDED_CLIENTS = ("api", "demo", "simulator", "eval")
@@ -153,7 +153,7 @@ class ChatService:
                     "POST", f"{upstream.base_url}/v1/chat/completions", json=prepared.payload, timeout=self.timeout_s
                 )
                 response = await self.pool.client.send(request, stream=stream)
-            except httpx.ConnectError as error:
+            except CONNECT_FAILURES as error:
                 upstream.in_flight -= 1
                 self.pool.mark_failed(upstream)
                 last_error = error
@@ -190,39 +190,42 @@ class ChatService:
         return self._relay(prepared, response, upstream)
 
     async def _relay(self, prepared: PreparedChat, response: httpx.Response, upstream: Upstream) -> AsyncIterator[bytes]:
+        """vLLM's events, rewritten (`model`, `system_fingerprint`, usage as asked); what arrived in one read leaves
+        in one write. The events are parsed to keep the answer's text, id and usage for the record."""
         wants_usage = bool(prepared.request.stream_options and prepared.request.stream_options.include_usage)
         response_id, text, finish_reason, usage, first_token_at = None, [], None, {}, None
         completed = False
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    completed = True
-                    continue  # read on to the body's end: a half-read response closes its connection to vLLM
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    finish_reason = "error"
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
-                    continue
-                response_id = chunk.get("id", response_id)
-                chunk["model"] = prepared.public_model
-                chunk["system_fingerprint"] = prepared.target.label
-                for choice in chunk.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        if first_token_at is None:
-                            first_token_at = time.perf_counter()
-                        text.append(content)
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                    if not chunk.get("choices") and not wants_usage:
-                        continue  # the usage-only chunk the client did not ask for
-                    if not wants_usage:
-                        chunk.pop("usage")
-                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            async for payloads in sse_data(response):
+                out = []
+                for data in payloads:
+                    if data == b"[DONE]":
+                        completed = True
+                        continue  # read on to the body's end: a half-read response closes its connection to vLLM
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        finish_reason = "error"
+                        out.append(b"data: " + _compact_json(chunk).encode() + b"\n\n")
+                        continue
+                    response_id = chunk.get("id", response_id)
+                    chunk["model"] = prepared.public_model
+                    chunk["system_fingerprint"] = prepared.target.label
+                    for choice in chunk.get("choices") or []:
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            if first_token_at is None:
+                                first_token_at = time.perf_counter()
+                            text.append(content)
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        if not chunk.get("choices") and not wants_usage:
+                            continue  # the usage-only chunk the client did not ask for
+                        if not wants_usage:
+                            chunk.pop("usage")
+                    out.append(b"data: " + _compact_json(chunk).encode() + b"\n\n")
+                if out:
+                    yield b"".join(out)
             if completed:
                 yield b"data: [DONE]\n\n"
         except httpx.HTTPError as error:
@@ -270,6 +273,22 @@ class ChatService:
             client=prepared.client,
         )
         self.recorder.submit(record, [image.data for image in prepared.images])
+
+
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps(separators=) builds one per call
+
+
+async def sse_data(response: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """The `data:` fields of a server-sent-event body, grouped by the network read they completed in."""
+    pending = b""
+    async for received in response.aiter_bytes():
+        lines = (pending + received).split(b"\n")
+        pending = lines.pop()
+        payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if payloads:
+            yield payloads
+    if pending.startswith(b"data:"):
+        yield [pending[5:].strip()]
 
 
 def upstream_error(status: int, body: bytes) -> APIError:

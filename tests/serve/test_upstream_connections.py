@@ -1,15 +1,22 @@
-"""Streamed answers keep the gateway's connection to vLLM open for the next request: the relay reads each upstream
-response to its end, so httpx puts the connection back in its pool instead of closing it (a connection per request
-cost a TCP handshake and a vLLM accept on every stream). The fake vLLM is served over real TCP here."""
+"""The gateway's real upstream transport (aiohttp under httpx) against a fake vLLM served over real TCP:
+- streamed answers keep the connection open for the next request: the relay reads each upstream response to its
+  end, so the connection goes back to the pool instead of closing (a connection per request cost a TCP handshake
+  and a vLLM accept on every stream);
+- a server that refuses connections is skipped: the request goes to another one and nothing fails.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 
+import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
 from serve.app import create_app
+from serve.upstream import CONNECT_FAILURES, upstream_client
 from tests.conftest import free_port
 from tests.serve.conftest import ALICE, auth, wait_until
 from tests.serve.fake_vllm import FakeVLLM
@@ -27,14 +34,25 @@ class ClientPorts:
         await self.app(scope, receive, send)
 
 
-def test_streamed_requests_reuse_the_upstream_connection(settings):
-    port, fake = free_port(), ClientPorts(FakeVLLM().app)
-    server = uvicorn.Server(uvicorn.Config(fake, host="127.0.0.1", port=port, log_level="error"))
+@contextlib.contextmanager
+def served(app):
+    """Runs an ASGI app on a free local port in a thread; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         wait_until(lambda: server.started)
-        app = create_app(settings.model_copy(update={"vllm_urls": [f"http://127.0.0.1:{port}"]}))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_streamed_requests_reuse_the_upstream_connection(settings):
+    fake = ClientPorts(FakeVLLM().app)
+    with served(fake) as url:
+        app = create_app(settings.model_copy(update={"vllm_urls": [url]}))
         with TestClient(app) as client:
             wait_until(lambda: client.get("/ready").status_code == 200)
             for _ in range(6):
@@ -42,9 +60,31 @@ def test_streamed_requests_reuse_the_upstream_connection(settings):
                 with client.stream("POST", "/v1/chat/completions", headers=auth(ALICE), json=body) as response:
                     assert response.status_code == 200
                     assert list(response.iter_lines())[-2:] == ["data: [DONE]", ""]
-    finally:
-        server.should_exit = True
-        thread.join(10)
     # Six streams, one after another: one connection (two when a health check's idle connection got picked up),
     # not a new one per stream.
     assert len(fake.ports) == 6 and len(set(fake.ports)) <= 2, fake.ports
+
+
+def test_a_refused_connection_is_a_connect_failure_on_the_real_transport():
+    async def post_to_closed_port():
+        async with upstream_client(5.0) as client:
+            await client.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", json={})
+
+    with pytest.raises(CONNECT_FAILURES):
+        asyncio.run(post_to_closed_port())
+
+
+def test_requests_skip_a_server_that_refuses_connections(settings):
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    with served(FakeVLLM().app) as live_url:
+        app = create_app(settings.model_copy(update={"vllm_urls": [dead_url, live_url]}))
+        with TestClient(app) as client:
+            wait_until(lambda: client.get("/ready").status_code == 200)
+            pool = app.state.pool
+            for stream in (False, True, False, True):
+                pool.upstreams[0].healthy = True  # as if it died after its last health check
+                body = {"model": "llava-rlhf", "stream": stream, "messages": [{"role": "user", "content": "Hi"}]}
+                response = client.post("/v1/chat/completions", headers=auth(ALICE), json=body)
+                assert response.status_code == 200, response.text
+            assert pool.upstreams[0].failures >= 1 and not pool.upstreams[0].healthy
+            assert pool.upstreams[1].failures == 0
