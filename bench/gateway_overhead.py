@@ -4,16 +4,21 @@ clients see while the alias is hot-swapped back and forth, against steady state.
 It starts one vLLM CPU server on the bundled model and one `alignloop serve` replica in front of it (external mode,
 a fresh SQLite store), and publishes one LoRA adapter version for the swap phase. The load is `--concurrency`
 clients, each sending the same image question (ShapesWorld scene, `--max-tokens` greedy tokens) back to back for
-`--seconds`. Phases alternate direct / gateway `--rounds` times so drift on a shared machine hits both alike.
-Reported per target: requests/s, latency p50/p99 (ms) and, when streaming, time to first token p50/p99; then the
-ratios gateway/direct. The swap phase promotes and rolls back every `--swap-every` seconds under the same load.
+`--seconds`. Phases run in ABBA order (direct, gateway, gateway, direct, ...) over `--rounds`, so a drift in the
+engine's speed over the run hits both alike. Reported per target: requests/s, latency p50/p99/mean (ms), time to
+first token when streaming, and the engine's own view from vLLM's /metrics (mean end-to-end, TTFT, time per output
+token); then gateway vs direct. `mean_added_outside_engine_ms` is the gateway's latency with the engine's speed
+taken out: (client mean - engine mean) through the gateway minus the same straight to vLLM. The `mixed` phase
+(`--seconds` x `--rounds` long) then sends half the clients straight to vLLM and half through the gateway at the
+same time, so both meet the same engine batch for batch: on a machine whose engine speed wanders from phase to
+phase by more than the gateway costs, it is the sharpest comparison. The swap phase promotes and rolls back every
+`--swap-every` seconds under the same load.
 
     .venv/bin/python bench/gateway_overhead.py --concurrency 8 --seconds 20 --rounds 2
     .venv/bin/python bench/gateway_overhead.py --vllm-cpus 1 --client-cpus 0   # vLLM on its own core
 
 On a small machine the load generator, the gateway and vLLM's processes otherwise compete for the same cores, and
-that contention, not the gateway's work, dominates the comparison (2 cores: -30% to -42% throughput unpinned,
--6% pinned).
+that contention, not the gateway's work, dominates the comparison (2 cores: -30% to -42% throughput unpinned).
 """
 
 from __future__ import annotations
@@ -58,6 +63,39 @@ def cpu_set(spec: str) -> set[int]:
         first, _, last = part.partition("-")
         cores.update(range(int(first), int(last or first) + 1))
     return cores
+
+
+ENGINE_METRICS = {  # vLLM's own request histograms: what the engine saw, whoever sent the request
+    "e2e_ms": "vllm:e2e_request_latency_seconds",
+    "ttft_ms": "vllm:time_to_first_token_seconds",
+    "per_output_token_ms": "vllm:request_time_per_output_token_seconds",
+}
+
+
+def engine_totals(vllm_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each ENGINE_METRICS histogram, from vLLM's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {name: key for key, name in ENGINE_METRICS.items()}
+    totals = {key: [0.0, 0.0] for key in ENGINE_METRICS}
+    for family in text_string_to_metric_families(httpx.get(f"{vllm_url}/metrics", timeout=10).text):
+        key = wanted.get(family.name)
+        for sample in family.samples if key else ():
+            if sample.name.endswith("_sum"):
+                totals[key][0] += sample.value
+            elif sample.name.endswith("_count"):
+                totals[key][1] += sample.value
+    return {key: (total, count) for key, (total, count) in totals.items()}
+
+
+def engine_means(phases: list[tuple[dict, dict]]) -> dict[str, float]:
+    """Mean of each engine histogram over the requests of some phases, each given by its (before, after) scrapes."""
+    means = {}
+    for key in ENGINE_METRICS:
+        total = sum(after[key][0] - before[key][0] for before, after in phases)
+        count = sum(after[key][1] - before[key][1] for before, after in phases)
+        means[key] = round(1000 * total / count, 2) if count else float("nan")
+    return means
 
 
 def free_port() -> int:
@@ -140,6 +178,29 @@ def summarize(runs: list[dict]) -> dict:
         summary["ttft_p50_ms"] = round(1000 * percentile(first_tokens, 0.5), 2)
         summary["ttft_p99_ms"] = round(1000 * percentile(first_tokens, 0.99), 2)
     return summary
+
+
+async def mixed_load(direct_url: str, direct_body: dict, gateway_url: str, gateway_body: dict, concurrency: int,
+                     seconds: float, auth: dict) -> tuple[dict, dict]:
+    """Half the clients straight to vLLM, half through the gateway, at the same time: both halves meet the same
+    engine, batch for batch, so its drift and noise cancel out of the comparison."""
+    half = concurrency // 2
+    return tuple(await asyncio.gather(run_load(direct_url, direct_body, concurrency - half, seconds, {}),
+                                      run_load(gateway_url, gateway_body, half, seconds, auth)))  # fmt: skip
+
+
+def compare(direct: dict, through_gateway: dict) -> dict:
+    """Gateway vs direct: throughput cost and added latency."""
+    comparison = {
+        "throughput_ratio": round(through_gateway["requests_per_s"] / direct["requests_per_s"], 4),
+        "throughput_cost_pct": round(100 * (1 - through_gateway["requests_per_s"] / direct["requests_per_s"]), 2),
+        "p50_added_ms": round(through_gateway["latency_p50_ms"] - direct["latency_p50_ms"], 2),
+        "p99_added_ms": round(through_gateway["latency_p99_ms"] - direct["latency_p99_ms"], 2),
+        "mean_added_ms": round(through_gateway["latency_mean_ms"] - direct["latency_mean_ms"], 2),
+    }
+    if "ttft_p50_ms" in direct and "ttft_p50_ms" in through_gateway:
+        comparison["ttft_p50_added_ms"] = round(through_gateway["ttft_p50_ms"] - direct["ttft_p50_ms"], 2)
+    return comparison
 
 
 async def swap_load(gateway_url: str, body: dict, args, version: int) -> tuple[dict, int]:
@@ -231,19 +292,37 @@ def main() -> None:
             # Warm-up: the first requests compile kernels and fill caches; the adapter is loaded once.
             asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, 3.0, {}))
             asyncio.run(run_load(gateway_url, {**gateway_body, "model": f"llava-rlhf@v{version}"}, 2, 2.0, auth))
-            direct_runs, gateway_runs = [], []
+            runs = {"direct": [], "gateway": []}
+            scrapes = {"direct": [], "gateway": []}
             gateway_process, gateway_cpu_s = psutil.Process(gateway.pid), 0.0
-            for _ in range(args.rounds):
-                direct_runs.append(asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, args.seconds, {})))
-                cpu_before = sum(gateway_process.cpu_times()[:2])
-                gateway_runs.append(asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth)))
-                gateway_cpu_s += sum(gateway_process.cpu_times()[:2]) - cpu_before
+            for round_number in range(args.rounds):
+                # ABBA: direct-gateway, then gateway-direct, so a drift in vLLM's speed over the run (it happens,
+                # e.g. once an adapter is loaded) weighs on both alike instead of always on the second phase.
+                order = ("direct", "gateway") if round_number % 2 == 0 else ("gateway", "direct")
+                for target in order:
+                    before, cpu_before = engine_totals(vllm.base_url), sum(gateway_process.cpu_times()[:2])
+                    if target == "direct":
+                        runs[target].append(asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency,
+                                                                 args.seconds, {})))  # fmt: skip
+                    else:
+                        runs[target].append(asyncio.run(run_load(gateway_url, gateway_body, args.concurrency,
+                                                                 args.seconds, auth)))  # fmt: skip
+                        gateway_cpu_s += sum(gateway_process.cpu_times()[:2]) - cpu_before
+                    scrapes[target].append((before, engine_totals(vllm.base_url)))
+            direct_runs, gateway_runs = runs["direct"], runs["gateway"]
+            mixed_direct, mixed_gateway = asyncio.run(mixed_load(vllm.base_url, direct_body, gateway_url, gateway_body,
+                                                                 args.concurrency, args.seconds * args.rounds, auth))  # fmt: skip
             steady = asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth))
             swapping, swaps = asyncio.run(swap_load(gateway_url, gateway_body, args, version))
         finally:
             gateway.terminate()
             gateway.wait(30)
     direct, through_gateway = summarize(direct_runs), summarize(gateway_runs)
+    direct["engine"], through_gateway["engine"] = engine_means(scrapes["direct"]), engine_means(scrapes["gateway"])
+    # Time outside vLLM's engine (HTTP both ways, and the gateway when there is one), per request on average: the
+    # gateway's own latency, whatever speed the engine ran at during each phase.
+    outside = {target: summary["latency_mean_ms"] - summary["engine"]["e2e_ms"]
+               for target, summary in (("direct", direct), ("gateway", through_gateway))}  # fmt: skip
     steady_summary, swap_summary = summarize([steady]), summarize([swapping])
     report = {
         "benchmark": "gateway_overhead",
@@ -254,13 +333,17 @@ def main() -> None:
         "direct_vllm": direct,
         "gateway": through_gateway,
         "gateway_vs_direct": {
-            "throughput_ratio": round(through_gateway["requests_per_s"] / direct["requests_per_s"], 4),
-            "throughput_cost_pct": round(100 * (1 - through_gateway["requests_per_s"] / direct["requests_per_s"]), 2),
-            "p50_added_ms": round(through_gateway["latency_p50_ms"] - direct["latency_p50_ms"], 2),
-            "p99_added_ms": round(through_gateway["latency_p99_ms"] - direct["latency_p99_ms"], 2),
+            **compare(direct, through_gateway),
+            "engine_e2e_mean_added_ms": round(through_gateway["engine"]["e2e_ms"] - direct["engine"]["e2e_ms"], 2),
+            "mean_added_outside_engine_ms": round(outside["gateway"] - outside["direct"], 2),
             # CPU the gateway process itself used: on a machine where it shares vLLM's cores, this is what it costs.
             "gateway_cpu_ms_per_request": round(1000 * gateway_cpu_s / max(through_gateway["requests"], 1), 2),
             "gateway_cpu_share_of_machine": round(gateway_cpu_s / (args.rounds * args.seconds * os.cpu_count()), 4),
+        },
+        "mixed": {
+            "clients": {"direct": args.concurrency - args.concurrency // 2, "gateway": args.concurrency // 2},
+            "direct_vllm": summarize([mixed_direct]),
+            "gateway": summarize([mixed_gateway]),
         },
         "hot_swap": {
             "swaps": swaps,
@@ -270,8 +353,7 @@ def main() -> None:
             "p99_ratio": round(swap_summary["latency_p99_ms"] / steady_summary["latency_p99_ms"], 4),
         },
     }
-    if args.stream:
-        report["gateway_vs_direct"]["ttft_p50_added_ms"] = round(through_gateway["ttft_p50_ms"] - direct["ttft_p50_ms"], 2)
+    report["mixed"]["gateway_vs_direct"] = compare(report["mixed"]["direct_vllm"], report["mixed"]["gateway"])
     print(json.dumps(report, indent=2))
 
 

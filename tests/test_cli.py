@@ -102,3 +102,13 @@ def test_reward_and_ppo_recipes_on_missing_inputs(tmp_path):
                           "no reward model", "no-rm")  # fmt: skip
     assert_one_line_error(run("trainer", "--algorithm", "ppo", "--reward-model", str(tmp_path / "no-rm"), "--once"),
                           "alignloop trainer: error:", "no reward model")  # fmt: skip
+
+
+def test_reward_and_ppo_recipes_refuse_unknown_sharding_and_fact_placement(tmp_path):
+    assert_one_line_error(run("train", "reward", "--sharding", "zero3", "--pairs_dir", str(tmp_path / "p")),
+                          "alignloop train: error:", "--sharding must be one of ddp, fsdp")  # fmt: skip
+    assert_one_line_error(run("train", "reward", "--facts_placement", "on_top", "--pairs_dir", str(tmp_path / "p")),
+                          "alignloop train: error:", "before_answer, rating_turn")  # fmt: skip
+    assert_one_line_error(run("train", "ppo", "--sharding", "zero3", "--reward_model", str(tmp_path / "rm")),
+                          "alignloop train: error:", "--sharding must be one of ddp, fsdp")  # fmt: skip
+    assert not (tmp_path / "p").exists()  # refused before any pair was sampled

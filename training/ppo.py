@@ -24,8 +24,10 @@ share of present objects named), logged beside the RM score, so a reward model t
 rising score over truth that does not improve (e.g. answers that avoid hallucinating by saying less).
 
 Multi-process: launched with `torchrun --nproc_per_node N -m training.ppo ...`, each process samples and scores its
-share of the rollout batch and the policy's and value model's gradients are averaged (accelerate's DDP; gloo on CPU).
-The four models are whole copies in every process; sharding them (FSDP) is not wired in yet.
+share of the rollout batch and the policy's and value model's gradients are averaged: by accelerate's DDP (the
+default; every process holds whole copies of the policy, value and reward models) or, with `--sharding fsdp`, by
+FSDP2 with all three sharded over the processes (`training.sharding`; sampling and evaluation then run in lockstep
+on every process). CI runs both with 2 gloo processes on CPU.
 
     alignloop train ppo --reward_model runs/reward-fact --output_dir runs/ppo-fact
 """
@@ -55,6 +57,7 @@ from training.ppo_losses import (
     whiten,
 )
 from training.rollouts import Prompt, Rollouts, generate
+from training.sharding import SHARDINGS, gathered_state_dict, ready_to_generate, shard
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,9 @@ class PPOConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the LoRA, the prompts and the sampling."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
     cpu: bool = dataclasses.field(default=False, metadata={"help": "Train on CPU even when there is a GPU."})
+    sharding: str = dataclasses.field(
+        default="ddp", metadata={"help": "Over several processes: ddp (whole copies) or fsdp (training.sharding)."}
+    )
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
@@ -223,37 +229,68 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, accelerator=None):
         from accelerate import Accelerator
-        from peft import PeftModel, get_peft_model
 
-        from online_rl.adapters import language_model_lora
         from training.reward_model import RewardEncoder, load_reward_model, require_reward_model
-        from training.tiny_llava import load_checkpoint
 
+        if config.sharding not in SHARDINGS:
+            raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {config.sharding!r}")
         require_reward_model(config.reward_model)  # before loading anything: a wrong path fails at once
         self.config = config
         self.accelerator = accelerator or Accelerator(cpu=config.cpu)
+        self.sharded = config.sharding == "fsdp" and self.accelerator.num_processes > 1
         torch.manual_seed(config.seed)
-        base, self.processor = load_checkpoint(config.model)
-        if config.init_adapter:
-            policy = PeftModel.from_pretrained(base, config.init_adapter, is_trainable=True)
-        else:
-            policy = get_peft_model(base, language_model_lora(rank=config.lora_rank))
+        policy, self.processor = self._new_policy()
         self.reward_model, _, reward_meta = load_reward_model(config.reward_model, config.model)
         self.reward_model.to(self.accelerator.device)
-        self.rm_encoder = RewardEncoder(self.processor, with_facts=reward_meta["with_facts"])
+        self.rm_encoder = RewardEncoder(self.processor, with_facts=reward_meta["with_facts"],
+                                        facts_placement=reward_meta.get("facts_placement", "rating_turn"))  # fmt: skip
         self.with_facts = reward_meta["with_facts"]
         value_model, _, _ = load_reward_model(config.reward_model, config.model, trainable=True, zero_head=True)
+        if self.sharded:  # the policy's root unit is its LLaVA model: `generate` calls that one's forward, not PEFT's
+            device = self.accelerator.device
+            shard(policy.to(device).get_base_model(), policy)
+            ready_to_generate(policy, device)
+            shard(value_model.to(device), value_model.backbone)
+            shard(self.reward_model, self.reward_model.backbone)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         value_trainable = [p for p in value_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable + value_trainable, lr=config.learning_rate)
-        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(policy, value_model, self.optimizer)
+        if self.sharded:
+            self.policy, self.value_model = policy, value_model
+        else:
+            self.policy, self.value_model, self.optimizer = self.accelerator.prepare(policy, value_model, self.optimizer)
         self.rng = random.Random(f"{config.seed}-{self.accelerator.process_index}")
         self.fact_rng = random.Random(f"{config.seed}-facts-{self.accelerator.process_index}")
         self.scheduler = None
 
+    def _new_policy(self):
+        """(the SFT model with a fresh or `init_adapter` policy LoRA, processor), unsharded, on the CPU."""
+        from peft import PeftModel, get_peft_model
+
+        from online_rl.adapters import language_model_lora
+        from training.tiny_llava import load_checkpoint
+
+        base, processor = load_checkpoint(self.config.model)
+        if self.config.init_adapter:
+            return PeftModel.from_pretrained(base, self.config.init_adapter, is_trainable=True), processor
+        return get_peft_model(base, language_model_lora(rank=self.config.lora_rank)), processor
+
     @property
     def unwrapped_policy(self):
-        return self.accelerator.unwrap_model(self.policy)
+        return self.policy if self.sharded else self.accelerator.unwrap_model(self.policy)
+
+    def save_policy(self, directory: Path) -> None:
+        """The policy LoRA in PEFT's layout (all processes call it; process 0 writes; sharded, the weights are
+        gathered into an unsharded copy first)."""
+        if not self.sharded:
+            if self.accelerator.is_main_process:
+                self.unwrapped_policy.save_pretrained(str(directory), safe_serialization=True)
+            return
+        state = gathered_state_dict(self.policy)
+        if self.accelerator.is_main_process:
+            policy, _ = self._new_policy()
+            policy.load_state_dict(state)
+            policy.save_pretrained(str(directory), safe_serialization=True)
 
     def schedule(self, total_steps: int) -> None:
         from transformers import get_cosine_schedule_with_warmup
@@ -274,7 +311,7 @@ class PPOTrainer:
         """One PPO iteration on this process's prompts; returns its statistics (averaged over processes)."""
         config, device = self.config, self.accelerator.device
         policy = self.unwrapped_policy
-        rollouts = generate(policy, self.processor, [p.prompt for p in prompts], config.temperature)
+        rollouts = generate(policy, self.processor, [p.prompt for p in prompts], config.temperature, synced=self.sharded)
         rm = self.rm_scores(prompts, rollouts.texts)
         rewards = sequence_rewards(rm, rollouts, prompts, config)
         rollouts = rollouts.to(device)
@@ -335,12 +372,13 @@ class PPOTrainer:
         return {key: float(gathered[:, i][present[:, i]].mean()) for i, key in enumerate(STEP_STATS) if present[:, i].any()}
 
     def evaluate(self, split: str, images: int) -> dict[str, float]:
-        """ShapesWorld benchmark of the current policy, in-process (main process only)."""
+        """ShapesWorld benchmark of the current policy, in-process: on the main process, or sharded on every
+        process together (each computes the same report)."""
         from training.evaluation.models import TransformersChatModel
         from training.evaluation.shapes_bench import evaluate_shapes
         from training.shapes_world import ShapesWorld
 
-        chat = TransformersChatModel.from_loaded(self.unwrapped_policy, self.processor, batch_size=32)
+        chat = TransformersChatModel.from_loaded(self.unwrapped_policy, self.processor, batch_size=32, synced=self.sharded)
         report = evaluate_shapes(chat, ShapesWorld(), split, images, progress=False)
         self.unwrapped_policy.train()
         keys = ("chair_s", "chair_i", "object_recall", "pope_random_accuracy", "pope_adversarial_accuracy",
@@ -355,8 +393,9 @@ class PPOTrainer:
         output_dir = Path(config.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         world, main = ShapesWorld(), accelerator.is_main_process
+        evaluates = main or self.sharded  # a sharded policy answers only with every process taking part
         self.schedule(config.steps)
-        before = self.evaluate("test", config.final_eval_images) if main and config.final_eval_images else {}
+        before = self.evaluate("test", config.final_eval_images) if evaluates and config.final_eval_images else {}
         started, history = time.monotonic(), []
         local, rank = self._local_batch(), accelerator.process_index
         with (output_dir / "metrics.jsonl").open("w") as metrics_file:
@@ -364,7 +403,7 @@ class PPOTrainer:
                 first = (step - 1) * config.rollout_batch + rank * local  # every process its own scenes
                 prompts = shapes_prompts(world, "train", first, local, self.rng, config.description_share)
                 record = {"step": step, **{k: round(v, 5) for k, v in self.step(prompts).items()}}
-                if main and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                if evaluates and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
                     record["eval"] = self.evaluate("validation", config.eval_images)
                 record["elapsed_s"] = round(time.monotonic() - started, 1)
                 history.append(record)
@@ -376,11 +415,12 @@ class PPOTrainer:
         minutes = (time.monotonic() - started) / 60
         summary = {}
         accelerator.wait_for_everyone()
+        after = self.evaluate("test", config.final_eval_images) if evaluates and config.final_eval_images else {}
+        self.save_policy(output_dir / "adapter")
         if main:
-            after = self.evaluate("test", config.final_eval_images) if config.final_eval_images else {}
-            self.unwrapped_policy.save_pretrained(str(output_dir / "adapter"), safe_serialization=True)
             summary = {"reward_model": config.reward_model, "with_facts": self.with_facts, "steps": config.steps,
-                       "processes": accelerator.num_processes, "train_minutes": round(minutes, 2),
+                       "processes": accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
+                       "train_minutes": round(minutes, 2),
                        "test_images": config.final_eval_images, "before": before, "after": after,
                        "config": dataclasses.asdict(config)}  # fmt: skip
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

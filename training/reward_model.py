@@ -11,8 +11,9 @@ The recipe samples its preference pairs from the SFT model on ShapesWorld scenes
 are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs.
 
 It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every
-process trains on its share of each batch and accelerate's `Accelerator` averages the gradients (DDP; gloo on CPUs,
-which CI runs with 2 processes). Sharded training (FSDP) is not wired in yet.
+process trains on its share of each batch, and the gradients are averaged by DDP (accelerate's `Accelerator`, the
+default) or, with `--sharding fsdp`, by FSDP2 with the model's weights sharded over the processes
+(`training.sharding`). CI runs both with 2 gloo processes on CPU.
 
     alignloop train reward --output_dir runs/reward-fact
     alignloop train reward --output_dir runs/reward-plain --with_facts false
@@ -35,7 +36,8 @@ from tqdm.auto import tqdm
 
 from training.ppo_losses import ScalarHead, reward_preference_loss
 from training.reward_data import RewardPair, load_pairs, save_pairs, shapes_reward_pairs, store_reward_pairs
-from training.reward_prompt import reward_model_text
+from training.reward_prompt import FACT_PLACEMENTS, reward_model_text
+from training.sharding import SHARDINGS, gathered_state_dict, shard
 from training.tiny_llava import image_token_count, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -72,15 +74,16 @@ class ScoredBackbone(torch.nn.Module):
 class RewardEncoder:
     """Encodes (conversation, answer, facts, image) rows as the reward model's input, right-padded."""
 
-    def __init__(self, processor, with_facts: bool = True):
+    def __init__(self, processor, with_facts: bool = True, facts_placement: str = "rating_turn"):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.with_facts = with_facts
+        self.facts_placement = facts_placement
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.image_seq_length = image_token_count(processor)
 
     def encode(self, messages: Sequence[dict], response: str, facts: Sequence[str], rng: random.Random) -> list[int]:
-        text = reward_model_text(self.tokenizer, messages, response, facts, rng, self.with_facts)
+        text = reward_model_text(self.tokenizer, messages, response, facts, rng, self.with_facts, self.facts_placement)
         ids = []
         for token_id in self.tokenizer(text, add_special_tokens=False)["input_ids"]:
             ids += [token_id] * (self.image_seq_length if token_id == self.image_token_id else 1)
@@ -192,7 +195,10 @@ def pair_accuracy(model: ScoredBackbone, encoder: RewardEncoder, pairs: Sequence
 class RewardConfig:
     output_dir: str = dataclasses.field(default="runs/reward-model", metadata={"help": "Where the reward model goes."})
     model: str = dataclasses.field(default="models/shapes-llava", metadata={"help": "The SFT checkpoint (backbone)."})
-    with_facts: bool = dataclasses.field(default=True, metadata={"help": "List the image's facts in the rating turn."})
+    with_facts: bool = dataclasses.field(default=True, metadata={"help": "List the image's facts in the prompt."})
+    facts_placement: str = dataclasses.field(
+        default="rating_turn", metadata={"help": "before_answer (in the question's turn) or rating_turn (the paper's)."}
+    )
     pairs_dir: str = dataclasses.field(
         default="runs/reward-pairs", metadata={"help": "Cache of the sampled pairs (made once, reused by every run)."}
     )
@@ -208,6 +214,9 @@ class RewardConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the LoRA, the head, the order and the facts."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
     cpu: bool = dataclasses.field(default=False, metadata={"help": "Train on CPU even when there is a GPU."})
+    sharding: str = dataclasses.field(
+        default="ddp", metadata={"help": "Over several processes: ddp (a whole copy each) or fsdp (training.sharding)."}
+    )
 
 
 def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPair]:
@@ -236,9 +245,14 @@ def train(config: RewardConfig) -> dict:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
+    if config.facts_placement not in FACT_PLACEMENTS:
+        raise ValueError(f"--facts_placement must be one of {', '.join(FACT_PLACEMENTS)}, not {config.facts_placement!r}")
+    if config.sharding not in SHARDINGS:
+        raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {config.sharding!r}")
     if config.threads:
         torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=config.cpu)
+    sharded = config.sharding == "fsdp" and accelerator.num_processes > 1
     train_pairs = reward_pairs(config, "train", accelerator)
     eval_pairs = reward_pairs(config, "validation", accelerator)
     if config.store:
@@ -249,14 +263,17 @@ def train(config: RewardConfig) -> dict:
     if not train_pairs:
         raise ValueError("no preference pairs to train on: the sampled answers never differed")
     model, processor = new_reward_model(config.model, config.lora_rank, config.seed)
-    encoder = RewardEncoder(processor, config.with_facts)
+    encoder = RewardEncoder(processor, config.with_facts, config.facts_placement)
     processes, rank = accelerator.num_processes, accelerator.process_index
     per_process = max(1, config.batch_pairs // processes)
     steps_per_epoch = math.ceil(len(train_pairs) / (per_process * processes))
     total_steps = steps_per_epoch * config.epochs
+    if sharded:
+        model = shard(model.to(accelerator.device), model.backbone)  # the optimizer then holds the shards
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rng, order = random.Random(f"{config.seed}-facts-{rank}"), random.Random(config.seed)
@@ -284,12 +301,20 @@ def train(config: RewardConfig) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
     accelerator.wait_for_everyone()
     summary: dict = {}
-    if accelerator.is_main_process:
+    if sharded:  # every process takes part in each forward pass and in gathering the weights
+        held_out = pair_accuracy(model, encoder, eval_pairs, config.seed)
+        state = gathered_state_dict(model)
+        if accelerator.is_main_process:
+            scored, _ = new_reward_model(config.model, config.lora_rank, config.seed)
+            scored.load_state_dict(state)
+    elif accelerator.is_main_process:
         scored = accelerator.unwrap_model(model)
         held_out = pair_accuracy(scored, encoder, eval_pairs, config.seed)
-        summary = {"with_facts": config.with_facts, "base_model": str(Path(config.model).resolve()),
-                   "lora_rank": config.lora_rank, "train_pairs": len(train_pairs), "steps": total_steps,
-                   "processes": processes, "minutes": round((time.monotonic() - started) / 60, 2),
+    if accelerator.is_main_process:
+        summary = {"with_facts": config.with_facts, "facts_placement": config.facts_placement,
+                   "base_model": str(Path(config.model).resolve()), "lora_rank": config.lora_rank,
+                   "train_pairs": len(train_pairs), "steps": total_steps, "processes": processes,
+                   "sharding": "fsdp" if sharded else "ddp", "minutes": round((time.monotonic() - started) / 60, 2),
                    "train_loss_last_epoch": round(sum(r["loss"] for r in history[-steps_per_epoch:]) / steps_per_epoch, 4),
                    "held_out": held_out}  # fmt: skip
         save_reward_model(scored, output_dir, summary)

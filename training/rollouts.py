@@ -67,8 +67,12 @@ def response_mask(response_ids: torch.Tensor, eos_token_id: int, budgets: Sequen
     return (positions < end[:, None]).long(), ended
 
 
-def generate(policy, processor, prompts: Sequence[Prompt], temperature: float = 1.0, greedy: bool = False) -> Rollouts:
-    """Samples one response per prompt (temperature `temperature`, top-p 1, as PPO samples; or greedily)."""
+def generate(policy, processor, prompts: Sequence[Prompt], temperature: float = 1.0, greedy: bool = False,
+             synced: bool = False) -> Rollouts:  # fmt: skip
+    """Samples one response per prompt (temperature `temperature`, top-p 1, as PPO samples; or greedily).
+
+    `synced`: the policy is sharded over processes (FSDP), so each one keeps running forward passes until every
+    process has finished its batch (transformers' `synced_gpus`)."""
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts = [tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -84,7 +88,8 @@ def generate(policy, processor, prompts: Sequence[Prompt], temperature: float = 
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
     with torch.no_grad():
         output = policy.generate(**inputs, **sampling, max_new_tokens=max(p.max_new_tokens for p in prompts),
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced)  # fmt: skip
     policy.train(was_training)
     prompt_length = inputs["input_ids"].shape[1]
     response_ids = output[:, prompt_length:].cpu()

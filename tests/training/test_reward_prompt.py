@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 from transformers import AutoTokenizer
 
 from training.reward_prompt import RATING_CRITERIA, SCORE_PRIMER, rating_turn, reward_model_text
@@ -38,3 +39,38 @@ def test_the_text_is_the_conversation_then_the_rating_turn_then_the_primer():
     assert text.endswith("ASSISTANT: " + SCORE_PRIMER)
     assert text.count("<image>") == 1
     assert text.index("Describe the image.") < text.index("There is a red star.") < text.index(FACTS[1])
+
+
+def test_before_answer_puts_the_facts_between_the_image_and_the_question():
+    tokenizer = AutoTokenizer.from_pretrained("models/shapes-llava")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    orders = set()
+    for seed in range(10):
+        text = reward_model_text(tokenizer, messages, "There is a red star.", FACTS, random.Random(seed),
+                                 facts_placement="before_answer")  # fmt: skip
+        positions = [text.index(fact) for fact in FACTS]
+        assert text.index("<image>") < text.index("Facts:") < min(positions)
+        assert max(positions) < text.index("Describe the image.") < text.index("There is a red star.")
+        assert text.count(FACTS[1]) == 1 and "fully supported by the facts above" in text
+        assert text.endswith("ASSISTANT: " + SCORE_PRIMER)
+        orders.add(tuple(sorted(range(len(FACTS)), key=positions.__getitem__)))
+    assert len(orders) > 1
+    assert messages[0]["content"][1]["text"] == "Describe the image."  # the caller's conversation is not changed
+
+
+def test_before_answer_with_a_text_only_turn_and_without_facts():
+    tokenizer = AutoTokenizer.from_pretrained("models/shapes-llava")
+    messages = [{"role": "user", "content": "Is there a star?"}]
+    text = reward_model_text(tokenizer, messages, "Yes.", FACTS, random.Random(0), facts_placement="before_answer")
+    assert text.index("Facts:") < text.index("Is there a star?") < text.index("Yes.")
+    plain = reward_model_text(tokenizer, messages, "Yes.", FACTS, random.Random(0), with_facts=False,
+                              facts_placement="before_answer")  # fmt: skip
+    assert "facts" not in plain.lower() and plain == reward_model_text(tokenizer, messages, "Yes.", FACTS,
+                                                                       random.Random(0), with_facts=False)  # fmt: skip
+
+
+def test_an_unknown_placement_is_refused():
+    tokenizer = AutoTokenizer.from_pretrained("models/shapes-llava")
+    with pytest.raises(ValueError, match="before_answer, rating_turn"):
+        reward_model_text(tokenizer, [{"role": "user", "content": "Q?"}], "A.", FACTS, random.Random(0),
+                          facts_placement="after_everything")  # fmt: skip

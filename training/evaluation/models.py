@@ -80,14 +80,16 @@ class TransformersChatModel:
         logger.info("loaded model_dir=%s device=%s dtype=%s", model_dir, self.device, dtype)
 
     @classmethod
-    def from_loaded(cls, model, processor, batch_size: int = 16) -> TransformersChatModel:
-        """Answers with a model already in memory (e.g. a base model with a LoRA version merged in)."""
+    def from_loaded(cls, model, processor, batch_size: int = 16, synced: bool = False) -> TransformersChatModel:
+        """Answers with a model already in memory (e.g. a base model with a LoRA version merged in). `synced`: the
+        model is sharded over processes, which all answer the same requests together (`rollouts.generate`)."""
         chat = cls.__new__(cls)
-        chat._attach(model, processor, batch_size)
+        chat._attach(model, processor, batch_size, synced)
         return chat
 
-    def _attach(self, model, processor, batch_size: int) -> None:
+    def _attach(self, model, processor, batch_size: int, synced: bool = False) -> None:
         self.batch_size, self.device, self.model, self.processor = batch_size, model.device, model.eval(), processor
+        self.synced = synced
         self.tokenizer = processor.tokenizer
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -105,7 +107,7 @@ class TransformersChatModel:
         from training.rollouts import Prompt, generate
 
         prompts = [Prompt(tuple(user_turn(r.question)), r.image, r.max_tokens) for r in batch]
-        return generate(self.model, self.processor, prompts, greedy=True).texts
+        return generate(self.model, self.processor, prompts, greedy=True, synced=self.synced).texts
 
 
 def check_endpoint(client: openai.OpenAI) -> None:

@@ -2,9 +2,11 @@
 
 1. Reward-model pairs: the SFT model samples answers on ShapesWorld train scenes (and validation scenes for held-out
    pairs), ranked by ground truth (`training.reward_data`); both reward models train on exactly these pairs.
-2. Two reward models (`training.reward_model`): fact-augmented (the scene's facts in the rating turn) and plain.
-   Reported: accuracy on the held-out pairs, overall and per kind.
-3. Two PPO runs (`training.ppo`), identical but for the reward model: the same seed, prompts and hyperparameters.
+2. Three reward models (`training.reward_model`) on the same pairs: fact-augmented with the scene's facts in the
+   rating turn after the answer (the paper's placement and the recipe's default), fact-augmented with the facts
+   before the answer, and plain. Reported: accuracy on the held-out pairs, overall and per kind.
+3. Two PPO runs (`training.ppo`), identical but for the reward model (the default fact RM, or the plain one): the
+   same seed, prompts and hyperparameters.
    Every step logs the mean RM score of the rollouts and their true hallucination rate (the judge's verdict against
    the scene, which neither the policy nor a plain RM sees); every `--eval-every` steps the policy is scored on
    validation images. Before and after: CHAIR_s, CHAIR_i, object recall, POPE on the test split.
@@ -35,17 +37,19 @@ def reward_models(args) -> dict:
 
     summaries = {}
     pairs_dir = Path(args.workdir) / "reward-pairs"
-    for arm, with_facts in (("fact", True), ("plain", False)):
+    arms = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
+    for arm, (with_facts, placement) in arms.items():
         directory = Path(args.workdir) / f"reward-{arm}"
         if args.reuse and (directory / META_FILE).is_file():
             summaries[arm] = json.loads((directory / META_FILE).read_text())
         else:
             config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts,
-                                  pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes,
-                                  eval_scenes=args.rm_eval_scenes, epochs=args.rm_epochs, seed=args.seed)  # fmt: skip
+                                  facts_placement=placement, pairs_dir=str(pairs_dir),
+                                  train_scenes=args.rm_train_scenes, eval_scenes=args.rm_eval_scenes,
+                                  epochs=args.rm_epochs, seed=args.seed)  # fmt: skip
             summaries[arm] = train(config)
         model, processor, _ = load_reward_model(directory, args.model)
-        summaries[arm]["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts),
+        summaries[arm]["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
                                                    load_pairs(pairs_dir / "validation"), args.seed)  # fmt: skip
     return summaries
 
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/fact-rlhf", help="reward models, PPO runs and the pair cache")
     parser.add_argument("--reuse", action="store_true", help="reuse finished reward models and PPO runs in --workdir")
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
-    parser.add_argument("--rm-eval-scenes", type=int, default=200)
+    parser.add_argument("--rm-eval-scenes", type=int, default=600)
     parser.add_argument("--rm-epochs", type=int, default=3)
     parser.add_argument("--ppo-steps", type=int, default=60)
     parser.add_argument("--rollout-batch", type=int, default=32)
