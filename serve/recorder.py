@@ -21,7 +21,7 @@ import logging
 
 import anyio
 
-from online_rl.schema import GenerationRecord, sha256_hex
+from online_rl.schema import GenerationRecord
 from online_rl.store import ConflictError, FeedbackStore, NotFoundError
 from serve.metrics import GatewayMetrics
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PendingRecord:
     record: GenerationRecord
-    images: list[bytes]
+    images: dict[str, bytes]  # by sha256
     written: asyncio.Future
 
 
@@ -46,10 +46,11 @@ class RecordWriter:
         self.queue: asyncio.Queue[PendingRecord] = asyncio.Queue()
         self.pending: dict[str, asyncio.Future] = {}
         self.pending_by_image: dict[str, set[str]] = {}  # image sha256 -> ids of queued records that carry it
-        self.stored_images: collections.OrderedDict[str, None] = collections.OrderedDict()  # images stored lately, oldest first
+        self.stored_images: collections.OrderedDict[str, None] = collections.OrderedDict()  # stored lately, oldest first
         self.remembered_images = 4096
 
-    def submit(self, record: GenerationRecord, images: list[bytes]) -> None:
+    def submit(self, record: GenerationRecord, images: dict[str, bytes]) -> None:
+        """Queues a record with its images' bytes, keyed by the sha256 the request already computed."""
         if len(self.pending) >= self.max_pending:
             self.metrics.record_failures.labels(kind="queue_full").inc()
             logger.error("record dropped: write queue full id=%s pending=%d", record.id, len(self.pending))
@@ -85,9 +86,8 @@ class RecordWriter:
             if self.store.get_generation(item.record.id) is None:
                 raise
 
-    def _store_images(self, images: list[bytes]) -> None:
-        for data in images:
-            sha256 = sha256_hex(data)
+    def _store_images(self, images: dict[str, bytes]) -> None:
+        for sha256, data in images.items():
             if sha256 in self.stored_images:
                 self.stored_images.move_to_end(sha256)
                 continue

@@ -272,7 +272,7 @@ class ChatService:
             key_id=prepared.caller.key_id,
             client=prepared.client,
         )
-        self.recorder.submit(record, [image.data for image in prepared.images])
+        self.recorder.submit(record, {image.sha256: image.data for image in prepared.images})
 
 
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps(separators=) builds one per call

@@ -231,6 +231,7 @@ class PPOTrainer:
         from accelerate import Accelerator
 
         from training.reward_model import RewardEncoder, load_reward_model, require_reward_model
+        from training.reward_prompt import DEFAULT_FACT_PLACEMENT
 
         if config.sharding not in SHARDINGS:
             raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {config.sharding!r}")
@@ -243,7 +244,7 @@ class PPOTrainer:
         self.reward_model, _, reward_meta = load_reward_model(config.reward_model, config.model)
         self.reward_model.to(self.accelerator.device)
         self.rm_encoder = RewardEncoder(self.processor, with_facts=reward_meta["with_facts"],
-                                        facts_placement=reward_meta.get("facts_placement", "rating_turn"))  # fmt: skip
+                                        facts_placement=reward_meta.get("facts_placement", DEFAULT_FACT_PLACEMENT))  # fmt: skip
         self.with_facts = reward_meta["with_facts"]
         value_model, _, _ = load_reward_model(config.reward_model, config.model, trainable=True, zero_head=True)
         if self.sharded:  # the policy's root unit is its LLaVA model: `generate` calls that one's forward, not PEFT's

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from training.ppo_losses import ScalarHead, reward_preference_loss
 from training.reward_data import RewardPair, load_pairs, save_pairs, shapes_reward_pairs, store_reward_pairs
-from training.reward_prompt import FACT_PLACEMENTS, reward_model_text
+from training.reward_prompt import DEFAULT_FACT_PLACEMENT, FACT_PLACEMENTS, reward_model_text
 from training.sharding import SHARDINGS, gathered_state_dict, shard
 from training.tiny_llava import image_token_count, load_checkpoint
 
@@ -74,7 +74,7 @@ class ScoredBackbone(torch.nn.Module):
 class RewardEncoder:
     """Encodes (conversation, answer, facts, image) rows as the reward model's input, right-padded."""
 
-    def __init__(self, processor, with_facts: bool = True, facts_placement: str = "rating_turn"):
+    def __init__(self, processor, with_facts: bool = True, facts_placement: str = DEFAULT_FACT_PLACEMENT):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.with_facts = with_facts
@@ -197,7 +197,8 @@ class RewardConfig:
     model: str = dataclasses.field(default="models/shapes-llava", metadata={"help": "The SFT checkpoint (backbone)."})
     with_facts: bool = dataclasses.field(default=True, metadata={"help": "List the image's facts in the prompt."})
     facts_placement: str = dataclasses.field(
-        default="rating_turn", metadata={"help": "before_answer (in the question's turn) or rating_turn (the paper's)."}
+        default=DEFAULT_FACT_PLACEMENT,
+        metadata={"help": "before_answer (in the question's turn) or rating_turn (the paper's)."},
     )
     pairs_dir: str = dataclasses.field(
         default="runs/reward-pairs", metadata={"help": "Cache of the sampled pairs (made once, reused by every run)."}

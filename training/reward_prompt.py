@@ -31,6 +31,7 @@ RATING_CRITERIA = (
 )
 SCORE_PRIMER = "The quality score of my last response is"
 FACT_PLACEMENTS = ("before_answer", "rating_turn")
+DEFAULT_FACT_PLACEMENT = "rating_turn"  # the paper's, and the better one here
 
 
 def fact_bullets(facts: Sequence[str], rng: random.Random) -> list[str]:
@@ -65,7 +66,7 @@ def with_facts_before_question(messages: Sequence[dict], facts: Sequence[str], r
 
 
 def reward_model_text(tokenizer, messages: Sequence[dict], response: str, facts: Sequence[str], rng: random.Random,
-                      with_facts: bool = True, facts_placement: str = "rating_turn") -> str:  # fmt: skip
+                      with_facts: bool = True, facts_placement: str = DEFAULT_FACT_PLACEMENT) -> str:  # fmt: skip
     """The full text the reward model scores, through the model's own chat template (so image placeholders land
     where the processor expects them); it ends with the score primer."""
     if facts_placement not in FACT_PLACEMENTS:

@@ -36,7 +36,7 @@ def test_facts_for_an_image_wait_for_the_queued_records_that_carry_it(tmp_path):
             runner = asyncio.create_task(writer.run())
             record = GenerationRecord(id="gen-1", alias="llava-rlhf", messages=image_message(sha, "Q?"), response="A.",
                                       user_id="u-1")  # fmt: skip
-            writer.submit(record, [data])
+            writer.submit(record, {sha: data})
             before = store.generations_using_image(sha)
             await writer.wait_image_written(sha)
             after = store.generations_using_image(sha)
@@ -73,7 +73,7 @@ def test_an_image_is_stored_once_and_again_after_it_was_deleted(tmp_path):
         async def write(writer: RecordWriter, *records: GenerationRecord) -> None:
             runner = asyncio.create_task(writer.run())
             for item in records:
-                writer.submit(item, [data])
+                writer.submit(item, {sha: data})
                 await writer.wait_written(item.id)
             runner.cancel()
 
@@ -122,7 +122,7 @@ def test_queued_records_go_in_one_trip_and_a_failing_one_is_retried_then_counted
         async def scenario() -> None:
             for generation_id in ids:  # all queued before the writer runs, as under load
                 writer.submit(GenerationRecord(id=generation_id, alias="llava-rlhf", messages=[{"role": "user",
-                              "content": "Q?"}], response="A.", user_id="u-1"), [])  # fmt: skip
+                              "content": "Q?"}], response="A.", user_id="u-1"), {})  # fmt: skip
             runner = asyncio.create_task(writer.run())
             for generation_id in ids:
                 await writer.wait_written(generation_id)
