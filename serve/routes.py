@@ -10,10 +10,11 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from serve.admin import AdminService
 from serve.auth import Caller
+from serve.event_stream import EventStreamResponse
 from serve.feedback import FeedbackService
 from serve.protocol import (
     APIError,
@@ -29,7 +30,7 @@ from serve.protocol import (
     PromoteRequest,
     RollbackRequest,
 )
-from serve.serving import ChatService
+from serve.serving import ChatService, encode_json
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 429, 503)}
@@ -90,21 +91,15 @@ async def chat_completions(
     try:
         prepared = await chat.prepare(body, caller, client or "api")
         if not body.stream:
-            return JSONResponse(await chat.complete(prepared), headers=prepared.headers())
+            answer = encode_json(await chat.complete(prepared))
+            return Response(answer, media_type="application/json", headers=prepared.headers())
         relay = await chat.open_stream(prepared)
         streaming = True  # from here the stream releases the slot when it ends
     finally:
         if not streaming:
             limiter.release(caller.key_id)
 
-    async def stream():
-        try:
-            async for chunk in relay:
-                yield chunk
-        finally:
-            limiter.release(caller.key_id)
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=prepared.headers())
+    return EventStreamResponse(relay, prepared.headers(), on_close=lambda: limiter.release(caller.key_id))
 
 
 @api.get("/v1/models", responses=ERRORS)

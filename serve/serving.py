@@ -16,10 +16,11 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import anyio
 import httpx
+import orjson
 
 from online_rl.schema import IMAGE_REF_PREFIX, GenerationRecord, hash_user_id
 from serve.auth import Caller
@@ -150,7 +151,8 @@ class ChatService:
             upstream.in_flight += 1
             try:
                 request = self.pool.client.build_request(
-                    "POST", f"{upstream.base_url}/v1/chat/completions", json=prepared.payload, timeout=self.timeout_s
+                    "POST", f"{upstream.base_url}/v1/chat/completions", content=encode_json(prepared.payload),
+                    headers=_UPSTREAM_HEADERS, timeout=self.timeout_s,
                 )
                 response = await self.pool.client.send(request, stream=stream)
             except CONNECT_FAILURES as error:
@@ -173,7 +175,7 @@ class ChatService:
     async def complete(self, prepared: PreparedChat) -> dict:
         response, upstream = await self._send(prepared, stream=False)
         try:
-            body = response.json()
+            body = orjson.loads(response.content)
         finally:
             upstream.in_flight -= 1
         body["model"] = prepared.public_model
@@ -184,12 +186,13 @@ class ChatService:
                      choice.get("finish_reason"), usage, None, stream=False)  # fmt: skip
         return body
 
-    async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[bytes]:
+    async def open_stream(self, prepared: PreparedChat) -> AsyncGenerator[bytes, None]:
         """Starts the upstream stream (errors before the first byte raise APIError) and returns the relay."""
         response, upstream = await self._send(prepared, stream=True)
         return self._relay(prepared, response, upstream)
 
-    async def _relay(self, prepared: PreparedChat, response: httpx.Response, upstream: Upstream) -> AsyncIterator[bytes]:
+    async def _relay(self, prepared: PreparedChat, response: httpx.Response,
+                     upstream: Upstream) -> AsyncGenerator[bytes, None]:  # fmt: skip
         """vLLM's events, rewritten (`model`, `system_fingerprint`, usage as asked); what arrived in one read leaves
         in one write. The events are parsed to keep the answer's text, id and usage for the record."""
         wants_usage = bool(prepared.request.stream_options and prepared.request.stream_options.include_usage)
@@ -202,10 +205,15 @@ class ChatService:
                     if data == b"[DONE]":
                         completed = True
                         continue  # read on to the body's end: a half-read response closes its connection to vLLM
-                    chunk = json.loads(data)
+                    try:
+                        chunk = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        if out:
+                            yield b"".join(out)  # the events before it in the same read still reach the client
+                        raise
                     if "error" in chunk:
                         finish_reason = "error"
-                        out.append(b"data: " + _compact_json(chunk).encode() + b"\n\n")
+                        out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
                         continue
                     response_id = chunk.get("id", response_id)
                     chunk["model"] = prepared.public_model
@@ -223,15 +231,16 @@ class ChatService:
                             continue  # the usage-only chunk the client did not ask for
                         if not wants_usage:
                             chunk.pop("usage")
-                    out.append(b"data: " + _compact_json(chunk).encode() + b"\n\n")
+                    out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 if out:
                     yield b"".join(out)
             if completed:
                 yield b"data: [DONE]\n\n"
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, orjson.JSONDecodeError) as error:
             finish_reason = "error"
-            failure = APIError(502, f"the model server failed mid-stream: {type(error).__name__}", code="upstream_error")
-            yield f"data: {json.dumps(failure.body())}\n\n".encode()
+            cause = "an event that is not JSON" if isinstance(error, orjson.JSONDecodeError) else type(error).__name__
+            failure = APIError(502, f"the model server failed mid-stream: {cause}", code="upstream_error")
+            yield b"data: " + orjson.dumps(failure.body()) + b"\n\n"
         finally:
             upstream.in_flight -= 1
             with anyio.CancelScope(shield=True):
@@ -275,13 +284,24 @@ class ChatService:
         self.recorder.submit(record, {image.sha256: image.data for image in prepared.images})
 
 
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps(separators=) builds one per call
+# The request goes up as compact JSON (orjson) and the answer is asked for uncompressed, so the relay can read raw
+# bytes as they arrive (`aiter_raw`: no decoder or re-chunker per read).
+_UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+
+
+def encode_json(payload: dict) -> bytes:
+    """Compact JSON; orjson, or the standard library for what orjson refuses (integers over 64 bits, which a
+    client may send in a passed-through field and vLLM then judges)."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 async def sse_data(response: httpx.Response) -> AsyncIterator[list[bytes]]:
     """The `data:` fields of a server-sent-event body, grouped by the network read they completed in."""
     pending = b""
-    async for received in response.aiter_bytes():
+    async for received in response.aiter_raw():
         lines = (pending + received).split(b"\n")
         pending = lines.pop()
         payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]

@@ -9,6 +9,10 @@ With none healthy, requests get a 503 at once instead of waiting.
 in C where httpcore and h11 parse it in Python: on a paced 32-token stream that cut the gateway's CPU per request
 by a third (7.9 to 5.2 ms, `bench/gateway_overhead.py`'s CPU figure measures the same thing against real vLLM).
 
+The client keeps no cookies: vLLM sets none, and a jar shared by every user's requests would carry one user's
+cookie into the next user's request if an upstream ever did (httpx also parsed each response into it: ~5% of the
+gateway's CPU for a short answer).
+
 `EmbeddedEngine` (the default mode) starts vLLM as a child process on the bundled model, with LoRA and the
 filesystem resolver pointed at the adapter directory, and restarts it if it dies.
 """
@@ -33,10 +37,34 @@ logger = logging.getLogger(__name__)
 CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
+class _NoCookies(httpx.Cookies):
+    """An always-empty jar: `Set-Cookie` in a response is ignored."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        raise TypeError("the upstream client keeps no cookies")
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """httpx's client without a cookie jar (see the module's docstring)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies) -> None:
+        raise TypeError("the upstream client keeps no cookies")
+
+
 def upstream_client(timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The client for vLLM requests and health checks; tests pass an in-process `transport` instead of aiohttp."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    return httpx.AsyncClient(transport=transport or AiohttpTransport(limits=limits, trust_env=False),
+    return UpstreamClient(transport=transport or AiohttpTransport(limits=limits, trust_env=False),
                              timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits, trust_env=False)  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 and people.
 
 - ShapesWorld (`shapes_reward_pairs`): the SFT model samples several answers to a scene's detailed-description prompt
-  and to a presence probe about an absent object (the co-occurring partner it tends to invent, where there is one);
+  and to two presence probes, about an absent object (the co-occurring partner it tends to invent, where there is
+  one) and about a present one;
   the rule judge (online_rl/judge.py) scores each against the scene graph, and the best and worst answers become a
   pair when their scores differ, so the hallucinating answer is the rejected one. The facts are the scene's. Each
   pair is labelled by what is wrong with its rejected answer: an invented object (`description_object`), another
@@ -34,6 +35,11 @@ from training.evaluation.shapes_bench import max_tokens_for
 from training.rollouts import Prompt, generate
 from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, ShapesWorld
 
+# The questions `rated_questions` asks; a cache sampled with another set is sampled again. 2: a presence probe about
+# a present shape besides the one about an absent shape.
+QUESTION_SET = 2
+MADE_WITH_FILE = "made_with.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardPair:
@@ -48,13 +54,17 @@ class RewardPair:
 
 
 def rated_questions(world: ShapesWorld, scene: Scene, rng: random.Random) -> list[QAItem]:
-    """The questions whose sampled answers are paired for a scene: the detailed description, and a presence probe
-    about an absent shape (a missing co-occurring partner when the scene has one: the adversarial probe)."""
+    """The questions whose sampled answers are paired for a scene: the detailed description, a presence probe about
+    an absent shape (a missing co-occurring partner when the scene has one: the adversarial probe), and one about a
+    present shape. Without the last, every presence pair the reward model sees prefers "no", it learns that "no" is
+    the better answer whatever the image, and PPO against it learns to deny everything (POPE fell from 0.91 to 0.63
+    in a 90-step run at lr 2e-4 on such a model)."""
     missing = sorted({partner for _, partner in world.missing_partners(scene)})
     absent = missing or [shape for shape in SHAPES if shape not in scene.shapes]
     items = [QAItem("description", DESCRIBE_PROMPT, world.description(scene, noisy=False))]
     if absent:
         items.append(world.presence_item(rng.choice(absent), False))
+    items.append(world.presence_item(rng.choice(sorted(scene.shapes)), True))
     return items
 
 
@@ -92,8 +102,11 @@ def shapes_reward_pairs(policy, processor, world: ShapesWorld, split: str, num_s
 
 
 def pair_kind(judge: ShapesRuleJudge, scene: Scene, item: QAItem, rejected: str) -> str:
-    """presence; description_object when the rejected description names an object that is not there (object
-    hallucination, what CHAIR counts); description_detail when it is wrong otherwise (a color, a place, a count)."""
+    """presence_absent / presence_present for a probe about a shape that is not / is there; description_object when
+    the rejected description names an object that is not there (object hallucination, what CHAIR counts);
+    description_detail when it is wrong otherwise (a color, a place, a count)."""
+    if item.kind == "presence":
+        return "presence_present" if item.answer == "Yes." else "presence_absent"
     if item.kind != "description":
         return item.kind
     return "description_object" if judge.judge(scene, item, rejected).hallucinated else "description_detail"
@@ -115,13 +128,14 @@ def store_reward_pairs(store: FeedbackStore, limit: int = 10000) -> list[RewardP
     return pairs
 
 
-def save_pairs(pairs: Sequence[RewardPair], directory: str | Path) -> Path:
-    """`pairs.jsonl` plus one PNG per distinct image under `images/`, written to a temporary directory and renamed,
-    so a reader never sees half a cache."""
+def save_pairs(pairs: Sequence[RewardPair], directory: str | Path, made_with: dict | None = None) -> Path:
+    """`pairs.jsonl` plus one PNG per distinct image under `images/`, and `made_with` (what sampled them) in
+    `made_with.json`; written to a temporary directory and renamed, so a reader never sees half a cache."""
     directory = Path(directory)
     staging = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "images").mkdir(parents=True)
+    (staging / MADE_WITH_FILE).write_text(json.dumps(made_with or {}, sort_keys=True) + "\n")
     names: dict[int, str] = {}
     with (staging / "pairs.jsonl").open("w") as handle:
         for pair in pairs:
@@ -134,6 +148,14 @@ def save_pairs(pairs: Sequence[RewardPair], directory: str | Path) -> Path:
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
     return directory
+
+
+def cache_made_with(directory: str | Path) -> dict | None:
+    """What sampled the cached pairs in `directory`, or None when there is no complete cache there."""
+    directory = Path(directory)
+    if not (directory / "pairs.jsonl").is_file() or not (directory / MADE_WITH_FILE).is_file():
+        return None
+    return json.loads((directory / MADE_WITH_FILE).read_text())
 
 
 def load_pairs(directory: str | Path) -> list[RewardPair]:

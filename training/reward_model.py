@@ -8,7 +8,9 @@ response is". `--with_facts false` leaves the facts out: the plain reward model 
 The recipe samples its preference pairs from the SFT model on ShapesWorld scenes, ranked by ground truth
 (`training.reward_data`), adds the feedback store's pairs when `--store` names one, trains with
 -log sigmoid(r_chosen - r_rejected), and reports the accuracy on held-out pairs (validation scenes). The sampled pairs
-are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs.
+are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs; a
+cache sampled with other settings (model, scenes, samples, temperature, pairs seed, question set) is sampled again.
+The pairs have their own seed (`--pairs_seed`): reward models trained with different `--seed`s share the pairs.
 
 It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every
 process trains on its share of each batch, and the gradients are averaged by DDP (accelerate's `Accelerator`, the
@@ -35,7 +37,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from training.ppo_losses import ScalarHead, reward_preference_loss
-from training.reward_data import RewardPair, load_pairs, save_pairs, shapes_reward_pairs, store_reward_pairs
+from training.reward_data import (
+    QUESTION_SET,
+    RewardPair,
+    cache_made_with,
+    load_pairs,
+    save_pairs,
+    shapes_reward_pairs,
+    store_reward_pairs,
+)
 from training.reward_prompt import DEFAULT_FACT_PLACEMENT, FACT_PLACEMENTS, reward_model_text
 from training.sharding import SHARDINGS, gathered_state_dict, shard
 from training.tiny_llava import image_token_count, load_checkpoint
@@ -213,6 +223,7 @@ class RewardConfig:
     epochs: int = dataclasses.field(default=3, metadata={"help": "Passes over the training pairs."})
     batch_pairs: int = dataclasses.field(default=8, metadata={"help": "Pairs per optimizer step, over all processes."})
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the LoRA, the head, the order and the facts."})
+    pairs_seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the sampled answers the pairs come from."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
     cpu: bool = dataclasses.field(default=False, metadata={"help": "Train on CPU even when there is a GPU."})
     sharding: str = dataclasses.field(
@@ -224,13 +235,19 @@ def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPa
     """The cached ShapesWorld pairs of `split`, sampled by the main process on first use."""
     directory = Path(config.pairs_dir) / split
     scenes = config.train_scenes if split == "train" else config.eval_scenes
-    if accelerator.is_main_process and not (directory / "pairs.jsonl").is_file():
+    made_with = {"questions": QUESTION_SET, "model": str(Path(config.model).resolve()), "scenes": scenes,
+                 "samples": config.samples, "temperature": config.temperature, "seed": config.pairs_seed}  # fmt: skip
+    cached = cache_made_with(directory)
+    if accelerator.is_main_process and cached != made_with:
+        if cached is not None:
+            logger.info("the %s pairs in %s were sampled with other settings (%s); sampling again", split, directory,
+                        ", ".join(f"{k}={cached.get(k)}" for k in made_with if cached.get(k) != made_with[k]))  # fmt: skip
         policy, processor = load_checkpoint(config.model)
         policy.to(accelerator.device)
         started = time.monotonic()
         pairs = shapes_reward_pairs(policy, processor, _world(), split, scenes, samples=config.samples,
-                                    temperature=config.temperature, seed=config.seed)  # fmt: skip
-        save_pairs(pairs, directory)
+                                    temperature=config.temperature, seed=config.pairs_seed)  # fmt: skip
+        save_pairs(pairs, directory, made_with)
         logger.info("sampled %d %s pairs from %d scenes in %.0f s", len(pairs), split, scenes, time.monotonic() - started)
     accelerator.wait_for_everyone()
     return load_pairs(directory)

@@ -7,6 +7,7 @@ Switches on the instance make it fail the way a real server can (unhealthy, 500s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -23,6 +24,9 @@ class FakeVLLM:
         self.fail_with: int | None = None
         self.adapters: set[str] = set()  # names the resolver can load, like policy-v1
         self.requests: list[dict] = []
+        self.token_delay_s = 0.0  # pause before each streamed word, like a real engine's decoding steps
+        self.streams_cut: list[str] = []  # ids of streams whose reader went away before the end (vLLM aborts them)
+        self.garbled_after_first_word = False  # then an event that is not JSON, as from a broken proxy in between
         self.app = self._build()
 
     def answer_for(self, body: dict) -> str:
@@ -76,8 +80,16 @@ class FakeVLLM:
 
             async def events():
                 yield chunk({"role": "assistant", "content": ""})
-                for i, word in enumerate(words):
-                    yield chunk({"content": word if i == 0 else " " + word})
+                try:
+                    for i, word in enumerate(words):
+                        await asyncio.sleep(self.token_delay_s)
+                        yield chunk({"content": word if i == 0 else " " + word})
+                        if self.garbled_after_first_word:
+                            yield "data: {not json\n\n"
+                            return
+                except (asyncio.CancelledError, GeneratorExit):
+                    self.streams_cut.append(response_id)
+                    raise
                 yield chunk({}, finish="stop")
                 if (body.get("stream_options") or {}).get("include_usage"):
                     yield chunk({}, with_usage=True)

@@ -74,6 +74,20 @@ def test_usage_is_streamed_when_asked_for(client):
     assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
 
 
+def test_a_stream_that_breaks_midway_ends_with_an_error_event_and_is_recorded_as_failed(client, fake_vllm):
+    fake_vllm.garbled_after_first_word = True
+    body = {"model": "llava-rlhf", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    with client.stream("POST", "/v1/chat/completions", headers=auth(ALICE), json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert response.status_code == 200
+    assert [e["choices"][0]["delta"].get("content") for e in events[:2]] == ["", "shapes-llava"]
+    assert events[2] == {"error": {"message": "the model server failed mid-stream: an event that is not JSON",
+                                   "type": "server_error", "param": None, "code": "upstream_error"}}  # fmt: skip
+    assert len(events) == 3  # no [DONE]: the answer did not finish
+    record = record_of(client, events[0]["id"])
+    assert record.finish_reason == "error" and record.response == "shapes-llava"
+
+
 @pytest.mark.anyio
 async def test_the_async_sdk_works_unchanged(settings, fake_vllm):
     import asyncio
@@ -160,7 +174,7 @@ def test_unknown_models_and_versions_are_404(client):
     for model in ("gpt-4", "llava-rlhf@v9"):
         response = client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]},
                                headers=auth(ALICE))  # fmt: skip
-        assert_openai_error(response, 404, model, param="model")["code"] == "model_not_found"
+        assert assert_openai_error(response, 404, model, param="model")["code"] == "model_not_found"
 
 
 def test_keys_are_checked(client):

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from serve.serving import sse_data
+from serve.serving import encode_json, sse_data
 
 
 def data_groups(reads: list[bytes]) -> list[list[bytes]]:
@@ -38,3 +38,9 @@ def test_crlf_lines_comments_and_other_fields_are_handled():
 
 def test_an_empty_body_has_no_events():
     assert data_groups([]) == [] and data_groups([b"\n\n"]) == []
+
+
+def test_request_bodies_are_compact_utf8_json_and_big_integers_still_go_up():
+    assert encode_json({"text": "café", "n": [1, 2.5]}) == '{"text":"café","n":[1,2.5]}'.encode()
+    # orjson refuses integers over 64 bits; a passed-through field may hold one, and vLLM is the one to judge it
+    assert encode_json({"seed": 2**70}) == b'{"seed":1180591620717411303424}'

@@ -2,15 +2,19 @@
 - streamed answers keep the connection open for the next request: the relay reads each upstream response to its
   end, so the connection goes back to the pool instead of closing (a connection per request cost a TCP handshake
   and a vLLM accept on every stream);
-- a server that refuses connections is skipped: the request goes to another one and nothing fails.
+- a server that refuses connections is skipped: the request goes to another one and nothing fails;
+- a client that hangs up mid-stream ends the stream from vLLM at once and frees its concurrency slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
+import time
 
+import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -88,3 +92,28 @@ def test_requests_skip_a_server_that_refuses_connections(settings):
                 assert response.status_code == 200, response.text
             assert pool.upstreams[0].failures >= 1 and not pool.upstreams[0].healthy
             assert pool.upstreams[1].failures == 0
+
+
+def test_a_client_that_goes_away_mid_stream_cuts_the_upstream_stream_and_frees_its_slot(settings):
+    """The client hangs up after the first word: the gateway closes its stream from vLLM (which aborts the
+    generation there), records the answer so far as aborted, and the key's only concurrency slot is free again."""
+    fake = FakeVLLM()
+    fake.token_delay_s = 0.3
+    with served(fake.app) as upstream_url:
+        app = create_app(settings.model_copy(update={"vllm_urls": [upstream_url], "max_concurrent_per_key": 1}))
+        with served(app) as gateway_url, httpx.Client(base_url=gateway_url, timeout=10) as client:
+            wait_until(lambda: client.get("/ready").status_code == 200)
+            body = {"model": "llava-rlhf", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+            with client.stream("POST", "/v1/chat/completions", headers=auth(ALICE), json=body) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            started_cut = time.monotonic()
+            wait_until(lambda: fake.streams_cut == [first["id"]])
+            assert time.monotonic() - started_cut < 1.0  # at the next token, not at the end of the answer
+            record = wait_until(lambda: app.state.store.get_generation(first["id"]))
+            assert record.finish_reason == "abort"
+            assert record.response == ""  # the role chunk only: no word had arrived
+            fake.token_delay_s = 0.0
+            again = client.post("/v1/chat/completions", headers=auth(ALICE), json={**body, "stream": False})
+            assert again.status_code == 200, again.text  # the slot was released

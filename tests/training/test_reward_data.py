@@ -27,9 +27,11 @@ def test_a_scene_missing_a_partner_is_probed_about_that_partner():
     scene = next(s for s in world.scenes("train", 200) if world.missing_partners(s))
     missing = {partner for _, partner in world.missing_partners(scene)}
     items = rated_questions(world, scene, random.Random(0))
-    assert [item.kind for item in items] == ["description", "presence"]
+    assert [item.kind for item in items] == ["description", "presence", "presence"]
     assert items[0].question == DESCRIBE_PROMPT
     assert items[1].target in missing and items[1].answer == "No."
+    # and one about a shape that is there, so "no" is not always the preferred answer
+    assert items[2].target in scene.shapes and items[2].answer == "Yes."
 
 
 def test_the_cache_round_trip_keeps_every_field_and_shares_images(tmp_path):
@@ -54,15 +56,18 @@ def test_sampled_pairs_put_the_hallucinating_answer_second(bundled_model):
     model, processor = load_checkpoint(bundled_model)
     world, judge = ShapesWorld(), ShapesRuleJudge()
     pairs = shapes_reward_pairs(model, processor, world, "train", 12, samples=4)
-    assert pairs and {p.kind for p in pairs} <= {"description_object", "description_detail", "presence"}
+    kinds = {"description_object", "description_detail", "presence_absent", "presence_present"}
+    assert pairs and {p.kind for p in pairs} <= kinds
     scenes = {tuple(world.facts(s)): s for s in world.scenes("train", 12)}
     for pair in pairs:
         scene = scenes[pair.facts]
         question = pair.messages[0]["content"][1]["text"]  # "Is there a <shape> in the image?" for a probe
         item = (QAItem("description", DESCRIBE_PROMPT, "") if pair.kind.startswith("description")
-                else world.presence_item(question.split()[3], False))  # fmt: skip
+                else world.presence_item(question.split()[3], pair.kind == "presence_present"))  # fmt: skip
         assert judge.score(scene, item, pair.chosen) > judge.score(scene, item, pair.rejected)
-        if pair.kind != "presence":  # labelled by what is wrong with the rejected description
+        if pair.kind.startswith("presence"):
+            assert (question.split()[3] in scene.shapes) == (pair.kind == "presence_present")
+        else:  # labelled by what is wrong with the rejected description
             assert bool(judge.judge(scene, item, pair.rejected).hallucinated) == (pair.kind == "description_object")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -113,3 +114,25 @@ def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_pa
     assert [r["step"] for r in records] == list(range(1, summary["steps"] + 1))
     _, _, meta = load_reward_model(tmp_path / "rm")
     assert meta["held_out"] == summary["held_out"]
+
+
+def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_model, tmp_path, caplog):
+    from accelerate import Accelerator
+
+    from training.reward_data import MADE_WITH_FILE
+    from training.reward_model import reward_pairs
+
+    config = RewardConfig(model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"), train_scenes=3, samples=2)
+    accelerator = Accelerator(cpu=True)
+    first = reward_pairs(config, "train", accelerator)
+    made_with = json.loads((tmp_path / "pairs" / "train" / MADE_WITH_FILE).read_text())
+    assert made_with["scenes"] == 3 and made_with["samples"] == 2 and made_with["questions"] == 2
+    stamp = (tmp_path / "pairs" / "train" / "pairs.jsonl").stat().st_mtime_ns
+    # same settings, or another seed for the model only: read back, not sampled again
+    again = reward_pairs(dataclasses.replace(config, seed=1), "train", accelerator)
+    assert (tmp_path / "pairs" / "train" / "pairs.jsonl").stat().st_mtime_ns == stamp
+    assert [(p.chosen, p.rejected) for p in again] == [(p.chosen, p.rejected) for p in first]
+    with caplog.at_level("INFO", logger="training.reward_model"):
+        reward_pairs(dataclasses.replace(config, train_scenes=4), "train", accelerator)
+    assert "sampled with other settings (scenes=3)" in caplog.text
+    assert json.loads((tmp_path / "pairs" / "train" / MADE_WITH_FILE).read_text())["scenes"] == 4

@@ -4,7 +4,9 @@
    pairs), ranked by ground truth (`training.reward_data`); both reward models train on exactly these pairs.
 2. Three reward models (`training.reward_model`) on the same pairs: fact-augmented with the scene's facts in the
    rating turn after the answer (the paper's placement and the recipe's default), fact-augmented with the facts
-   before the answer, and plain. Reported: accuracy on the held-out pairs, overall and per kind.
+   before the answer, and plain (`--reward-arms` picks; PPO needs the first and the last). Reported: accuracy on
+   the held-out pairs, overall and per kind; with `--rm-seeds 0 1 ...` each is trained once per seed, on the same
+   pairs (reward-model accuracy moves by a few points from seed to seed on this data), and the mean is reported.
 3. Two PPO runs (`training.ppo`), identical but for the reward model (the default fact RM, or the plain one): the
    same seed, prompts and hyperparameters.
    Every step logs the mean RM score of the rollouts and their true hallucination rate (the judge's verdict against
@@ -27,31 +29,45 @@ import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+# Reward-model arms: (with facts, where they go). PPO runs against "fact" and "plain".
+REWARD_ARMS = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
 
 
 def reward_models(args) -> dict:
-    """Trains (or, with --reuse, reads) the fact and plain reward models and scores both on the same held-out pairs;
-    returns their summaries."""
+    """Trains (or, with --reuse, reads) each reward-model arm once per seed in --rm-seeds and scores every model on
+    the same held-out pairs; returns each arm's summary: the first seed's model (the one PPO uses), plus every
+    seed's held-out accuracy and their mean when there are several."""
+    summaries = {}
+    for arm in args.reward_arms:
+        by_seed = {seed: reward_model_run(args, arm, seed, first=index == 0) for index, seed in enumerate(args.rm_seeds)}
+        summary = by_seed[args.rm_seeds[0]]
+        if len(by_seed) > 1:
+            summary["held_out_by_seed"] = {str(seed): run["held_out"] for seed, run in by_seed.items()}
+            summary["mean_accuracy"] = round(sum(r["held_out"]["accuracy"] for r in by_seed.values()) / len(by_seed), 4)
+        summaries[arm] = summary
+    return summaries
+
+
+def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
+    """One reward model: `reward-<arm>` for the first seed (PPO's), `reward-<arm>-seed<N>` for the others."""
     from training.reward_data import load_pairs
     from training.reward_model import META_FILE, RewardConfig, RewardEncoder, load_reward_model, pair_accuracy, train
 
-    summaries = {}
+    with_facts, placement = REWARD_ARMS[arm]
     pairs_dir = Path(args.workdir) / "reward-pairs"
-    arms = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
-    for arm, (with_facts, placement) in arms.items():
-        directory = Path(args.workdir) / f"reward-{arm}"
-        if args.reuse and (directory / META_FILE).is_file():
-            summaries[arm] = json.loads((directory / META_FILE).read_text())
-        else:
-            config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts,
-                                  facts_placement=placement, pairs_dir=str(pairs_dir),
-                                  train_scenes=args.rm_train_scenes, eval_scenes=args.rm_eval_scenes,
-                                  epochs=args.rm_epochs, seed=args.seed)  # fmt: skip
-            summaries[arm] = train(config)
-        model, processor, _ = load_reward_model(directory, args.model)
-        summaries[arm]["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
-                                                   load_pairs(pairs_dir / "validation"), args.seed)  # fmt: skip
-    return summaries
+    directory = Path(args.workdir) / (f"reward-{arm}" if first else f"reward-{arm}-seed{seed}")
+    if args.reuse and (directory / META_FILE).is_file():
+        summary = json.loads((directory / META_FILE).read_text())
+    else:
+        config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts,
+                              facts_placement=placement, pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes,
+                              eval_scenes=args.rm_eval_scenes, epochs=args.rm_epochs, seed=seed,
+                              pairs_seed=args.seed)  # fmt: skip
+        summary = train(config)
+    model, processor, _ = load_reward_model(directory, args.model)
+    summary["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
+                                        load_pairs(pairs_dir / "validation"), args.seed)  # fmt: skip
+    return summary
 
 
 def ppo_runs(args) -> dict:
@@ -66,7 +82,8 @@ def ppo_runs(args) -> dict:
             config = PPOConfig(output_dir=str(directory), model=args.model,
                                reward_model=str(Path(args.workdir) / f"reward-{arm}"), steps=args.ppo_steps,
                                rollout_batch=args.rollout_batch, learning_rate=args.learning_rate,
-                               lora_rank=args.lora_rank, eval_every=args.eval_every, eval_images=args.eval_images,
+                               lora_rank=args.lora_rank, description_share=args.description_share,
+                               eval_every=args.eval_every, eval_images=args.eval_images,
                                final_eval_images=args.test_images, seed=args.seed)  # fmt: skip
             summary = PPOTrainer(config).run()
         summary["curve"] = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -81,8 +98,8 @@ def relative_change(before: float, after: float) -> float | None:
 def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
     results = {"what": __doc__.split("\n\n")[0], "model": args.model, "minutes": round(minutes, 1),
                "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
-               "reward_models": {arm: {"held_out": s["held_out"], "train_pairs": s["train_pairs"],
-                                       "minutes": s["minutes"]} for arm, s in rewards.items()},
+               "reward_models": {arm: {k: s[k] for k in ("held_out", "train_pairs", "minutes", "held_out_by_seed",
+                                                         "mean_accuracy") if k in s} for arm, s in rewards.items()},
                "ppo": {}}  # fmt: skip
     for arm, run in runs.items():
         before, after = run["before"], run["after"]
@@ -151,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
     parser.add_argument("--rm-eval-scenes", type=int, default=600)
     parser.add_argument("--rm-epochs", type=int, default=3)
-    parser.add_argument("--ppo-steps", type=int, default=60)
+    parser.add_argument("--reward-arms", nargs="+", choices=list(REWARD_ARMS), default=list(REWARD_ARMS),
+                        help="reward models to train and score (PPO needs fact and plain)")
+    parser.add_argument("--rm-seeds", type=int, nargs="+",
+                        help="train each reward model once per seed and report every accuracy and the mean; PPO uses "
+                             "the first seed's (default: --seed only)")
+    parser.add_argument("--ppo-steps", type=int, default=90)
     parser.add_argument("--rollout-batch", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--learning-rate", type=float, default=1.5e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--description-share", type=float, default=0.5,
+                        help="share of rollouts that are detailed descriptions (CHAIR's kind of answer)")
     parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--test-images", type=int, default=500)
@@ -162,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="training/experiments/fact_rlhf_results.json")
     parser.add_argument("--plot", default="training/experiments/fact_rlhf.png")
     args = parser.parse_args(argv)
+    args.rm_seeds = args.rm_seeds or [args.seed]
+    if not {"fact", "plain"} <= set(args.reward_arms):
+        parser.error("--reward-arms must include fact and plain: the PPO runs use them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()
     rewards = reward_models(args)
