@@ -65,7 +65,7 @@ def upstream_client(timeout_s: float, transport: httpx.AsyncBaseTransport | None
     """The client for vLLM requests and health checks; tests pass an in-process `transport` instead of aiohttp."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
     return UpstreamClient(transport=transport or AiohttpTransport(limits=limits, trust_env=False),
-                             timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits, trust_env=False)  # fmt: skip
+                          timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits, trust_env=False)  # fmt: skip
 
 
 @dataclasses.dataclass

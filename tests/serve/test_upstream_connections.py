@@ -3,7 +3,8 @@
   end, so the connection goes back to the pool instead of closing (a connection per request cost a TCP handshake
   and a vLLM accept on every stream);
 - a server that refuses connections is skipped: the request goes to another one and nothing fails;
-- a client that hangs up mid-stream ends the stream from vLLM at once and frees its concurrency slot.
+- a client that hangs up mid-stream ends the stream from vLLM at once and frees its concurrency slot;
+- the client keeps no cookies from one upstream answer to the next request.
 """
 
 from __future__ import annotations
@@ -117,3 +118,21 @@ def test_a_client_that_goes_away_mid_stream_cuts_the_upstream_stream_and_frees_i
             fake.token_delay_s = 0.0
             again = client.post("/v1/chat/completions", headers=auth(ALICE), json={**body, "stream": False})
             assert again.status_code == 200, again.text  # the slot was released
+
+
+def test_the_upstream_client_keeps_no_cookies_between_requests():
+    """A Set-Cookie from one upstream answer must not ride along on the next request, which may be another user's."""
+    seen_cookie_headers = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen_cookie_headers.append(request.headers.get("cookie"))
+        return httpx.Response(200, json={}, headers={"set-cookie": "session=alice; Path=/"})
+
+    async def two_requests():
+        async with upstream_client(5.0, httpx.MockTransport(upstream)) as client:
+            await client.post("http://vllm/v1/chat/completions", json={})
+            await client.post("http://vllm/v1/chat/completions", json={})
+            return dict(client.cookies)
+
+    assert asyncio.run(two_requests()) == {}
+    assert seen_cookie_headers == [None, None]
