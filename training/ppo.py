@@ -27,7 +27,8 @@ Multi-process: launched with `torchrun --nproc_per_node N -m training.ppo ...`, 
 share of the rollout batch and the policy's and value model's gradients are averaged: by accelerate's DDP (the
 default; every process holds whole copies of the policy, value and reward models) or, with `--sharding fsdp`, by
 FSDP2 with all three sharded over the processes (`training.sharding`; sampling and evaluation then run in lockstep
-on every process). CI runs both with 2 gloo processes on CPU.
+on every process). CI runs both with 2 gloo processes on CPU. `--mixed_precision bf16` runs the policy's and value
+model's training passes under autocast, the weights staying fp32 (with DDP; `bench/fact_rlhf_recipes.py` times it).
 
     alignloop train ppo --reward_model runs/reward-fact --output_dir runs/ppo-fact
 """
@@ -57,7 +58,7 @@ from training.ppo_losses import (
     whiten,
 )
 from training.rollouts import Prompt, Rollouts, generate
-from training.sharding import SHARDINGS, gathered_state_dict, ready_to_generate, shard
+from training.sharding import SHARDINGS, gathered_state_dict, is_sharded, ready_to_generate, shard
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ class PPOConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the LoRA, the prompts and the sampling."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
     cpu: bool = dataclasses.field(default=False, metadata={"help": "Train on CPU even when there is a GPU."})
+    mixed_precision: str | None = dataclasses.field(
+        default=None, metadata={"help": "no, bf16 or fp16 (autocast, fp32 weights); default: accelerate's, else no."}
+    )
     sharding: str = dataclasses.field(
         default="ddp", metadata={"help": "Over several processes: ddp (whole copies) or fsdp (training.sharding)."}
     )
@@ -237,8 +241,8 @@ class PPOTrainer:
             raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {config.sharding!r}")
         require_reward_model(config.reward_model)  # before loading anything: a wrong path fails at once
         self.config = config
-        self.accelerator = accelerator or Accelerator(cpu=config.cpu)
-        self.sharded = config.sharding == "fsdp" and self.accelerator.num_processes > 1
+        self.accelerator = accelerator or Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+        self.sharded = is_sharded(self.accelerator, config.sharding)
         torch.manual_seed(config.seed)
         policy, self.processor = self._new_policy()
         self.reward_model, _, reward_meta = load_reward_model(config.reward_model, config.model)
@@ -421,6 +425,7 @@ class PPOTrainer:
         if main:
             summary = {"reward_model": config.reward_model, "with_facts": self.with_facts, "steps": config.steps,
                        "processes": accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
+                       "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
                        "train_minutes": round(minutes, 2),
                        "test_images": config.final_eval_images, "before": before, "after": after,
                        "config": dataclasses.asdict(config)}  # fmt: skip

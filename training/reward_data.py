@@ -2,12 +2,14 @@
 and people.
 
 - ShapesWorld (`shapes_reward_pairs`): the SFT model samples several answers to a scene's detailed-description prompt
-  and to two presence probes, about an absent object (the co-occurring partner it tends to invent, where there is
-  one) and about a present one;
-  the rule judge (online_rl/judge.py) scores each against the scene graph, and the best and worst answers become a
-  pair when their scores differ, so the hallucinating answer is the rejected one. The facts are the scene's. Each
-  pair is labelled by what is wrong with its rejected answer: an invented object (`description_object`), another
-  error in a description (`description_detail`: a color, a place, a count), or a wrong yes/no (`presence`).
+  and to presence probes, one about an absent object (the co-occurring partner it tends to invent, where there is
+  one) and one about each shape that is there; the rule judge (online_rl/judge.py) scores each against the scene
+  graph, and the best and worst answers become a pair when their scores differ, so the hallucinating answer is the
+  rejected one. The facts are the scene's. Each pair is labelled by what is wrong with its rejected answer: an
+  invented object (`description_object`), another error in a description (`description_detail`: a color, a place, a
+  count), or a wrong yes/no about a shape that is not there or is (`presence_absent`, `presence_present`). Probes
+  are sampled more often than descriptions (`probe_samples`): the SFT model answers them right nearly always, and a
+  pair needs one wrong answer.
 - The feedback store (`store_reward_pairs`): every pair its events support (corrections, thumbs, arena
   preferences; online_rl/pairs.py), with the facts registered for the pair's image.
 
@@ -36,8 +38,8 @@ from training.rollouts import Prompt, generate
 from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, ShapesWorld
 
 # The questions `rated_questions` asks; a cache sampled with another set is sampled again. 2: a presence probe about
-# a present shape besides the one about an absent shape.
-QUESTION_SET = 2
+# a present shape besides the one about an absent shape; 3: one about each present shape.
+QUESTION_SET = 3
 MADE_WITH_FILE = "made_with.json"
 
 
@@ -55,16 +57,20 @@ class RewardPair:
 
 def rated_questions(world: ShapesWorld, scene: Scene, rng: random.Random) -> list[QAItem]:
     """The questions whose sampled answers are paired for a scene: the detailed description, a presence probe about
-    an absent shape (a missing co-occurring partner when the scene has one: the adversarial probe), and one about a
-    present shape. Without the last, every presence pair the reward model sees prefers "no", it learns that "no" is
+    an absent shape (a missing co-occurring partner when the scene has one: the adversarial probe), and one about
+    each shape that is there.
+
+    Without the present-shape probes, every presence pair the reward model sees prefers "no", it learns that "no" is
     the better answer whatever the image, and PPO against it learns to deny everything (POPE fell from 0.91 to 0.63
-    in a 90-step run at lr 2e-4 on such a model)."""
+    in a 90-step run at lr 2e-4 on such a model). With one present-shape probe per scene they were a fifth of the
+    presence pairs (the SFT model rarely denies a shape that is there), too few for the fact-augmented model to learn
+    to look the shape up in the facts (0.43 accuracy on them, against 0.83 for the plain model)."""
     missing = sorted({partner for _, partner in world.missing_partners(scene)})
     absent = missing or [shape for shape in SHAPES if shape not in scene.shapes]
     items = [QAItem("description", DESCRIBE_PROMPT, world.description(scene, noisy=False))]
     if absent:
         items.append(world.presence_item(rng.choice(absent), False))
-    items.append(world.presence_item(rng.choice(sorted(scene.shapes)), True))
+    items += [world.presence_item(shape, True) for shape in sorted(scene.shapes)]
     return items
 
 
@@ -74,18 +80,23 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def shapes_reward_pairs(policy, processor, world: ShapesWorld, split: str, num_scenes: int, start: int = 0,
-                        samples: int = 4, temperature: float = 1.0, rows_per_call: int = 64,
-                        seed: int = 0) -> list[RewardPair]:  # fmt: skip
-    """Pairs from `samples` answers sampled by `policy` per rated question of scenes start..start+num_scenes-1."""
+                        samples: int = 4, probe_samples: int | None = None, temperature: float = 1.0,
+                        rows_per_call: int = 64, seed: int = 0) -> list[RewardPair]:  # fmt: skip
+    """Pairs from the answers sampled by `policy` to the rated questions of scenes start..start+num_scenes-1:
+    `samples` per description, `probe_samples` (default: `samples`) per presence probe."""
     judge, rng = ShapesRuleJudge(), random.Random(f"reward-pairs-{split}-{start}-{seed}")
     questions = []  # (scene, image, item)
     for scene in world.scenes(split, num_scenes, start):
         image = world.render(scene)
         questions += [(scene, image, item) for item in rated_questions(world, scene, rng)]
     answers: dict[int, list[str]] = {index: [] for index in range(len(questions))}
+
+    def samples_for(item: QAItem) -> int:
+        return (probe_samples or samples) if item.kind == "presence" else samples
+
     for budget in sorted({max_tokens_for(item) for _, _, item in questions}):  # short answers batch apart
         rows = [index for index, (_, _, item) in enumerate(questions) if max_tokens_for(item) == budget]
-        rows = [index for index in rows for _ in range(samples)]
+        rows = [index for index in rows for _ in range(samples_for(questions[index][2]))]
         for chunk in _chunks(rows, rows_per_call):
             prompts = [Prompt(tuple(user_turn(questions[i][2].question)), questions[i][1], budget) for i in chunk]
             for index, text in zip(chunk, generate(policy, processor, prompts, temperature).texts, strict=True):

@@ -9,13 +9,15 @@ The recipe samples its preference pairs from the SFT model on ShapesWorld scenes
 (`training.reward_data`), adds the feedback store's pairs when `--store` names one, trains with
 -log sigmoid(r_chosen - r_rejected), and reports the accuracy on held-out pairs (validation scenes). The sampled pairs
 are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs; a
-cache sampled with other settings (model, scenes, samples, temperature, pairs seed, question set) is sampled again.
+cache sampled with other settings (model, scenes, samples, probe samples, temperature, pairs seed, question set) is
+sampled again.
 The pairs have their own seed (`--pairs_seed`): reward models trained with different `--seed`s share the pairs.
 
 It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every
 process trains on its share of each batch, and the gradients are averaged by DDP (accelerate's `Accelerator`, the
 default) or, with `--sharding fsdp`, by FSDP2 with the model's weights sharded over the processes
-(`training.sharding`). CI runs both with 2 gloo processes on CPU.
+(`training.sharding`). CI runs both with 2 gloo processes on CPU. `--mixed_precision bf16` runs the forward passes
+under autocast, the weights staying fp32 (with DDP; `bench/fact_rlhf_recipes.py` times it).
 
     alignloop train reward --output_dir runs/reward-fact
     alignloop train reward --output_dir runs/reward-plain --with_facts false
@@ -46,8 +48,8 @@ from training.reward_data import (
     shapes_reward_pairs,
     store_reward_pairs,
 )
-from training.reward_prompt import DEFAULT_FACT_PLACEMENT, FACT_PLACEMENTS, reward_model_text
-from training.sharding import SHARDINGS, gathered_state_dict, shard
+from training.reward_prompt import DEFAULT_FACT_PLACEMENT, FACT_PLACEMENTS, RATING_PROMPT_VERSION, reward_model_text
+from training.sharding import SHARDINGS, gathered_state_dict, is_sharded, shard
 from training.tiny_llava import image_token_count, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,7 @@ def save_reward_model(model: ScoredBackbone, output_dir: str | Path, metadata: d
     output_dir.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(str(output_dir), safe_serialization=True)
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(output_dir / HEAD_FILE))
+    metadata = {**metadata, "rating_prompt": RATING_PROMPT_VERSION}
     (output_dir / META_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return output_dir
 
@@ -159,6 +162,10 @@ def load_reward_model(directory: str | Path, base_model: str | Path | None = Non
 
     directory = require_reward_model(directory)
     metadata = json.loads((directory / META_FILE).read_text())
+    if metadata.get("rating_prompt", 1) != RATING_PROMPT_VERSION:
+        raise ValueError(f"the reward model at {directory} was trained on rating prompt version "
+                         f"{metadata.get('rating_prompt', 1)}, and this code writes version {RATING_PROMPT_VERSION}: "
+                         f"train it again (`alignloop train reward`)")  # fmt: skip
     model, processor = load_checkpoint(base_model or metadata["base_model"])
     backbone = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
     head = ScalarHead(model.config.text_config.hidden_size, zero_init=zero_head)
@@ -215,7 +222,10 @@ class RewardConfig:
     )
     train_scenes: int = dataclasses.field(default=600, metadata={"help": "Train-split scenes to sample pairs on."})
     eval_scenes: int = dataclasses.field(default=200, metadata={"help": "Validation scenes for held-out pairs."})
-    samples: int = dataclasses.field(default=4, metadata={"help": "Answers sampled per question."})
+    samples: int = dataclasses.field(default=4, metadata={"help": "Answers sampled per description prompt."})
+    probe_samples: int = dataclasses.field(
+        default=8, metadata={"help": "Answers sampled per presence probe (mostly right, so more tries for a pair)."}
+    )
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature for the pairs."})
     store: str | None = dataclasses.field(default=None, metadata={"help": "Also train on this feedback store's pairs."})
     lora_rank: int = dataclasses.field(default=16, metadata={"help": "LoRA rank (the paper: 64)."})
@@ -226,6 +236,9 @@ class RewardConfig:
     pairs_seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the sampled answers the pairs come from."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
     cpu: bool = dataclasses.field(default=False, metadata={"help": "Train on CPU even when there is a GPU."})
+    mixed_precision: str | None = dataclasses.field(
+        default=None, metadata={"help": "no, bf16 or fp16 (autocast, fp32 weights); default: accelerate's, else no."}
+    )
     sharding: str = dataclasses.field(
         default="ddp", metadata={"help": "Over several processes: ddp (a whole copy each) or fsdp (training.sharding)."}
     )
@@ -236,7 +249,8 @@ def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPa
     directory = Path(config.pairs_dir) / split
     scenes = config.train_scenes if split == "train" else config.eval_scenes
     made_with = {"questions": QUESTION_SET, "model": str(Path(config.model).resolve()), "scenes": scenes,
-                 "samples": config.samples, "temperature": config.temperature, "seed": config.pairs_seed}  # fmt: skip
+                 "samples": config.samples, "probe_samples": config.probe_samples, "temperature": config.temperature,
+                 "seed": config.pairs_seed}  # fmt: skip
     cached = cache_made_with(directory)
     if accelerator.is_main_process and cached != made_with:
         if cached is not None:
@@ -246,7 +260,8 @@ def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPa
         policy.to(accelerator.device)
         started = time.monotonic()
         pairs = shapes_reward_pairs(policy, processor, _world(), split, scenes, samples=config.samples,
-                                    temperature=config.temperature, seed=config.pairs_seed)  # fmt: skip
+                                    probe_samples=config.probe_samples, temperature=config.temperature,
+                                    seed=config.pairs_seed)  # fmt: skip
         save_pairs(pairs, directory, made_with)
         logger.info("sampled %d %s pairs from %d scenes in %.0f s", len(pairs), split, scenes, time.monotonic() - started)
     accelerator.wait_for_everyone()
@@ -269,8 +284,8 @@ def train(config: RewardConfig) -> dict:
         raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {config.sharding!r}")
     if config.threads:
         torch.set_num_threads(config.threads)
-    accelerator = Accelerator(cpu=config.cpu)
-    sharded = config.sharding == "fsdp" and accelerator.num_processes > 1
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    sharded = is_sharded(accelerator, config.sharding)
     train_pairs = reward_pairs(config, "train", accelerator)
     eval_pairs = reward_pairs(config, "validation", accelerator)
     if config.store:
@@ -313,7 +328,8 @@ def train(config: RewardConfig) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 record = {"epoch": epoch, "step": len(history) + 1, "loss": round(loss.item(), 5),
-                          "accuracy": round(float((chosen > rejected).float().mean()), 4)}  # fmt: skip
+                          "accuracy": round(float((chosen > rejected).float().mean()), 4),
+                          "elapsed_s": round(time.monotonic() - started, 3)}  # fmt: skip
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -332,7 +348,8 @@ def train(config: RewardConfig) -> dict:
         summary = {"with_facts": config.with_facts, "facts_placement": config.facts_placement,
                    "base_model": str(Path(config.model).resolve()), "lora_rank": config.lora_rank,
                    "train_pairs": len(train_pairs), "steps": total_steps, "processes": processes,
-                   "sharding": "fsdp" if sharded else "ddp", "minutes": round((time.monotonic() - started) / 60, 2),
+                   "sharding": "fsdp" if sharded else "ddp", "mixed_precision": accelerator.mixed_precision,
+                   "device": str(accelerator.device), "minutes": round((time.monotonic() - started) / 60, 3),
                    "train_loss_last_epoch": round(sum(r["loss"] for r in history[-steps_per_epoch:]) / steps_per_epoch, 4),
                    "held_out": held_out}  # fmt: skip
         save_reward_model(scored, output_dir, summary)

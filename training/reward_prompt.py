@@ -2,16 +2,23 @@
 more user turn asking for a rating, which lists the image's facts, then an assistant turn primed with "The quality
 score of my last response is". The reward head reads the hidden state of that primer's last token.
 
-The facts come as one bullet each, shuffled every time the prompt is built, so the reward model cannot learn their
+The paper's turn says the answer must be fully supported by the facts and lists the criteria (accurate, helpful,
+natural, concise) as bullets; here both are said in fewer words, for the tiny backbone's short context (below). The
+facts come as one bullet each, shuffled every time the prompt is built, so the reward model cannot learn their
 order; `with_facts=False` builds the same turn without them, the plain reward model the paper compares against (and
 the one that is easier to hack).
 
 Where the facts go (`facts_placement`):
 - "rating_turn", the paper's and the default: in the rating turn, after the answer;
 - "before_answer": in the question's user turn, after the image, and the rating turn refers to them. The idea was
-  that a causal model reading the answer after the facts could check each claim where it stands. Measured on the
-  same 1,643 pairs, it does worse: 0.885 held-out accuracy against 0.911 in the rating turn (0.877 plain;
-  `training/experiments/fact_rlhf.py`).
+  that a causal model reading the answer after the facts could check each claim where it stands. It does worse
+  (`training/experiments/fact_rlhf.py`): on 1,643 pairs with the version-1 wording 0.885 held-out accuracy against
+  0.911 in the rating turn; on 2,308 pairs with version 2, 0.539 against 0.884 (0.932 plain): it never learns the
+  presence probes (0.27 / 0.77 on absent / present shapes, i.e. it prefers "yes"), whose question now sits after
+  the facts instead of right after the image as in SFT.
+Tried and not kept: the facts first, before the image (the image, question and answer then keep their SFT layout).
+The training loss stayed at 0.65-0.79 through 680 of 867 steps (0.29 in the rating turn): the backbone never saw
+text before an image.
 """
 
 from __future__ import annotations
@@ -19,16 +26,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-# Short on purpose: the whole prompt (image tokens, question, answer, facts, this turn) should stay near the lengths
-# the backbone saw in SFT, conversations of ~75 tokens (at most ~150; 512 positions in all). With the first, longer
-# wording a fact prompt ran to 400-510 tokens and the reward head read states at positions the model had hardly been
-# trained on: 0.826 held-out accuracy with the facts before the answer; this wording (~310 tokens) gives 0.885.
-RATING_CRITERIA = (
-    "Accurate: nothing that is not in the image.",
-    "Helpful: answers the question.",
-    "Natural: fluent.",
-    "Concise: no more than needed.",
-)
+# Short on purpose: the backbone saw conversations of ~75 tokens in SFT (at most ~150; 512 positions in all), and the
+# reward head must read the answer from the prompt's last token. Version 1 listed the criteria as four bullets (102
+# tokens with this tokenizer) and put a presence probe's "Yes."/"No." ~230 tokens before the end of a fact prompt:
+# the fact reward model could not learn presence pairs at all (0.48 held-out accuracy trained on them alone, against
+# 0.85 plain), and it learned them (0.82) once the criteria were left out. Version 2 says the criteria in one line
+# (~37 tokens); a fact prompt about a presence probe is ~215 tokens, as long as a plain one was in version 1.
+RATING_CRITERIA = ("accurate", "helpful", "natural", "concise")
+RATING_PROMPT_VERSION = 2  # saved with each reward model: one trained on another wording is refused, not misread
 SCORE_PRIMER = "The quality score of my last response is"
 FACT_PLACEMENTS = ("before_answer", "rating_turn")
 DEFAULT_FACT_PLACEMENT = "rating_turn"  # the paper's, and the better one here
@@ -40,14 +45,17 @@ def fact_bullets(facts: Sequence[str], rng: random.Random) -> list[str]:
     return [f"- {fact}" for fact in shuffled]
 
 
+def criteria_line() -> str:
+    return f"A good one is {', '.join(RATING_CRITERIA[:-1])} and {RATING_CRITERIA[-1]}."
+
+
 def rating_turn(facts: Sequence[str], rng: random.Random, with_facts: bool = True) -> str:
-    """The extra user turn: with facts, the statement that the answer must be fully supported by them, one shuffled
-    bullet per fact; then the criteria."""
-    lines = ["Please rate your last response."]
+    """The extra user turn: with facts, the statement that the answer must agree with them, one shuffled bullet per
+    fact; then the criteria."""
+    lines = ["Rate your last response."]
     if with_facts and facts:
-        lines += ["It must be fully supported by these facts:", *fact_bullets(facts, rng)]
-    lines += ["A good response is:"] + [f"- {criterion}" for criterion in RATING_CRITERIA]
-    return "\n".join(lines)
+        lines += ["It must agree with these facts:", *fact_bullets(facts, rng)]
+    return "\n".join([*lines, criteria_line()])
 
 
 def with_facts_before_question(messages: Sequence[dict], facts: Sequence[str], rng: random.Random) -> list[dict]:
@@ -72,8 +80,7 @@ def reward_model_text(tokenizer, messages: Sequence[dict], response: str, facts:
     if facts_placement not in FACT_PLACEMENTS:
         raise ValueError(f"facts_placement must be one of {', '.join(FACT_PLACEMENTS)}, not {facts_placement!r}")
     if with_facts and facts and facts_placement == "before_answer":
-        rating = "\n".join(["Please rate your last response.", "It must be fully supported by the facts above.",
-                             "A good response is:", *(f"- {criterion}" for criterion in RATING_CRITERIA)])  # fmt: skip
+        rating = f"Rate your last response.\nIt must agree with the facts above.\n{criteria_line()}"
         messages = with_facts_before_question(messages, facts, rng)
     else:
         rating = rating_turn(facts, rng, with_facts)

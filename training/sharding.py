@@ -27,6 +27,16 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 SHARDINGS = ("ddp", "fsdp")
 
 
+def is_sharded(accelerator, sharding: str) -> bool:
+    """Whether a recipe shards its models: `--sharding fsdp` over several processes. Mixed precision comes from
+    accelerate's prepared (DDP) models, which a sharded run does not use, so that pairing is refused rather than
+    silently run in fp32."""
+    sharded = sharding == "fsdp" and accelerator.num_processes > 1
+    if sharded and accelerator.mixed_precision != "no":
+        raise ValueError(f"--mixed_precision {accelerator.mixed_precision} runs with --sharding ddp, not fsdp")
+    return sharded
+
+
 def shard(root: torch.nn.Module, llava) -> torch.nn.Module:
     """Applies FSDP2 in place to `llava` (a LlavaForConditionalGeneration, PEFT-wrapped or not) and `root`, a
     module containing it whose forward every pass goes through. Needs the process group (torchrun; accelerate's

@@ -39,7 +39,8 @@ def test_reward_model_then_ppo_train_in_two_gloo_processes(bundled_model, tmp_pa
 
     torchrun("training.reward_model", "--output_dir", str(tmp_path / "rm"), "--model", str(bundled_model),
              "--pairs_dir", str(tmp_path / "pairs"), "--train_scenes", "8", "--eval_scenes", "4", "--samples", "3",
-             "--epochs", "1", "--batch_pairs", "4", "--lora_rank", "4", "--cpu", "true", "--sharding", sharding,
+             "--probe_samples", "3", "--epochs", "1", "--batch_pairs", "4", "--lora_rank", "4", "--cpu", "true",
+             "--sharding", sharding,
              log=tmp_path / "rm.log")  # fmt: skip
     reward = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert reward["processes"] == 2 and reward["sharding"] == sharding and reward["train_pairs"] > 0

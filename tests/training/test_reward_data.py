@@ -27,11 +27,31 @@ def test_a_scene_missing_a_partner_is_probed_about_that_partner():
     scene = next(s for s in world.scenes("train", 200) if world.missing_partners(s))
     missing = {partner for _, partner in world.missing_partners(scene)}
     items = rated_questions(world, scene, random.Random(0))
-    assert [item.kind for item in items] == ["description", "presence", "presence"]
+    assert [item.kind for item in items] == ["description"] + ["presence"] * (1 + len(scene.shapes))
     assert items[0].question == DESCRIBE_PROMPT
     assert items[1].target in missing and items[1].answer == "No."
-    # and one about a shape that is there, so "no" is not always the preferred answer
-    assert items[2].target in scene.shapes and items[2].answer == "Yes."
+    # and one about each shape that is there, so "no" is not always the preferred answer
+    assert [(item.target, item.answer) for item in items[2:]] == [(shape, "Yes.") for shape in sorted(scene.shapes)]
+
+
+def test_presence_probes_are_sampled_probe_samples_times(monkeypatch):
+    import types
+
+    from training import reward_data
+
+    asked = []
+
+    def fake_generate(policy, processor, prompts, temperature):  # every answer the same: no pairs, only the asking
+        asked.extend(prompt.messages[0]["content"][1]["text"] for prompt in prompts)
+        return types.SimpleNamespace(texts=["Yes."] * len(prompts))
+
+    monkeypatch.setattr(reward_data, "generate", fake_generate)
+    world = ShapesWorld()
+    scene = world.scene("train", 0)
+    assert shapes_reward_pairs(None, None, world, "train", 1, samples=2, probe_samples=5) == []
+    probes = len(rated_questions(world, scene, random.Random("reward-pairs-train-0-0"))) - 1
+    assert asked.count(DESCRIBE_PROMPT) == 2
+    assert len(asked) == 2 + 5 * probes and probes == 1 + len(scene.shapes)
 
 
 def test_the_cache_round_trip_keeps_every_field_and_shares_images(tmp_path):

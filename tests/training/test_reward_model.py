@@ -81,6 +81,20 @@ def test_saving_and_loading_keeps_the_scores_and_the_value_model_starts_at_zero(
     assert all(p.requires_grad for k, p in value.backbone.named_parameters() if "lora_" in k)
 
 
+def test_a_reward_model_trained_on_another_rating_prompt_is_refused(reward_model, bundled_model, tmp_path):
+    from training.reward_prompt import RATING_PROMPT_VERSION
+
+    model, _ = reward_model
+    directory = save_reward_model(model, tmp_path / "rm", {"with_facts": True, "base_model": str(bundled_model)})
+    meta = json.loads((directory / "reward_model.json").read_text())
+    assert meta["rating_prompt"] == RATING_PROMPT_VERSION
+    del meta["rating_prompt"]  # as the models saved before the version was recorded (version 1)
+    (directory / "reward_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"trained on rating prompt version 1, and this code writes version "
+                                         f"{RATING_PROMPT_VERSION}: train it again"):  # fmt: skip
+        load_reward_model(directory)
+
+
 class LengthScorer(torch.nn.Module):
     """A stand-in reward model: the longer the input, the higher the score."""
 
@@ -105,7 +119,8 @@ def test_pair_accuracy_counts_pairs_whose_chosen_answer_scores_higher(reward_mod
 
 def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_path):
     config = RewardConfig(output_dir=str(tmp_path / "rm"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
-                          train_scenes=6, eval_scenes=4, samples=3, epochs=1, batch_pairs=4, lora_rank=4, cpu=True)  # fmt: skip
+                          train_scenes=6, eval_scenes=4, samples=3, probe_samples=3, epochs=1, batch_pairs=4,
+                          lora_rank=4, cpu=True)  # fmt: skip
     summary = train(config)
     assert summary["processes"] == 1 and summary["train_pairs"] > 0 and summary["with_facts"] is True
     assert 0.0 <= summary["held_out"]["accuracy"] <= 1.0
@@ -122,11 +137,12 @@ def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_m
     from training.reward_data import MADE_WITH_FILE
     from training.reward_model import reward_pairs
 
-    config = RewardConfig(model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"), train_scenes=3, samples=2)
+    config = RewardConfig(model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"), train_scenes=3, samples=2,
+                          probe_samples=3)  # fmt: skip
     accelerator = Accelerator(cpu=True)
     first = reward_pairs(config, "train", accelerator)
     made_with = json.loads((tmp_path / "pairs" / "train" / MADE_WITH_FILE).read_text())
-    assert made_with["scenes"] == 3 and made_with["samples"] == 2 and made_with["questions"] == 2
+    assert [made_with[key] for key in ("scenes", "samples", "probe_samples", "questions")] == [3, 2, 3, 3]
     stamp = (tmp_path / "pairs" / "train" / "pairs.jsonl").stat().st_mtime_ns
     # same settings, or another seed for the model only: read back, not sampled again
     again = reward_pairs(dataclasses.replace(config, seed=1), "train", accelerator)
@@ -136,3 +152,53 @@ def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_m
         reward_pairs(dataclasses.replace(config, train_scenes=4), "train", accelerator)
     assert "sampled with other settings (scenes=3)" in caplog.text
     assert json.loads((tmp_path / "pairs" / "train" / MADE_WITH_FILE).read_text())["scenes"] == 4
+    with caplog.at_level("INFO", logger="training.reward_model"):
+        reward_pairs(dataclasses.replace(config, train_scenes=4, probe_samples=2), "train", accelerator)
+    assert "sampled with other settings (probe_samples=3)" in caplog.text
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one precision per process; these tests ask for another, so they start and end clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_computes_in_bf16_and_saves_fp32_weights(bundled_model, tmp_path, monkeypatch,
+                                                                       fresh_accelerator_state):  # fmt: skip
+    from safetensors.torch import load_file
+
+    import training.reward_model as recipe
+
+    mlp_outputs = set()  # a decoder layer's own output is fp32 either way: the residual stream stays fp32
+
+    def recorded(*args, **kwargs):
+        model, processor = new_reward_model(*args, **kwargs)
+        mlp = model.backbone.get_base_model().model.language_model.layers[0].mlp
+        mlp.register_forward_hook(lambda module, inputs, output: mlp_outputs.add(output.dtype))
+        return model, processor
+
+    monkeypatch.setattr(recipe, "new_reward_model", recorded)
+    config = RewardConfig(output_dir=str(tmp_path / "rm"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
+                          train_scenes=4, eval_scenes=2, samples=3, probe_samples=3, epochs=1, batch_pairs=4,
+                          lora_rank=4, cpu=True, mixed_precision="bf16")  # fmt: skip
+    summary = train(config)
+    assert summary["mixed_precision"] == "bf16" and summary["device"] == "cpu"
+    assert mlp_outputs == {torch.bfloat16}  # training and the held-out scoring both ran under autocast
+    saved = load_file(str(tmp_path / "rm" / "adapter_model.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+
+
+def test_mixed_precision_with_fsdp_is_refused_not_run_in_fp32():
+    from types import SimpleNamespace
+
+    from training.sharding import is_sharded
+
+    assert is_sharded(SimpleNamespace(num_processes=2, mixed_precision="no"), "fsdp") is True
+    assert is_sharded(SimpleNamespace(num_processes=2, mixed_precision="bf16"), "ddp") is False
+    assert is_sharded(SimpleNamespace(num_processes=1, mixed_precision="bf16"), "fsdp") is False
+    with pytest.raises(ValueError, match="--mixed_precision bf16 runs with --sharding ddp, not fsdp"):
+        is_sharded(SimpleNamespace(num_processes=2, mixed_precision="bf16"), "fsdp")

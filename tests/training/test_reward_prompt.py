@@ -1,11 +1,14 @@
-"""The fact-augmented reward model prompt: facts as shuffled bullets, the criteria, the score primer at the end."""
+"""The fact-augmented reward model prompt: facts as shuffled bullets, the criteria in one line, the score primer at the
+end, and short enough for the tiny backbone."""
 
 import random
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlavaProcessor
 
-from training.reward_prompt import RATING_CRITERIA, SCORE_PRIMER, rating_turn, reward_model_text
+from training.reward_model import RewardEncoder
+from training.reward_prompt import SCORE_PRIMER, criteria_line, rating_turn, reward_model_text
+from training.shapes_world import ShapesWorld
 
 FACTS = ["There are two objects in the image.", "There is a small red star at the top left.",
          "There is a large blue cross in the center."]  # fmt: skip
@@ -19,17 +22,17 @@ def test_every_fact_is_one_bullet_and_the_order_changes():
     orders = set()
     for seed in range(20):
         turn = rating_turn(FACTS, random.Random(seed))
-        facts = bullets(turn)[: len(FACTS)]
+        facts = bullets(turn)
         assert sorted(facts) == sorted(FACTS)
-        assert bullets(turn)[len(FACTS) :] == list(RATING_CRITERIA)
-        assert "fully supported by these facts" in turn
+        assert turn.splitlines()[:2] == ["Rate your last response.", "It must agree with these facts:"]
+        assert turn.splitlines()[-1] == criteria_line() == "A good one is accurate, helpful, natural and concise."
         orders.add(tuple(facts))
     assert len(orders) > 1
 
 
 def test_without_facts_only_the_criteria_remain():
     turn = rating_turn(FACTS, random.Random(0), with_facts=False)
-    assert bullets(turn) == list(RATING_CRITERIA) and "facts" not in turn
+    assert turn == "Rate your last response.\n" + criteria_line()
 
 
 def test_the_text_is_the_conversation_then_the_rating_turn_then_the_primer():
@@ -51,7 +54,7 @@ def test_before_answer_puts_the_facts_between_the_image_and_the_question():
         positions = [text.index(fact) for fact in FACTS]
         assert text.index("<image>") < text.index("Facts:") < min(positions)
         assert max(positions) < text.index("Describe the image.") < text.index("There is a red star.")
-        assert text.count(FACTS[1]) == 1 and "fully supported by the facts above" in text
+        assert text.count(FACTS[1]) == 1 and "It must agree with the facts above." in text
         assert text.endswith("ASSISTANT: " + SCORE_PRIMER)
         orders.add(tuple(sorted(range(len(FACTS)), key=positions.__getitem__)))
     assert len(orders) > 1
@@ -74,3 +77,15 @@ def test_an_unknown_placement_is_refused():
     with pytest.raises(ValueError, match="before_answer, rating_turn"):
         reward_model_text(tokenizer, [{"role": "user", "content": "Q?"}], "A.", FACTS, random.Random(0),
                           facts_placement="after_everything")  # fmt: skip
+
+
+def test_a_presence_probe_with_its_facts_stays_within_the_context_the_backbone_handles():
+    """The reward head reads the answer from the last token; with the version-1 wording a fact prompt about a
+    presence probe ran to ~296 tokens and the fact reward model could not learn such pairs (reward_prompt.py)."""
+    world, processor = ShapesWorld(), LlavaProcessor.from_pretrained("models/shapes-llava")
+    scene = max(world.scenes("validation", 50), key=lambda s: len(s.objects))  # the most facts
+    question = {"type": "text", "text": "Is there a star in the image?"}
+    messages = [{"role": "user", "content": [{"type": "image"}, question]}]
+    fact_ids = RewardEncoder(processor, with_facts=True).encode(messages, "No.", world.facts(scene), random.Random(0))
+    plain_ids = RewardEncoder(processor, with_facts=False).encode(messages, "No.", world.facts(scene), random.Random(0))
+    assert len(plain_ids) < len(fact_ids) <= 230

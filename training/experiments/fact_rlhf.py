@@ -37,9 +37,14 @@ def reward_models(args) -> dict:
     """Trains (or, with --reuse, reads) each reward-model arm once per seed in --rm-seeds and scores every model on
     the same held-out pairs; returns each arm's summary: the first seed's model (the one PPO uses), plus every
     seed's held-out accuracy and their mean when there are several."""
+    runs = {}  # seed-major, so that every arm's first model is there (and logged) before any second seed's
+    for index, seed in enumerate(args.rm_seeds):
+        for arm in args.reward_arms:
+            run = runs[arm, seed] = reward_model_run(args, arm, seed, first=index == 0)
+            logger.info("reward model %s, seed %d: held-out accuracy %.4f", arm, seed, run["held_out"]["accuracy"])
     summaries = {}
     for arm in args.reward_arms:
-        by_seed = {seed: reward_model_run(args, arm, seed, first=index == 0) for index, seed in enumerate(args.rm_seeds)}
+        by_seed = {seed: runs[arm, seed] for seed in args.rm_seeds}
         summary = by_seed[args.rm_seeds[0]]
         if len(by_seed) > 1:
             summary["held_out_by_seed"] = {str(seed): run["held_out"] for seed, run in by_seed.items()}
