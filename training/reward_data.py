@@ -63,8 +63,8 @@ def rated_questions(world: ShapesWorld, scene: Scene, rng: random.Random) -> lis
     Without the present-shape probes, every presence pair the reward model sees prefers "no", it learns that "no" is
     the better answer whatever the image, and PPO against it learns to deny everything (POPE fell from 0.91 to 0.63
     in a 90-step run at lr 2e-4 on such a model). With one present-shape probe per scene they were a fifth of the
-    presence pairs (the SFT model rarely denies a shape that is there), too few for the fact-augmented model to learn
-    to look the shape up in the facts (0.43 accuracy on them, against 0.83 for the plain model)."""
+    presence pairs (the SFT model rarely denies a shape that is there); probing every present shape, each sampled
+    `probe_samples` times, gave 549 present-shape and 475 absent-shape pairs from 2,000 train scenes."""
     missing = sorted({partner for _, partner in world.missing_partners(scene)})
     absent = missing or [shape for shape in SHAPES if shape not in scene.shapes]
     items = [QAItem("description", DESCRIBE_PROMPT, world.description(scene, noisy=False))]

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 # tokens with this tokenizer) and put a presence probe's "Yes."/"No." ~230 tokens before the end of a fact prompt:
 # the fact reward model could not learn presence pairs at all (0.48 held-out accuracy trained on them alone, against
 # 0.85 plain), and it learned them (0.82) once the criteria were left out. Version 2 says the criteria in one line
-# (~37 tokens); a fact prompt about a presence probe is ~215 tokens, as long as a plain one was in version 1.
+# (~37 tokens); a fact prompt about a presence probe is ~215 tokens, as long as a plain one was in version 1, and
+# the fact reward model trained on all 2,308 pairs gets 0.98 of the held-out presence pairs.
 RATING_CRITERIA = ("accurate", "helpful", "natural", "concise")
 RATING_PROMPT_VERSION = 2  # saved with each reward model: one trained on another wording is refused, not misread
 SCORE_PRIMER = "The quality score of my last response is"
