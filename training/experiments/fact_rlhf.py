@@ -61,18 +61,16 @@ def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
     with_facts, placement = REWARD_ARMS[arm]
     pairs_dir = Path(args.workdir) / "reward-pairs"
     directory = Path(args.workdir) / (f"reward-{arm}" if first else f"reward-{arm}-seed{seed}")
-    if args.reuse and (directory / META_FILE).is_file():
+    if args.reuse and (directory / META_FILE).is_file():  # scored again: the pairs may have been sampled since
         summary = json.loads((directory / META_FILE).read_text())
-    else:
-        config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts,
-                              facts_placement=placement, pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes,
-                              eval_scenes=args.rm_eval_scenes, epochs=args.rm_epochs, seed=seed,
-                              pairs_seed=args.seed)  # fmt: skip
-        summary = train(config)
-    model, processor, _ = load_reward_model(directory, args.model)
-    summary["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
-                                        load_pairs(pairs_dir / "validation"), args.seed)  # fmt: skip
-    return summary
+        model, processor, _ = load_reward_model(directory, args.model)
+        summary["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
+                                            load_pairs(pairs_dir / "validation"), seed)  # fmt: skip
+        return summary
+    config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts, facts_placement=placement,
+                          pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes, eval_scenes=args.rm_eval_scenes,
+                          epochs=args.rm_epochs, seed=seed, pairs_seed=args.seed)  # fmt: skip
+    return train(config)  # its summary holds the held-out accuracy on the same pairs
 
 
 def ppo_runs(args) -> dict:
