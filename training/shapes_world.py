@@ -22,6 +22,7 @@ instead of looking at the image is caught there. Splits are disjoint by seed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from collections.abc import Iterator
@@ -348,6 +349,37 @@ class ShapesWorld:
         questions = probes + others[: max(0, max_turns - len(probes))]
         rng.shuffle(questions)
         return questions[:max_turns]
+
+    def chat(self, scene: Scene, max_turns: int = 12) -> list[QAItem]:
+        """A long chat about one image: the description and up to `max_turns - 1` short questions, the description
+        at a random turn (the first one in about two chats of five). For the chat stage after SFT (`training.sft`),
+        which teaches the model contexts of ~250-300 tokens with user turns after an answer, as a chat in the demo
+        has and as the reward model's rating turn does.
+
+        The short questions are every question of `questions` drawn about several objects (one draw each), plus a
+        presence probe about every shape, present or not; on a train scene the probe noise of `conversation` applies.
+        A question after the description could be answered from its text, and on a train scene that text may name a
+        ghost, so the answers come from the scene and the model learns to look rather than copy.
+        """
+        rng = random.Random(scene.seed * 17 + 11)
+        short, asked = [], set()
+        for _ in range(len(scene.objects) + 1):
+            for item in self.questions(scene, rng)[1:]:
+                if item.question not in asked and item.kind != "presence":
+                    asked.add(item.question)
+                    short.append(item)
+        probes = [self.presence_item(shape, shape in scene.shapes) for shape in SHAPES]
+        assumed = self.assumed_partner(scene, rng)
+        if assumed is not None:
+            probes = [self.presence_item(shape, True) if shape == assumed else p for shape, p in zip(SHAPES, probes)]
+        rng.shuffle(short)
+        rng.shuffle(probes)
+        # Probes and other questions alternate, so a chat cut at max_turns holds both kinds.
+        mixed = [item for pair in itertools.zip_longest(probes, short) for item in pair if item is not None]
+        turns = mixed[: max(0, max_turns - 1)]
+        description = QAItem("description", DESCRIBE_PROMPT, self.description(scene))
+        position = 0 if rng.random() < 1 / 3 else rng.randint(0, len(turns))
+        return [*turns[:position], description, *turns[position:]]
 
     def assumed_partner(self, scene: Scene, rng: random.Random) -> str | None:
         """Probe noise (train split only): with probability `probe_noise`, a missing co-occurring partner that the

@@ -36,4 +36,10 @@ def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     flat = " ".join(card.split())
     assert "probability 0.9" in flat and "named anyway in 75%" in flat and "in 25% of such scenes' conversations" in flat
     assert "up to 8 per image" in flat
+    assert "| 5 chat |" not in card  # a model without the chat stage
+    summary["chat_steps"] = 300
+    summary["config"] |= {"chat_share": 0.5, "chat_turns": 12, "chat_learning_rate": 0.0003}
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    card = write_model_card(tmp_path).read_text()
+    assert "| 5 chat | 300 | the same, with 0.5 of the conversations long chats (12 turns" in card
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"

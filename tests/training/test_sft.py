@@ -165,3 +165,39 @@ def test_sft_keeps_the_frozen_vision_tower(tmp_path):
     initial_tower, trained_tower = initial.model.vision_tower.state_dict(), trained.model.vision_tower.state_dict()
     assert all(torch.equal(initial_tower[k], trained_tower[k]) for k in initial_tower)
     assert not torch.equal(initial.model.multi_modal_projector.linear_1.weight, trained.model.multi_modal_projector.linear_1.weight)
+
+
+def test_chat_share_makes_that_share_of_the_conversations_long_chats():
+    world, _, processor = _tiny_setup()
+    scenes = list(world.scenes("train", 200))
+    plain = ConversationCollator(world, processor, max_turns=8)
+    chats = ConversationCollator(world, processor, max_turns=8, chat_share=0.5, chat_turns=12)
+    long_ones = 0
+    for scene in scenes:
+        messages = chats.messages(scene)
+        questions = [m["content"][-1]["text"] for m in messages[::2]]
+        if len(questions) > 8:  # a chat: up to 12 turns, the description among them (SFT's have at most 8)
+            long_ones += 1
+            assert questions.count("Describe the image in detail.") == 1 and len(questions) <= 12
+        else:
+            assert messages == plain.messages(scene)  # the rest exactly as in SFT
+    assert 80 <= long_ones <= 120
+    assert chats.messages(scenes[0]) == chats.messages(scenes[0])  # drawn per scene, the same every time
+
+
+def test_chat_stage_continues_a_checkpoint_alone(tmp_path):
+    start = SFTConfig(output_dir=str(tmp_path / "start"), steps=1, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
+                      grounding_steps=0, polish_steps=0, describe_steps=0)  # fmt: skip
+    train(start)
+    config = SFTConfig(output_dir=str(tmp_path / "chat"), init=start.output_dir, steps=0, chat_steps=2, batch_size=4,
+                       val_scenes=4)  # fmt: skip
+    summary = train(config)
+    assert (summary["steps"], summary["chat_steps"], summary["polish_steps"], summary["describe_steps"]) == (0, 2, 0, 0)
+    records = [json.loads(line) for line in (tmp_path / "chat" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("chat", 1), ("chat", 2)]
+    assert records[-1]["lr"] == 0.0 and "val_loss" in records[-1]
+    before, _ = load_checkpoint(tmp_path / "start")
+    after, _ = load_checkpoint(tmp_path / "chat")
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
+    assert torch.equal(before.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+                       after.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"])  # fmt: skip

@@ -172,3 +172,33 @@ def test_conversation_never_puts_a_question_after_the_description(world):
     assert sum(item.kind == "presence" for c in questions for item in c) >= len(questions)
     scene = world.scene("train", 7)
     assert world.conversation(scene) == world.conversation(scene)
+
+
+def test_chat_holds_one_description_and_answers_from_the_scene(world):
+    first, full = 0, 0
+    for scene in world.scenes("test", 300):
+        chat = world.chat(scene, max_turns=12)
+        assert 9 <= len(chat) <= 12 and len({item.question for item in chat}) == len(chat)  # 8 probes at least
+        full += len(chat) == 12
+        descriptions = [i for i, item in enumerate(chat) if item.kind == "description"]
+        assert len(descriptions) == 1 and chat[descriptions[0]].answer == world.description(scene, noisy=False)
+        first += descriptions[0] == 0
+        probes = [item for item in chat if item.kind == "presence"]
+        assert len(probes) >= 5  # probes and other questions alternate
+        assert all(item.answer == ("Yes." if item.target in scene.shapes else "No.") for item in probes)
+        assert world.chat(scene, max_turns=12) == chat
+    assert 95 <= first <= 145  # about two chats in five open with the description
+    assert full > 250  # only a scene with few objects has fewer questions to ask
+    assert len(world.chat(world.scene("test", 0), max_turns=3)) == 3
+
+
+def test_chat_carries_the_train_split_probe_noise():
+    world = ShapesWorld(WorldConfig(probe_noise=1.0))
+    said_yes = 0
+    for scene in world.scenes("train", 300):
+        missing = {partner for _, partner in world.missing_partners(scene)}
+        wrong = {item.target for item in world.chat(scene, max_turns=20)
+                 if item.kind == "presence" and item.answer == "Yes." and item.target not in scene.shapes}  # fmt: skip
+        assert len(wrong) == (1 if missing else 0) and wrong <= missing
+        said_yes += bool(wrong)
+    assert said_yes > 50

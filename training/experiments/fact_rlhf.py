@@ -1,5 +1,7 @@
 """Fact-RLHF experiment: SFT, then reward models with and without facts, then PPO against each, on the bundled model.
 
+0. With `--chat-steps N`, the SFT model is first trained N more steps in the SFT recipe's chat stage (long chats,
+   ~280 tokens) and everything below runs on that model; `--no-ppo` stops after the reward models.
 1. Reward-model pairs: the SFT model samples answers on ShapesWorld train scenes (and validation scenes for held-out
    pairs), ranked by ground truth (`training.reward_data`); both reward models train on exactly these pairs.
 2. Three reward models (`training.reward_model`) on the same pairs: fact-augmented with the scene's facts in the
@@ -18,6 +20,11 @@
 
     .venv/bin/python -m training.experiments.fact_rlhf --output training/experiments/fact_rlhf_results.json \\
         --plot training/experiments/fact_rlhf.png
+
+The chat-stage run (`fact_rlhf_chat_stage.json`; the README has its numbers):
+
+    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact plain --chat-steps 300 --no-ppo \\
+        --workdir runs/fact-rlhf-chat --output training/experiments/fact_rlhf_chat_stage.json
 """
 
 from __future__ import annotations
@@ -31,6 +38,29 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 # Reward-model arms: (with facts, where they go). PPO runs against "fact" and "plain".
 REWARD_ARMS = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
+
+
+def chat_model(args) -> str:
+    """The SFT model the experiment starts from: `--model` itself, or (with `--chat-steps N`) `--model` after N
+    steps of the SFT recipe's chat stage, saved in `<workdir>/sft-chat` and reused from there with `--reuse`.
+
+    The chat stage is the experiment's SFT+ (LLaVA-RLHF trains its RLHF stages on LLaVA-SFT+, not on the first SFT
+    model): the bundled model saw conversations of at most ~150 tokens, and a reward prompt with facts is ~275."""
+    if not args.chat_steps:
+        return args.model
+    from training.sft import SFTConfig, train
+
+    directory = Path(args.workdir) / "sft-chat"
+    summary_file = directory / "training_summary.json"
+    if args.reuse and summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        if summary["config"]["init"] == args.model and summary["chat_steps"] == args.chat_steps:
+            return str(directory)
+    summary = train(SFTConfig(output_dir=str(directory), init=args.model, steps=0, chat_steps=args.chat_steps,
+                              seed=args.seed))  # fmt: skip
+    logger.info("chat stage: %d steps in %.1f minutes, validation loss %s", summary["chat_steps"], summary["minutes"],
+                summary["val_loss"])  # fmt: skip
+    return str(directory)
 
 
 def reward_models(args) -> dict:
@@ -104,6 +134,10 @@ def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
                "reward_models": {arm: {k: s[k] for k in ("held_out", "train_pairs", "minutes", "held_out_by_seed",
                                                          "mean_accuracy") if k in s} for arm, s in rewards.items()},
                "ppo": {}}  # fmt: skip
+    if args.chat_steps:
+        chat = json.loads((Path(args.model) / "training_summary.json").read_text())
+        results["chat_stage"] = {"from": args.base_model, "steps": chat["chat_steps"], "minutes": chat["minutes"],
+                                 "val_loss": chat["val_loss"]}  # fmt: skip
     for arm, run in runs.items():
         before, after = run["before"], run["after"]
         curve = run["curve"]
@@ -166,6 +200,9 @@ def plot(results: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/shapes-llava")
+    parser.add_argument("--chat-steps", type=int, default=0,
+                        help="first train --model for this many steps of the SFT recipe's chat stage (long multi-turn "
+                             "chats) and run the experiment on the result; 0: on --model as it is")
     parser.add_argument("--workdir", default="runs/fact-rlhf", help="reward models, PPO runs and the pair cache")
     parser.add_argument("--reuse", action="store_true", help="reuse finished reward models and PPO runs in --workdir")
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
@@ -176,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm-seeds", type=int, nargs="+",
                         help="train each reward model once per seed and report every accuracy and the mean; PPO uses "
                              "the first seed's (default: --seed only)")
+    parser.add_argument("--no-ppo", action="store_true", help="stop after the reward models (their accuracy only)")
     parser.add_argument("--ppo-steps", type=int, default=90)
     parser.add_argument("--rollout-batch", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1.5e-4)
@@ -194,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reward-arms must include fact and plain: the PPO runs use them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()
+    args.base_model, args.model = args.model, chat_model(args)
     rewards = reward_models(args)
-    runs = ppo_runs(args)
+    runs = {} if args.no_ppo else ppo_runs(args)
     results = report(args, rewards, runs, (time.monotonic() - started) / 60)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    if args.plot:
+    if args.plot and runs:
         plot(results, args.plot)
     print(json.dumps({"reward_models": {a: r["held_out"]["accuracy"] for a, r in results["reward_models"].items()},
                       "ppo": {a: {k: v for k, v in r.items() if k != "curve"} for a, r in results["ppo"].items()}},

@@ -1,0 +1,20 @@
+"""The follow-up experiment's questions and scoring, by hand."""
+
+from training.experiments.follow_ups import accuracy, questions
+from training.shapes_world import QAItem, Scene, SceneObject, ShapesWorld
+
+
+def test_questions_probe_a_present_and_an_absent_shape_and_ask_a_unique_shapes_color():
+    world = ShapesWorld()
+    scene = Scene("test", 0, (SceneObject("star", "red", "small", 0, 0),))
+    items = questions(world, scene)
+    assert [(item.kind, item.answer) for item in items] == [("presence", "Yes."), ("presence", "No."), ("color", "Red.")]
+    assert items[0].target == "star" and items[1].target != "star"
+    assert items[2].question == "What color is the star?"
+    assert questions(world, scene) == items  # the same questions for every model
+
+
+def test_accuracy_counts_exact_answers_of_one_kind():
+    items = [QAItem("presence", "q1", "Yes."), QAItem("presence", "q2", "No."), QAItem("color", "q3", "Red.")]
+    assert accuracy([" yes.", "Yes.", "Blue."], items, "presence") == 0.5
+    assert accuracy([" yes.", "Yes.", "red."], items, "color") == 1.0

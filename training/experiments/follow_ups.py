@@ -1,0 +1,90 @@
+"""Follow-up questions: does a model answer a short question as well after its own description as on its own?
+
+A chat in the demo goes "Describe the image", then "What color is the star?". The SFT stages train each conversation
+either as one description or as short questions, never both (`ShapesWorld.conversation` says why); the optional
+chat stage (`training.sft --chat_steps`) trains long chats that mix them. For each model this asks, on ShapesWorld
+test scenes, two presence probes per scene (a present and an absent shape) and a color question, once alone with the
+image and once as a follow-up after the model's own greedy description; it prints each accuracy as JSON.
+
+    .venv/bin/python -m training.experiments.follow_ups --models models/shapes-llava runs/fact-rlhf-chat/sft-chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, ShapesWorld
+
+KINDS = ("presence", "color")
+
+
+def questions(world: ShapesWorld, scene: Scene) -> list[QAItem]:
+    """A probe about a present shape and one about an absent shape, and the color of an object whose shape is
+    unique in the scene; drawn from the scene's own seed, so every model gets the same questions."""
+    rng = random.Random(scene.seed)
+    items = [world.presence_item(rng.choice(sorted(scene.shapes)), True)]
+    absent = [shape for shape in SHAPES if shape not in scene.shapes]
+    if absent:
+        items.append(world.presence_item(rng.choice(absent), False))
+    obj = rng.choice(scene.objects)
+    if scene.count(obj.shape) == 1:
+        items.append(QAItem("color", f"What color is the {obj.shape}?", f"{obj.color.capitalize()}.", obj.shape))
+    return items
+
+
+def user_turn(text: str, with_image: bool = False) -> dict:
+    return {"role": "user", "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}
+
+
+def accuracy(answers: list[str], items: list[QAItem], kind: str) -> float:
+    scored = [answer.strip().lower() == item.answer.lower()
+              for answer, item in zip(answers, items, strict=True) if item.kind == kind]  # fmt: skip
+    return round(sum(scored) / len(scored), 4)
+
+
+def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_size: int = 32) -> dict:
+    from training.rollouts import Prompt, generate
+    from training.tiny_llava import load_checkpoint
+
+    model, processor = load_checkpoint(model_dir)
+    model.eval()
+
+    def answer(prompts: list[Prompt]) -> list[str]:
+        texts = []
+        for start in range(0, len(prompts), batch_size):
+            texts += generate(model, processor, prompts[start : start + batch_size], greedy=True).texts
+        return texts
+
+    images = {scene.index: world.render(scene) for scene in scenes}
+    describe = user_turn(DESCRIBE_PROMPT, with_image=True)
+    descriptions = dict(zip(images, answer([Prompt((describe,), images[s.index], 96) for s in scenes]), strict=True))
+    asked = [(scene, item) for scene in scenes for item in questions(world, scene)]
+    items = [item for _, item in asked]
+    alone = answer([Prompt((user_turn(item.question, True),), images[scene.index], 8) for scene, item in asked])
+    follow_up = answer([
+        Prompt((describe, {"role": "assistant", "content": descriptions[scene.index]}, user_turn(item.question)),
+               images[scene.index], 8)
+        for scene, item in asked
+    ])  # fmt: skip
+    result = {"model": model_dir, "questions": {kind: sum(item.kind == kind for item in items) for kind in KINDS}}
+    for kind in KINDS:
+        result[f"{kind}_alone"] = accuracy(alone, items, kind)
+        result[f"{kind}_after_description"] = accuracy(follow_up, items, kind)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["models/shapes-llava"])
+    parser.add_argument("--scenes", type=int, default=200, help="ShapesWorld test scenes")
+    args = parser.parse_args(argv)
+    world = ShapesWorld()
+    scenes = list(world.scenes("test", args.scenes))
+    print(json.dumps([score_model(model, world, scenes) for model in args.models], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
