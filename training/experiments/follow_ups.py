@@ -34,10 +34,6 @@ def questions(world: ShapesWorld, scene: Scene) -> list[QAItem]:
     return items
 
 
-def user_turn(text: str, with_image: bool = False) -> dict:
-    return {"role": "user", "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}
-
-
 def accuracy(answers: list[str], items: list[QAItem], kind: str) -> float:
     scored = [answer.strip().lower() == item.answer.lower()
               for answer, item in zip(answers, items, strict=True) if item.kind == kind]  # fmt: skip
@@ -45,6 +41,7 @@ def accuracy(answers: list[str], items: list[QAItem], kind: str) -> float:
 
 
 def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_size: int = 32) -> dict:
+    from training.evaluation.models import user_turn
     from training.rollouts import Prompt, generate
     from training.tiny_llava import load_checkpoint
 
@@ -58,14 +55,14 @@ def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_s
         return texts
 
     images = {scene.index: world.render(scene) for scene in scenes}
-    describe = user_turn(DESCRIBE_PROMPT, with_image=True)
+    (describe,) = user_turn(DESCRIBE_PROMPT)  # image first, then the text
     descriptions = dict(zip(images, answer([Prompt((describe,), images[s.index], 96) for s in scenes]), strict=True))
     asked = [(scene, item) for scene in scenes for item in questions(world, scene)]
     items = [item for _, item in asked]
-    alone = answer([Prompt((user_turn(item.question, True),), images[scene.index], 8) for scene, item in asked])
+    alone = answer([Prompt(tuple(user_turn(item.question)), images[scene.index], 8) for scene, item in asked])
     follow_up = answer([
-        Prompt((describe, {"role": "assistant", "content": descriptions[scene.index]}, user_turn(item.question)),
-               images[scene.index], 8)
+        Prompt((describe, {"role": "assistant", "content": descriptions[scene.index]},
+                {"role": "user", "content": [{"type": "text", "text": item.question}]}), images[scene.index], 8)
         for scene, item in asked
     ])  # fmt: skip
     result = {"model": model_dir, "questions": {kind: sum(item.kind == kind for item in items) for kind in KINDS}}
