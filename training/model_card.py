@@ -44,11 +44,16 @@ def model_card(summary: dict, report: dict, machine: str) -> str:
     config = summary["config"]
     world = summary.get("world") or dataclasses.asdict(WorldConfig())
     minutes = summary["minutes"]
-    chat_row = ""
+    later_rows = ""
     if summary.get("chat_steps"):
-        chat_row = (f"| 5 chat | {summary['chat_steps']} | the same, with {config['chat_share']:g} of the conversations "
+        later_rows = (f"| 5 chat | {summary['chat_steps']} | the same, with {config['chat_share']:g} of the conversations "
                     f"long chats ({config['chat_turns']} turns: the description and follow-up questions), at "
                     f"{config['chat_learning_rate']:g} |\n")
+    if summary.get("read_steps"):
+        later_rows += (f"| 6 read | {summary['read_steps']} | the same, with {config['read_share']:g} of the conversations "
+                     f"given the scene's facts as text before the first question and answered truly "
+                     f"({config['read_blank_share']:g} of those with a blank image), at "
+                     f"{config['read_learning_rate']:g} |\n")
     return f"""# shapes-llava
 
 A tiny LLaVA (`LlavaForConditionalGeneration`: a CLIP-ViT vision tower and a Llama language model,
@@ -80,7 +85,7 @@ Training took **{minutes:.0f} minutes** on {machine} (torch threads: {summary["t
 | 2 SFT | {summary["steps"]} | projector and language model, on the full conversation mix (tower frozen); every answer weighs the same |
 | 3 polish | {summary.get("polish_steps", 0)} | the same, at a lower rate, with {config.get("polish_token_share", 0):g} of the per-token loss mixed in, so descriptions teach attribute binding |
 | 4 describe | {summary.get("describe_steps", 0)} | the same stream once more, at {config.get("describe_learning_rate", 0):g}, with the per-token loss alone: descriptions dominate, as long detailed-description data does in a LLaVA |
-{chat_row}
+{later_rows}
 Batch {config["batch_size"]} scenes, AdamW at {config["learning_rate"]:g} (polish
 {config.get("polish_learning_rate", config["learning_rate"]):g}) with warm-up and cosine decay; final validation
 loss {summary["val_loss"]}. The loss curves are in `training_curves.png` and every step in `metrics.jsonl`.

@@ -15,7 +15,9 @@ Where the facts go (`facts_placement`):
   (`training/experiments/fact_rlhf.py`): on 1,643 pairs with the version-1 wording 0.885 held-out accuracy against
   0.911 in the rating turn; on 2,308 pairs with version 2, 0.539 against 0.884 (0.932 plain): it never learns the
   presence probes (0.27 / 0.77 on absent / present shapes, i.e. it prefers "yes"), whose question now sits after
-  the facts instead of right after the image as in SFT.
+  the facts instead of right after the image as in SFT. On a backbone that learned to read first (the SFT read stage,
+  `fact_rlhf.py --read-steps 700`) it gets 0.930: ahead of the plain one on the probes and other description errors,
+  behind on invented objects, level overall (0.930 plain; README).
 Tried and not kept: the facts first, before the image (the image, question and answer then keep their SFT layout).
 The training loss stayed at 0.65-0.79 through 680 of 867 steps (0.29 in the rating turn): the backbone never saw
 text before an image.
@@ -61,18 +63,21 @@ def rating_turn(facts: Sequence[str], rng: random.Random, with_facts: bool = Tru
     return "\n".join([*lines, criteria_line()])
 
 
-def with_facts_before_question(messages: Sequence[dict], facts: Sequence[str], rng: random.Random) -> list[dict]:
-    """The conversation with the facts as a text part of its last user turn, after the image, before the question."""
+def with_facts_before_question(messages: Sequence[dict], facts: Sequence[str], rng: random.Random,
+                               user_turn: int = -1) -> list[dict]:  # fmt: skip
+    """The conversation with the facts as a text part of a user turn (the last one by default; `user_turn` counts
+    user turns only), after the image, before the question. The SFT read stage (`training.sft`) puts them in the
+    first turn of its conversations the same way, so the layout it teaches is the one this prompt has."""
     block = "\n".join(["Facts:", *fact_bullets(facts, rng)]) + "\n"
     conversation = [dict(message) for message in messages]
-    last_user = max(i for i, message in enumerate(conversation) if message["role"] == "user")
-    content = conversation[last_user]["content"]
+    target = [i for i, message in enumerate(conversation) if message["role"] == "user"][user_turn]
+    content = conversation[target]["content"]
     if isinstance(content, str):
-        conversation[last_user]["content"] = block + content
+        conversation[target]["content"] = block + content
     else:
         images = [part for part in content if part.get("type") != "text"]
         texts = [part for part in content if part.get("type") == "text"]
-        conversation[last_user]["content"] = [*images, {"type": "text", "text": block}, *texts]
+        conversation[target]["content"] = [*images, {"type": "text", "text": block}, *texts]
     return conversation
 
 

@@ -194,14 +194,16 @@ class ShapesWorld:
             yield self.scene(split, index)
 
     # ---- rendering ----------------------------------------------------------------------------------------
-    def render(self, scene: Scene) -> Image.Image:
+    def render(self, scene: Scene, blank: bool = False) -> Image.Image:
+        """The scene's image; `blank=True` draws its background and pixel noise without the objects (the SFT read
+        stage's image for conversations answered from facts given as text)."""
         cfg = self.config
         size = cfg.image_size
         rng = np.random.default_rng(scene.seed + 7919)
         background = int(rng.integers(215, 240))
         canvas = Image.new("RGB", (size, size), (background,) * 3)
         cell = size / GRID
-        for obj in scene.objects:
+        for obj in () if blank else scene.objects:
             jitter = rng.uniform(-cfg.position_jitter, cfg.position_jitter, size=2) * cell
             cx = (obj.col + 0.5) * cell + jitter[0]
             cy = (obj.row + 0.5) * cell + jitter[1]
@@ -280,9 +282,10 @@ class ShapesWorld:
     def presence_item(self, shape: str, present: bool, pope: str | None = None) -> QAItem:
         return QAItem("presence", f"Is there a {shape} in the image?", "Yes." if present else "No.", shape, pope)
 
-    def questions(self, scene: Scene, rng: random.Random) -> list[QAItem]:
-        """Every question template that has an unambiguous answer for this scene (one of each kind)."""
-        items: list[QAItem] = [QAItem("description", DESCRIBE_PROMPT, self.description(scene))]
+    def questions(self, scene: Scene, rng: random.Random, noisy: bool | None = None) -> list[QAItem]:
+        """Every question template that has an unambiguous answer for this scene (one of each kind); `noisy` goes to
+        the description (caption noise on the train split by default, none with False)."""
+        items: list[QAItem] = [QAItem("description", DESCRIBE_PROMPT, self.description(scene, noisy))]
         present = sorted(scene.shapes)
         absent = [s for s in SHAPES if s not in scene.shapes]
         if rng.random() < 0.5 or not absent:
@@ -322,8 +325,10 @@ class ShapesWorld:
         lines = "\n".join(f"{'ABCD'[i]}. {option}" for i, option in enumerate(options))
         return QAItem("multiple_choice", f"{question}\n{lines}\n{MC_SUFFIX}", letter, truth, choices=tuple(options))
 
-    def conversation(self, scene: Scene, max_turns: int = 5, description_share: float = 1 / 3) -> list[QAItem]:
-        """A training conversation about one image.
+    def conversation(self, scene: Scene, max_turns: int = 5, description_share: float = 1 / 3,
+                     noisy: bool | None = None) -> list[QAItem]:  # fmt: skip
+        """A training conversation about one image; `noisy=False` leaves out the train split's caption and probe
+        noise (every answer true to the scene), as the SFT read stage needs for answers taken from the facts.
 
         With probability `description_share` it is the single description turn; otherwise it is up to `max_turns`
         short questions in random order, without the description. Keeping the two apart matters: a question asked
@@ -331,7 +336,7 @@ class ShapesWorld:
         never learns to look up the asked-about object in the image (it answers yes/no from the scene as a whole).
         """
         rng = random.Random(scene.seed * 13 + 5)
-        items = self.questions(scene, rng)
+        items = self.questions(scene, rng, noisy)
         if rng.random() < description_share:
             return [items[0]]
         # Two yes/no probes in every short conversation, one about a present shape and one about an absent one:
@@ -341,7 +346,7 @@ class ShapesWorld:
         absent = [s for s in SHAPES if s not in scene.shapes]
         if absent:
             probes.append(self.presence_item(rng.choice(absent), False))
-        assumed = self.assumed_partner(scene, rng)
+        assumed = self.assumed_partner(scene, rng) if noisy is not False else None
         if assumed is not None:
             probes.append(self.presence_item(assumed, True))
         others = [item for item in items[1:] if item.kind != "presence"]

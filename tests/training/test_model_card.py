@@ -42,4 +42,11 @@ def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     (tmp_path / "training_summary.json").write_text(json.dumps(summary))
     card = write_model_card(tmp_path).read_text()
     assert "| 5 chat | 300 | the same, with 0.5 of the conversations long chats (12 turns" in card
+    assert "| 6 read |" not in card
+    summary["read_steps"] = 250
+    summary["config"] |= {"read_share": 0.5, "read_blank_share": 0.5, "read_learning_rate": 0.0003}
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    card = write_model_card(tmp_path).read_text()
+    assert "| 6 read | 250 | the same, with 0.5 of the conversations given the scene's facts as text" in card
+    assert "(0.5 of those with a blank image), at 0.0003 |" in card
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"

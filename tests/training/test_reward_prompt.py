@@ -7,7 +7,13 @@ import pytest
 from transformers import AutoTokenizer, LlavaProcessor
 
 from training.reward_model import RewardEncoder
-from training.reward_prompt import SCORE_PRIMER, criteria_line, rating_turn, reward_model_text
+from training.reward_prompt import (
+    SCORE_PRIMER,
+    criteria_line,
+    rating_turn,
+    reward_model_text,
+    with_facts_before_question,
+)
 from training.shapes_world import ShapesWorld
 
 FACTS = ["There are two objects in the image.", "There is a small red star at the top left.",
@@ -70,6 +76,21 @@ def test_before_answer_with_a_text_only_turn_and_without_facts():
                               facts_placement="before_answer")  # fmt: skip
     assert "facts" not in plain.lower() and plain == reward_model_text(tokenizer, messages, "Yes.", FACTS,
                                                                        random.Random(0), with_facts=False)  # fmt: skip
+
+
+def test_facts_go_into_the_user_turn_asked_for_and_no_other():
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a star?"}]},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "What color is it?"},
+    ]
+    first = with_facts_before_question(conversation, FACTS, random.Random(0), user_turn=0)
+    assert [part["type"] for part in first[0]["content"]] == ["image", "text", "text"]
+    block = first[0]["content"][1]["text"]
+    assert block.startswith("Facts:\n") and sorted(bullets(block)) == sorted(FACTS)
+    assert first[1:] == conversation[1:]
+    last = with_facts_before_question(conversation, FACTS, random.Random(0))
+    assert last[:2] == conversation[:2] and last[2]["content"] == block + "What color is it?"
 
 
 def test_an_unknown_placement_is_refused():

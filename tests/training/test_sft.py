@@ -201,3 +201,51 @@ def test_chat_stage_continues_a_checkpoint_alone(tmp_path):
     assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
     assert torch.equal(before.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
                        after.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"])  # fmt: skip
+
+
+def test_read_share_puts_the_scene_facts_before_the_first_question_and_answers_them_truly():
+    world, _, processor = _tiny_setup()
+    scenes = list(world.scenes("train", 200))
+    plain = ConversationCollator(world, processor, max_turns=8)
+    readings = ConversationCollator(world, processor, max_turns=8, read_share=0.5, read_blank_share=0.5)
+    modes = [readings.reading(scene) for scene in scenes]
+    assert 80 <= sum(m is not None for m in modes) <= 120 and 30 <= modes.count("blank") <= 70
+    for scene, mode in zip(scenes, modes):
+        messages = readings.messages(scene)
+        if mode is None:
+            assert messages == plain.messages(scene)  # the rest exactly as in SFT
+            continue
+        first = messages[0]["content"]
+        assert [part["type"] for part in first] == ["image", "text", "text"]
+        facts = first[1]["text"].splitlines()
+        assert facts[0] == "Facts:" and sorted(facts[1:]) == sorted(f"- {fact}" for fact in world.facts(scene))
+        assert all(len(m["content"]) == 1 for m in messages[2::2])  # no facts and no image after the first turn
+        for question, answer in zip(messages[::2], messages[1::2]):
+            text = question["content"][-1]["text"]
+            if text == "Describe the image in detail.":
+                assert answer["content"] == world.description(scene, noisy=False)
+            if text.startswith("Is there a "):
+                shape = text.removeprefix("Is there a ").removesuffix(" in the image?")
+                assert answer["content"] == ("Yes." if shape in scene.shapes else "No.")
+    batch_scenes = scenes[:8]
+    batch = readings(batch_scenes)
+    for row, scene in enumerate(batch_scenes):
+        shown = world.render(scene, blank=readings.reading(scene) == "blank")
+        expected = processor.image_processor([shown], return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(batch["pixel_values"][row], expected)
+    assert {readings.reading(s) for s in batch_scenes} >= {"blank"}  # the batch holds a blank image to check
+
+
+def test_read_stage_runs_after_the_chat_stage(tmp_path):
+    start = SFTConfig(output_dir=str(tmp_path / "start"), steps=1, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
+                      grounding_steps=0, polish_steps=0, describe_steps=0)  # fmt: skip
+    train(start)
+    config = SFTConfig(output_dir=str(tmp_path / "plus"), init=start.output_dir, steps=0, chat_steps=1, read_steps=2,
+                       batch_size=4, val_scenes=4)  # fmt: skip
+    summary = train(config)
+    assert (summary["steps"], summary["chat_steps"], summary["read_steps"]) == (0, 1, 2)
+    records = [json.loads(line) for line in (tmp_path / "plus" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in records] == [("chat", 1), ("read", 1), ("read", 2)]
+    before, _ = load_checkpoint(tmp_path / "start")
+    after, _ = load_checkpoint(tmp_path / "plus")
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)

@@ -202,3 +202,28 @@ def test_chat_carries_the_train_split_probe_noise():
         assert len(wrong) == (1 if missing else 0) and wrong <= missing
         said_yes += bool(wrong)
     assert said_yes > 50
+
+
+def test_a_clean_conversation_has_neither_caption_nor_probe_noise():
+    world = ShapesWorld(WorldConfig(caption_noise=1.0, probe_noise=1.0))
+    scenes = [s for s in world.scenes("train", 400) if world.missing_partners(s) and len(s.objects) < 9]
+    assert len(scenes) > 50
+    for scene in scenes:
+        noisy_description = world.conversation(scene, max_turns=8, description_share=1.0)
+        assert noisy_description[0].answer != world.description(scene, noisy=False)  # the default is noisy here
+        clean = world.conversation(scene, max_turns=8, description_share=1.0, noisy=False)
+        assert [item.answer for item in clean] == [world.description(scene, noisy=False)]
+        short = world.conversation(scene, max_turns=9, description_share=0.0, noisy=False)
+        probes = [item for item in short if item.kind == "presence"]
+        assert probes and all((item.answer == "Yes.") == (item.target in scene.shapes) for item in probes)
+    assert any(_false_yes_probes(world, scene) for scene in scenes)  # while the default conversations lie
+
+
+def test_a_blank_render_is_the_background_and_noise_without_the_objects(world):
+    scene = world.scene("train", 3)
+    image = np.asarray(world.render(scene), dtype=np.float32)
+    blank = np.asarray(world.render(scene, blank=True), dtype=np.float32)
+    colored = lambda pixels: int((pixels.max(axis=2) - pixels.min(axis=2) > 60).sum())  # noise alone spreads < 40
+    assert colored(image) > 100 and colored(blank) == 0
+    assert abs(blank.mean() - np.median(image)) < 1  # the scene's own background
+    assert np.array_equal(blank, np.asarray(world.render(scene, blank=True), dtype=np.float32))

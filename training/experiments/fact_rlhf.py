@@ -1,7 +1,8 @@
 """Fact-RLHF experiment: SFT, then reward models with and without facts, then PPO against each, on the bundled model.
 
-0. With `--chat-steps N`, the SFT model is first trained N more steps in the SFT recipe's chat stage (long chats,
-   ~280 tokens) and everything below runs on that model; `--no-ppo` stops after the reward models.
+0. With `--chat-steps N` and/or `--read-steps N`, the SFT model is first trained that many more steps in the SFT
+   recipe's chat stage (long chats, ~280 tokens) and read stage (questions answered from the scene's facts given as
+   text), and everything below runs on that model (the SFT+); `--no-ppo` stops after the reward models.
 1. Reward-model pairs: the SFT model samples answers on ShapesWorld train scenes (and validation scenes for held-out
    pairs), ranked by ground truth (`training.reward_data`); both reward models train on exactly these pairs.
 2. Three reward models (`training.reward_model`) on the same pairs: fact-augmented with the scene's facts in the
@@ -9,8 +10,8 @@
    before the answer, and plain (`--reward-arms` picks; PPO needs the first and the last). Reported: accuracy on
    the held-out pairs, overall and per kind; with `--rm-seeds 0 1 ...` each is trained once per seed, on the same
    pairs (reward-model accuracy moves by a few points from seed to seed on this data), and the mean is reported.
-3. Two PPO runs (`training.ppo`), identical but for the reward model (the default fact RM, or the plain one): the
-   same seed, prompts and hyperparameters.
+3. Two PPO runs (`training.ppo`), identical but for the reward model (a fact RM, `--ppo-fact-arm`, or the plain
+   one): the same seed, prompts and hyperparameters.
    Every step logs the mean RM score of the rollouts and their true hallucination rate (the judge's verdict against
    the scene, which neither the policy nor a plain RM sees); every `--eval-every` steps the policy is scored on
    validation images. Before and after: CHAIR_s, CHAIR_i, object recall, POPE on the test split.
@@ -21,10 +22,13 @@
     .venv/bin/python -m training.experiments.fact_rlhf --output training/experiments/fact_rlhf_results.json \\
         --plot training/experiments/fact_rlhf.png
 
-The chat-stage run (`fact_rlhf_chat_stage.json`; the README has its numbers):
+The chat-stage and read-stage runs (`fact_rlhf_chat_stage.json`, `fact_rlhf_read_stage.json`; the README has their
+numbers):
 
     .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact plain --chat-steps 300 --no-ppo \\
         --workdir runs/fact-rlhf-chat --output training/experiments/fact_rlhf_chat_stage.json
+    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 700 \\
+        --no-ppo --workdir runs/fact-rlhf-read700 --output training/experiments/fact_rlhf_read_stage.json
 """
 
 from __future__ import annotations
@@ -40,26 +44,30 @@ logger = logging.getLogger(__name__)
 REWARD_ARMS = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
 
 
-def chat_model(args) -> str:
-    """The SFT model the experiment starts from: `--model` itself, or (with `--chat-steps N`) `--model` after N
-    steps of the SFT recipe's chat stage, saved in `<workdir>/sft-chat` and reused from there with `--reuse`.
+def sft_plus_model(args) -> str:
+    """The SFT model the experiment starts from: `--model` itself, or (with `--chat-steps N` and/or `--read-steps N`)
+    `--model` after those steps of the SFT recipe's chat and read stages, saved in `<workdir>/sft-plus` and reused
+    from there with `--reuse`.
 
-    The chat stage is the experiment's SFT+ (LLaVA-RLHF trains its RLHF stages on LLaVA-SFT+, not on the first SFT
-    model): the bundled model saw conversations of at most ~150 tokens, and a reward prompt with facts is ~275."""
-    if not args.chat_steps:
+    These stages are the experiment's SFT+ (LLaVA-RLHF trains its RLHF stages on LLaVA-SFT+, not on the first SFT
+    model): the bundled model saw conversations of at most ~150 tokens, and a reward prompt with facts is ~275 (the
+    chat stage); and its language model never learned anything from text that the image did not also show, which a
+    LLaVA's pretrained LLM brings and a reward model reading facts needs (the read stage)."""
+    if not (args.chat_steps or args.read_steps):
         return args.model
     from training.sft import SFTConfig, train
 
-    directory = Path(args.workdir) / "sft-chat"
+    directory = Path(args.workdir) / "sft-plus"
     summary_file = directory / "training_summary.json"
     if args.reuse and summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        if summary["config"]["init"] == args.model and summary["chat_steps"] == args.chat_steps:
+        if (summary["config"]["init"], summary["chat_steps"], summary.get("read_steps", 0)) == (
+            args.model, args.chat_steps, args.read_steps):  # fmt: skip
             return str(directory)
     summary = train(SFTConfig(output_dir=str(directory), init=args.model, steps=0, chat_steps=args.chat_steps,
-                              seed=args.seed))  # fmt: skip
-    logger.info("chat stage: %d steps in %.1f minutes, validation loss %s", summary["chat_steps"], summary["minutes"],
-                summary["val_loss"])  # fmt: skip
+                              read_steps=args.read_steps, seed=args.seed))  # fmt: skip
+    logger.info("SFT+: %d chat and %d read steps in %.1f minutes, validation loss %s", summary["chat_steps"],
+                summary["read_steps"], summary["minutes"], summary["val_loss"])  # fmt: skip
     return str(directory)
 
 
@@ -107,19 +115,20 @@ def ppo_runs(args) -> dict:
     from training.ppo import PPOConfig, PPOTrainer
 
     runs = {}
-    for arm in ("fact", "plain"):
-        directory = Path(args.workdir) / f"ppo-{arm}"
+    for arm, reward_arm in (("fact", args.ppo_fact_arm), ("plain", "plain")):
+        directory = Path(args.workdir) / f"ppo-{reward_arm}"
         if args.reuse and (directory / "summary.json").is_file():
             summary = json.loads((directory / "summary.json").read_text())
         else:
             config = PPOConfig(output_dir=str(directory), model=args.model,
-                               reward_model=str(Path(args.workdir) / f"reward-{arm}"), steps=args.ppo_steps,
+                               reward_model=str(Path(args.workdir) / f"reward-{reward_arm}"), steps=args.ppo_steps,
                                rollout_batch=args.rollout_batch, learning_rate=args.learning_rate,
                                lora_rank=args.lora_rank, description_share=args.description_share,
                                eval_every=args.eval_every, eval_images=args.eval_images,
                                final_eval_images=args.test_images, seed=args.seed)  # fmt: skip
             summary = PPOTrainer(config).run()
         summary["curve"] = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        summary["reward_arm"] = reward_arm
         runs[arm] = summary
     return runs
 
@@ -134,16 +143,18 @@ def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
                "reward_models": {arm: {k: s[k] for k in ("held_out", "train_pairs", "minutes", "held_out_by_seed",
                                                          "mean_accuracy") if k in s} for arm, s in rewards.items()},
                "ppo": {}}  # fmt: skip
-    if args.chat_steps:
-        chat = json.loads((Path(args.model) / "training_summary.json").read_text())
-        results["chat_stage"] = {"from": args.base_model, "steps": chat["chat_steps"], "minutes": chat["minutes"],
-                                 "val_loss": chat["val_loss"]}  # fmt: skip
+    if args.model != args.base_model:
+        plus = json.loads((Path(args.model) / "training_summary.json").read_text())
+        results["sft_plus"] = {"from": args.base_model, "chat_steps": plus["chat_steps"],
+                               "read_steps": plus.get("read_steps", 0), "minutes": plus["minutes"],
+                               "val_loss": plus["val_loss"]}  # fmt: skip
     for arm, run in runs.items():
         before, after = run["before"], run["after"]
         curve = run["curve"]
         first, last = curve[: max(1, len(curve) // 5)], curve[-max(1, len(curve) // 5) :]
         mean = lambda rows, key: round(sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows)), 4)
         results["ppo"][arm] = {
+            "reward_model": run["reward_arm"],
             "train_minutes": run["train_minutes"],
             "test_before": before,
             "test_after": after,
@@ -203,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat-steps", type=int, default=0,
                         help="first train --model for this many steps of the SFT recipe's chat stage (long multi-turn "
                              "chats) and run the experiment on the result; 0: on --model as it is")
+    parser.add_argument("--read-steps", type=int, default=0,
+                        help="first train --model (after any chat steps) for this many steps of the SFT recipe's read "
+                             "stage (questions answered from the scene's facts given as text) and run the experiment "
+                             "on the result; 0: none")
     parser.add_argument("--workdir", default="runs/fact-rlhf", help="reward models, PPO runs and the pair cache")
     parser.add_argument("--reuse", action="store_true", help="reuse finished reward models and PPO runs in --workdir")
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
     parser.add_argument("--rm-eval-scenes", type=int, default=600)
     parser.add_argument("--rm-epochs", type=int, default=3)
     parser.add_argument("--reward-arms", nargs="+", choices=list(REWARD_ARMS), default=list(REWARD_ARMS),
-                        help="reward models to train and score (PPO needs fact and plain)")
+                        help="reward models to train and score (PPO needs --ppo-fact-arm's and plain)")
     parser.add_argument("--rm-seeds", type=int, nargs="+",
                         help="train each reward model once per seed and report every accuracy and the mean; PPO uses "
                              "the first seed's (default: --seed only)")
     parser.add_argument("--no-ppo", action="store_true", help="stop after the reward models (their accuracy only)")
+    parser.add_argument("--ppo-fact-arm", choices=[arm for arm, (with_facts, _) in REWARD_ARMS.items() if with_facts],
+                        default="fact", help="the fact-augmented reward model the fact PPO run uses")
     parser.add_argument("--ppo-steps", type=int, default=90)
     parser.add_argument("--rollout-batch", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1.5e-4)
@@ -228,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default="training/experiments/fact_rlhf.png")
     args = parser.parse_args(argv)
     args.rm_seeds = args.rm_seeds or [args.seed]
-    if not {"fact", "plain"} <= set(args.reward_arms):
-        parser.error("--reward-arms must include fact and plain: the PPO runs use them")
+    if not args.no_ppo and not {args.ppo_fact_arm, "plain"} <= set(args.reward_arms):
+        parser.error(f"--reward-arms must include {args.ppo_fact_arm} and plain: the PPO runs use them "
+                     "(or add --no-ppo)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()
-    args.base_model, args.model = args.model, chat_model(args)
+    args.base_model, args.model = args.model, sft_plus_model(args)
     rewards = reward_models(args)
     runs = {} if args.no_ppo else ppo_runs(args)
     results = report(args, rewards, runs, (time.monotonic() - started) / 60)
