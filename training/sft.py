@@ -117,7 +117,7 @@ class SFTConfig:
     describe_learning_rate: float = dataclasses.field(default=3e-4, metadata={"help": "Stage-4 peak learning rate."})
     describe_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Stage-4 linear warm-up."})
     chat_steps: int = dataclasses.field(
-        default=0, metadata={"help": "Chat stage, last, also after --init: long multi-turn chats mixed in; 0 skips it."}
+        default=0, metadata={"help": "Stage 5, also after --init: long multi-turn chats mixed in; 0 skips it."}
     )
     chat_share: float = dataclasses.field(
         default=0.5, metadata={"help": "Chat stage: share of the conversations that are long chats (the rest as in SFT)."}
@@ -126,7 +126,7 @@ class SFTConfig:
     chat_learning_rate: float = dataclasses.field(default=3e-4, metadata={"help": "Chat-stage peak learning rate."})
     chat_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Chat-stage linear warm-up."})
     read_steps: int = dataclasses.field(
-        default=0, metadata={"help": "Read stage, last, also after --init: questions answered from facts as text; 0: off."}
+        default=0, metadata={"help": "Stage 6, last, also after --init: questions answered from facts as text; 0 skips it."}
     )
     read_share: float = dataclasses.field(
         default=0.5, metadata={"help": "Read stage: share of the conversations with the scene's facts as text."}
