@@ -1,6 +1,6 @@
 """The follow-up experiment's questions and scoring, by hand."""
 
-from training.experiments.follow_ups import accuracy, hallucination_rate, questions
+from training.experiments.follow_ups import accuracy, questions
 from training.shapes_world import QAItem, Scene, SceneObject, ShapesWorld
 
 
@@ -19,10 +19,3 @@ def test_accuracy_counts_exact_answers_of_one_kind():
     assert accuracy([" yes.", "Yes.", "Blue."], items, "presence") == 0.5
     assert accuracy([" yes.", "Yes.", "red."], items, "color") == 1.0
 
-
-def test_hallucination_rate_counts_descriptions_that_name_an_absent_shape():
-    scene = Scene("test", 0, (SceneObject("star", "red", "small", 0, 0),))
-    descriptions = ["There is one object. A small red star is at the top left.",
-                    "There are two objects. A small red star is at the top left. A large blue moon is in the center.",
-                    "There is one object. A small blue star is at the top left.", "There is one object."]  # fmt: skip
-    assert hallucination_rate([scene] * 4, descriptions) == 0.25  # a wrong color is not an invented object

@@ -10,7 +10,7 @@ color question: alone with the image, as a follow-up after the model's own greed
 image and the scene's facts before the question (the reward model's facts-before-answer layout, so the answer can
 only come from the text). It also has the model describe each scene from the image, from the image with the facts
 before the request, and from the facts with a blank image, and counts the descriptions that name a shape the scene
-does not hold. It prints each accuracy and rate as JSON.
+does not hold (CHAIR_s, `training.evaluation.metrics.chair_scores`). It prints each accuracy and rate as JSON.
 
     .venv/bin/python -m training.experiments.follow_ups --models models/shapes-llava runs/fact-rlhf-read/sft-plus
 """
@@ -46,16 +46,8 @@ def accuracy(answers: list[str], items: list[QAItem], kind: str) -> float:
     return round(sum(scored) / len(scored), 4)
 
 
-def hallucination_rate(scenes: list[Scene], descriptions: list[str]) -> float:
-    """The share of descriptions that name a shape the scene does not hold (CHAIR_s, by the rule judge)."""
-    from online_rl.judge import ShapesRuleJudge
-
-    judge, item = ShapesRuleJudge(), QAItem("description", DESCRIBE_PROMPT, "")
-    judged = [bool(judge.judge(scene, item, text).hallucinated) for scene, text in zip(scenes, descriptions, strict=True)]
-    return round(sum(judged) / len(judged), 4)
-
-
 def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_size: int = 32) -> dict:
+    from training.evaluation.metrics import chair_scores
     from training.evaluation.models import user_turn
     from training.reward_prompt import with_facts_before_question
     from training.rollouts import Prompt, generate
@@ -81,22 +73,24 @@ def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_s
                 {"role": "user", "content": [{"type": "text", "text": item.question}]}), images[scene.index], 8)
         for scene, item in asked
     ])  # fmt: skip
-    facts_first = answer([
-        Prompt(tuple(with_facts_before_question(user_turn(item.question), world.facts(scene), random.Random(scene.seed))),
-               world.render(scene, blank=True), 8)
-        for scene, item in asked
-    ])  # fmt: skip
-    with_facts = lambda scene: tuple(with_facts_before_question([describe], world.facts(scene), random.Random(scene.seed)))
-    described_with_facts = answer([Prompt(with_facts(s), images[s.index], 96) for s in scenes])
-    described_from_facts = answer([Prompt(with_facts(s), world.render(s, blank=True), 96) for s in scenes])
+    blanks = {scene.index: world.render(scene, blank=True) for scene in scenes}
+
+    def facts_first(scene: Scene, turn: dict) -> tuple[dict, ...]:
+        return tuple(with_facts_before_question([turn], world.facts(scene), random.Random(scene.seed)))
+
+    from_facts = answer([Prompt(facts_first(scene, *user_turn(item.question)), blanks[scene.index], 8)
+                         for scene, item in asked])  # fmt: skip
+    described_with_facts = answer([Prompt(facts_first(s, describe), images[s.index], 96) for s in scenes])
+    described_from_facts = answer([Prompt(facts_first(s, describe), blanks[s.index], 96) for s in scenes])
     result = {"model": model_dir, "questions": {kind: sum(item.kind == kind for item in items) for kind in KINDS}}
-    result["description_hallucination"] = hallucination_rate(scenes, [descriptions[s.index] for s in scenes])
-    result["description_hallucination_with_facts"] = hallucination_rate(scenes, described_with_facts)
-    result["description_hallucination_from_facts"] = hallucination_rate(scenes, described_from_facts)
+    chair_s = lambda texts: round(chair_scores(texts, scenes)["chair_s"], 4)
+    result["description_hallucination"] = chair_s([descriptions[s.index] for s in scenes])
+    result["description_hallucination_with_facts"] = chair_s(described_with_facts)
+    result["description_hallucination_from_facts"] = chair_s(described_from_facts)
     for kind in KINDS:
         result[f"{kind}_alone"] = accuracy(alone, items, kind)
         result[f"{kind}_after_description"] = accuracy(follow_up, items, kind)
-        result[f"{kind}_from_facts"] = accuracy(facts_first, items, kind)
+        result[f"{kind}_from_facts"] = accuracy(from_facts, items, kind)
     return result
 
 
