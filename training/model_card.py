@@ -52,7 +52,10 @@ def model_card(summary: dict, report: dict, machine: str) -> str:
     if summary.get("read_steps"):
         later_rows += (f"| 6 read | {summary['read_steps']} | the same, with {config['read_share']:g} of the conversations "
                      f"given the scene's facts as text before the first question and answered truly "
-                     f"({config['read_blank_share']:g} of those with a blank image), at "
+                     f"({config['read_blank_share']:g} of those with a blank image, "
+                     + (f"{config['read_quiz_share']:g} attribute quizzes and of the rest "
+                        if config.get("read_quiz_share") else "")
+                     + f"{config.get('read_description_share', 1 / 3):.2g} descriptions), at "
                      f"{config['read_learning_rate']:g} |\n")
     return f"""# shapes-llava
 

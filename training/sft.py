@@ -36,7 +36,11 @@ model learned to read in pretraining; this one never had to take anything from g
 reward model must. After the bundled model, 250 / 700 read steps (7 / 27 minutes on 2 cores) answer presence probes
 from the facts alone 0.845 / 0.915 of the time instead of 0.500, and color questions 0.651 / 0.663 instead of 0.325
 (`training/experiments/follow_ups.py`, 100 test scenes); the reward model with facts before the answer goes from
-0.539 to 0.930 held-out accuracy on it (README).
+0.539 to 0.930 held-out accuracy on it (README). `--read_description_share` sets how many reading conversations are a
+description (a third by default; at 0.5, 1000 steps, a description from the facts alone names an absent shape 0.17 of
+the time instead of 0.38), `--read_quiz_share` how many are attribute quizzes (`ShapesWorld.quiz`; 500 steps at 0.5
+took color questions from the facts alone from 0.651 to 0.988: without them the model read which colors were listed
+but not which shape had which).
 Why: with a per-token mean from the start, the descriptions drowned the one-word answers and after 1,400 steps the
 model still answered "Is there a moon?" without looking (POPE at chance). A grounding stage of presence probes alone
 fixed that but left the projector blind to color (color questions at chance, 15%, even after 600 more steps), so
@@ -134,6 +138,13 @@ class SFTConfig:
     read_blank_share: float = dataclasses.field(
         default=0.5, metadata={"help": "Read stage: share of the reading conversations shown a blank image."}
     )
+    read_description_share: float = dataclasses.field(
+        default=1 / 3, metadata={"help": "Read stage: share of the reading conversations that are a description."}
+    )
+    read_quiz_share: float = dataclasses.field(
+        default=0.0,
+        metadata={"help": "Read stage: share of the reading conversations that are attribute quizzes (ShapesWorld.quiz)."},
+    )
     read_learning_rate: float = dataclasses.field(default=3e-4, metadata={"help": "Read-stage peak learning rate."})
     read_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Read-stage linear warm-up."})
     freeze_vision_tower: bool = dataclasses.field(
@@ -167,12 +178,14 @@ class ConversationCollator:
     first user turn, after the image and before the question (the layout of the reward model's facts-before-answer
     prompt, `training.reward_prompt.with_facts_before_question`), and answers true to the scene, without the train
     split's noise; `read_blank_share` of those show a blank image (`ShapesWorld.render(blank=True)`), so the answers
-    can only come from the text: the read stage.
+    can only come from the text; `read_quiz_share` of them are attribute quizzes (`ShapesWorld.quiz`) and
+    `read_description_share` of the others a description: the read stage.
     """
 
     def __init__(self, world: ShapesWorld, processor, max_turns: int, short_only: bool = False,
                  chat_share: float = 0.0, chat_turns: int = 12, read_share: float = 0.0,
-                 read_blank_share: float = 0.5):  # fmt: skip
+                 read_blank_share: float = 0.5, read_description_share: float = 1 / 3,
+                 read_quiz_share: float = 0.0):  # fmt: skip
         self.world = world
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -182,6 +195,8 @@ class ConversationCollator:
         self.chat_turns = chat_turns
         self.read_share = read_share
         self.read_blank_share = read_blank_share
+        self.read_description_share = read_description_share
+        self.read_quiz_share = read_quiz_share
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.image_seq_length = image_token_count(processor)
 
@@ -195,8 +210,11 @@ class ConversationCollator:
     def messages(self, scene: Scene) -> list[dict]:
         messages = []
         reading = self.reading(scene)
-        if reading:
-            items = self.world.conversation(scene, self.max_turns, noisy=False)
+        quiz = reading and random.Random(scene.seed * 29 + 15).random() < self.read_quiz_share
+        if quiz and self.world.quiz(scene, self.max_turns):  # objects that all look alike leave nothing to quiz
+            items = self.world.quiz(scene, self.max_turns)
+        elif reading:
+            items = self.world.conversation(scene, self.max_turns, self.read_description_share, noisy=False)
         elif self.chat_share and random.Random(scene.seed * 7 + 3).random() < self.chat_share:
             items = self.world.chat(scene, self.chat_turns)
         else:
@@ -562,7 +580,9 @@ def train(config: SFTConfig, world: ShapesWorld | None = None) -> dict:
             # Facts as text beside the image, answered from them (from them alone when the image is blank), with the
             # same per-token loss: the reading a pretrained LLM brings to a LLaVA and this backbone never had.
             readings = ConversationCollator(world, processor, config.max_turns, read_share=config.read_share,
-                                            read_blank_share=config.read_blank_share)  # fmt: skip
+                                            read_blank_share=config.read_blank_share,
+                                            read_description_share=config.read_description_share,
+                                            read_quiz_share=config.read_quiz_share)  # fmt: skip
             read_steps, record = run_stage("read", model, world, readings, config, config.read_steps, metrics_file,
                                            started, config.read_learning_rate, config.read_warmup_steps, 1.0)  # fmt: skip
     model.to("cpu")

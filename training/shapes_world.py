@@ -293,25 +293,30 @@ class ShapesWorld:
         else:
             items.append(self.presence_item(rng.choice(absent), False))
         obj = rng.choice(scene.objects)
-        unique_shape = scene.count(obj.shape) == 1
-        unique_color = sum(1 for o in scene.objects if o.color == obj.color) == 1
-        if unique_shape:
-            items.append(QAItem("color", f"What color is the {obj.shape}?", f"{obj.color.capitalize()}.", obj.shape))
-            items.append(QAItem("size", f"Is the {obj.shape} large or small?", f"{obj.size.capitalize()}.", obj.shape))
-        if unique_color:
-            items.append(QAItem("shape", f"What shape is the {obj.color} object?", f"{obj.shape.capitalize()}.", obj.color))
-        if sum(1 for o in scene.objects if (o.color, o.shape) == (obj.color, obj.shape)) == 1:
-            items.append(
-                QAItem("position", f"Where is the {obj.color} {obj.shape}?", f"At the {obj.position}.", obj.shape)
-            )
+        items += self.attribute_items(scene, obj)
         if rng.random() < 0.5:
             items.append(QAItem("count", "How many objects are there?", f"{NUMBER_WORDS[len(scene.objects)].capitalize()}."))
         else:
             shape = rng.choice(SHAPES)
             n = scene.count(shape)
             items.append(QAItem("count", f"How many {PLURALS[shape]} are there?", f"{NUMBER_WORDS[n].capitalize()}.", shape))
-        if unique_shape:
+        if scene.count(obj.shape) == 1:
             items.append(self._multiple_choice(obj, rng))
+        return items
+
+    def attribute_items(self, scene: Scene, obj: SceneObject) -> list[QAItem]:
+        """The questions that name `obj` by one attribute and ask another, where that attribute names it alone:
+        color and size by its shape, its shape by its color, its position by both."""
+        items = []
+        if scene.count(obj.shape) == 1:
+            items.append(QAItem("color", f"What color is the {obj.shape}?", f"{obj.color.capitalize()}.", obj.shape))
+            items.append(QAItem("size", f"Is the {obj.shape} large or small?", f"{obj.size.capitalize()}.", obj.shape))
+        if sum(1 for o in scene.objects if o.color == obj.color) == 1:
+            items.append(QAItem("shape", f"What shape is the {obj.color} object?", f"{obj.shape.capitalize()}.", obj.color))
+        if sum(1 for o in scene.objects if (o.color, o.shape) == (obj.color, obj.shape)) == 1:
+            items.append(
+                QAItem("position", f"Where is the {obj.color} {obj.shape}?", f"At the {obj.position}.", obj.shape)
+            )
         return items
 
     def _multiple_choice(self, obj: SceneObject, rng: random.Random) -> QAItem:
@@ -354,6 +359,17 @@ class ShapesWorld:
         questions = probes + others[: max(0, max_turns - len(probes))]
         rng.shuffle(questions)
         return questions[:max_turns]
+
+    def quiz(self, scene: Scene, max_turns: int = 8) -> list[QAItem]:
+        """Attribute questions about every object, at most `max_turns` of them in random order: the color and size of
+        each object whose shape is unique, the shape of each whose color is unique, the position of each unique
+        color-and-shape pair. Every answer is exact, without noise. Each one binds two attributes of one object
+        ("What color is the cross?"), which reading a list of facts needs and a presence probe does not: for the SFT
+        read stage, where a model that answers presence from the facts still took a color from the wrong object.
+        """
+        items = [item for obj in scene.objects for item in self.attribute_items(scene, obj)]
+        random.Random(scene.seed * 37 + 19).shuffle(items)
+        return items[:max_turns]
 
     def chat(self, scene: Scene, max_turns: int = 12) -> list[QAItem]:
         """A long chat about one image: the description and up to `max_turns - 1` short questions, the description

@@ -48,5 +48,12 @@ def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     (tmp_path / "training_summary.json").write_text(json.dumps(summary))
     card = write_model_card(tmp_path).read_text()
     assert "| 6 read | 250 | the same, with 0.5 of the conversations given the scene's facts as text" in card
-    assert "(0.5 of those with a blank image), at 0.0003 |" in card
+    assert "(0.5 of those with a blank image, 0.33 descriptions), at 0.0003 |" in card  # a summary from before the share
+    summary["config"]["read_description_share"] = 0.5
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    assert "(0.5 of those with a blank image, 0.5 descriptions), at 0.0003 |" in write_model_card(tmp_path).read_text()
+    summary["config"]["read_quiz_share"] = 0.25
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    card = write_model_card(tmp_path).read_text()
+    assert "(0.5 of those with a blank image, 0.25 attribute quizzes and of the rest 0.5 descriptions), at" in card
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"

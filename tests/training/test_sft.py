@@ -236,6 +236,38 @@ def test_read_share_puts_the_scene_facts_before_the_first_question_and_answers_t
     assert {readings.reading(s) for s in batch_scenes} >= {"blank"}  # the batch holds a blank image to check
 
 
+def test_read_description_share_sets_how_many_reading_conversations_are_a_description():
+    world, _, processor = _tiny_setup()
+    scenes = list(world.scenes("train", 300))
+
+    def descriptions(share: float) -> tuple[int, int]:
+        readings = ConversationCollator(world, processor, max_turns=8, read_share=1.0, read_description_share=share)
+        conversations = [readings.messages(scene) for scene in scenes]
+        described = [m for m in conversations if m[0]["content"][-1]["text"] == "Describe the image in detail."]
+        assert all(len(m) == 2 for m in described)  # a description is the whole conversation
+        return len(described), len(conversations)
+
+    assert descriptions(0.0) == (0, 300) and descriptions(1.0) == (300, 300)
+    assert 120 <= descriptions(0.5)[0] <= 180 and 70 <= descriptions(1 / 3)[0] <= 130
+
+
+def test_read_quiz_share_makes_reading_conversations_attribute_quizzes_with_the_facts_first():
+    world, _, processor = _tiny_setup()
+    scenes = list(world.scenes("train", 200))
+    quizzes = ConversationCollator(world, processor, max_turns=8, read_share=1.0, read_quiz_share=0.5)
+    quizzed = 0
+    for scene in scenes:
+        messages = quizzes.messages(scene)
+        asked = [(q["content"][-1]["text"], a["content"]) for q, a in zip(messages[::2], messages[1::2])]
+        quiz = [(item.question, item.answer) for item in world.quiz(scene, 8)]
+        if asked == quiz:
+            quizzed += 1
+            assert messages[0]["content"][1]["text"].startswith("Facts:\n")
+    assert 70 <= quizzed <= 130
+    none = ConversationCollator(world, processor, max_turns=8, read_share=1.0)
+    assert not any([m["content"] for m in none.messages(s)[1::2]] == [i.answer for i in world.quiz(s, 8)] for s in scenes)
+
+
 def test_read_stage_runs_after_the_chat_stage(tmp_path):
     start = SFTConfig(output_dir=str(tmp_path / "start"), steps=1, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
                       grounding_steps=0, polish_steps=0, describe_steps=0)  # fmt: skip

@@ -227,3 +227,25 @@ def test_a_blank_render_is_the_background_and_noise_without_the_objects(world):
     assert colored(image) > 100 and colored(blank) == 0
     assert abs(blank.mean() - np.median(image)) < 1  # the scene's own background
     assert np.array_equal(blank, np.asarray(world.render(scene, blank=True), dtype=np.float32))
+
+
+def test_a_quiz_asks_every_unambiguous_attribute_of_every_object():
+    a = SceneObject("cross", "green", "large", 0, 0)
+    b = SceneObject("circle", "red", "small", 1, 1)
+    c = SceneObject("circle", "blue", "large", 2, 2)
+    scene = Scene("test", 7, (a, b, c))
+    quiz = ShapesWorld().quiz(scene, max_turns=20)
+    asked = {item.question: item.answer for item in quiz}
+    assert asked == {
+        "What color is the cross?": "Green.",
+        "Is the cross large or small?": "Large.",
+        "What shape is the green object?": "Cross.",
+        "What shape is the red object?": "Circle.",
+        "What shape is the blue object?": "Circle.",
+        "Where is the green cross?": f"At the {a.position}.",
+        "Where is the red circle?": f"At the {b.position}.",
+        "Where is the blue circle?": f"At the {c.position}.",
+    }  # nothing about "the circle": there are two
+    assert len(quiz) == 8 and ShapesWorld().quiz(scene, max_turns=3) == quiz[:3]
+    twins = Scene("test", 8, (b, SceneObject("circle", "red", "large", 0, 2)))
+    assert ShapesWorld().quiz(twins) == []  # two red circles: no attribute names one object

@@ -22,13 +22,19 @@
     .venv/bin/python -m training.experiments.fact_rlhf --output training/experiments/fact_rlhf_results.json \\
         --plot training/experiments/fact_rlhf.png
 
-The chat-stage and read-stage runs (`fact_rlhf_chat_stage.json`, `fact_rlhf_read_stage.json`; the README has their
-numbers):
+The chat-stage and read-stage runs (`fact_rlhf_chat_stage.json`, `fact_rlhf_read_stage.json`,
+`fact_rlhf_read_descriptions.json`, `fact_rlhf_read_quiz.json`; the README has their numbers):
 
     .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact plain --chat-steps 300 --no-ppo \\
         --workdir runs/fact-rlhf-chat --output training/experiments/fact_rlhf_chat_stage.json
     .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 700 \\
         --no-ppo --workdir runs/fact-rlhf-read700 --output training/experiments/fact_rlhf_read_stage.json
+    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 1000 \\
+        --read-description-share 0.5 --rm-seeds 0 1 2 --no-ppo --workdir runs/fact-rlhf-read1000d \\
+        --output training/experiments/fact_rlhf_read_descriptions.json
+    .venv/bin/python -m training.experiments.fact_rlhf --model runs/fact-rlhf-read1000d/sft-plus --read-steps 500 \\
+        --read-quiz-share 0.5 --read-description-share 0.5 --reward-arms fact_before_answer plain --no-ppo \\
+        --workdir runs/fact-rlhf-quiz --output training/experiments/fact_rlhf_read_quiz.json
 """
 
 from __future__ import annotations
@@ -61,11 +67,13 @@ def sft_plus_model(args) -> str:
     summary_file = directory / "training_summary.json"
     if args.reuse and summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        if (summary["config"]["init"], summary["chat_steps"], summary.get("read_steps", 0)) == (
-            args.model, args.chat_steps, args.read_steps):  # fmt: skip
+        if (summary["config"]["init"], summary["chat_steps"], summary.get("read_steps", 0),
+                summary["config"].get("read_description_share", 1 / 3), summary["config"].get("read_quiz_share", 0.0)) == (
+                args.model, args.chat_steps, args.read_steps, args.read_description_share, args.read_quiz_share):  # fmt: skip
             return str(directory)
     summary = train(SFTConfig(output_dir=str(directory), init=args.model, steps=0, chat_steps=args.chat_steps,
-                              read_steps=args.read_steps, seed=args.seed))  # fmt: skip
+                              read_steps=args.read_steps, read_description_share=args.read_description_share,
+                              read_quiz_share=args.read_quiz_share, seed=args.seed))  # fmt: skip
     logger.info("SFT+: %d chat and %d read steps in %.1f minutes, validation loss %s", summary["chat_steps"],
                 summary["read_steps"], summary["minutes"], summary["val_loss"])  # fmt: skip
     return str(directory)
@@ -146,7 +154,10 @@ def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
     if args.model != args.base_model:
         plus = json.loads((Path(args.model) / "training_summary.json").read_text())
         results["sft_plus"] = {"from": args.base_model, "chat_steps": plus["chat_steps"],
-                               "read_steps": plus.get("read_steps", 0), "minutes": plus["minutes"],
+                               "read_steps": plus.get("read_steps", 0),
+                               "read_description_share": plus["config"].get("read_description_share", 1 / 3),
+                               "read_quiz_share": plus["config"].get("read_quiz_share", 0.0),
+                               "minutes": plus["minutes"],
                                "val_loss": plus["val_loss"]}  # fmt: skip
     for arm, run in runs.items():
         before, after = run["before"], run["after"]
@@ -218,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="first train --model (after any chat steps) for this many steps of the SFT recipe's read "
                              "stage (questions answered from the scene's facts given as text) and run the experiment "
                              "on the result; 0: none")
+    parser.add_argument("--read-description-share", type=float, default=1 / 3,
+                        help="read stage: share of the reading conversations that are a description (the rest are "
+                             "short questions)")
+    parser.add_argument("--read-quiz-share", type=float, default=0.0,
+                        help="read stage: share of the reading conversations that are attribute quizzes (which color "
+                             "goes with which shape, ...), before the description share applies to the rest")
     parser.add_argument("--workdir", default="runs/fact-rlhf", help="reward models, PPO runs and the pair cache")
     parser.add_argument("--reuse", action="store_true", help="reuse finished reward models and PPO runs in --workdir")
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
