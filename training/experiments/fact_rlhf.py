@@ -67,9 +67,10 @@ def sft_plus_model(args) -> str:
     summary_file = directory / "training_summary.json"
     if args.reuse and summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        if (summary["config"]["init"], summary["chat_steps"], summary.get("read_steps", 0),
-                summary["config"].get("read_description_share", 1 / 3), summary["config"].get("read_quiz_share", 0.0)) == (
-                args.model, args.chat_steps, args.read_steps, args.read_description_share, args.read_quiz_share):  # fmt: skip
+        config = summary["config"]
+        trained = (config["init"], summary["chat_steps"], summary.get("read_steps", 0),
+                   config.get("read_description_share", 1 / 3), config.get("read_quiz_share", 0.0))  # fmt: skip
+        if trained == (args.model, args.chat_steps, args.read_steps, args.read_description_share, args.read_quiz_share):
             return str(directory)
     summary = train(SFTConfig(output_dir=str(directory), init=args.model, steps=0, chat_steps=args.chat_steps,
                               read_steps=args.read_steps, read_description_share=args.read_description_share,
