@@ -210,9 +210,10 @@ class ConversationCollator:
     def messages(self, scene: Scene) -> list[dict]:
         messages = []
         reading = self.reading(scene)
-        quiz = reading and random.Random(scene.seed * 29 + 15).random() < self.read_quiz_share
-        if quiz and self.world.quiz(scene, self.max_turns):  # objects that all look alike leave nothing to quiz
-            items = self.world.quiz(scene, self.max_turns)
+        quizzed = reading and random.Random(scene.seed * 29 + 15).random() < self.read_quiz_share
+        quiz = self.world.quiz(scene, self.max_turns) if quizzed else []
+        if quiz:  # empty too when the objects all look alike: nothing to quiz, a usual reading conversation instead
+            items = quiz
         elif reading:
             items = self.world.conversation(scene, self.max_turns, self.read_description_share, noisy=False)
         elif self.chat_share and random.Random(scene.seed * 7 + 3).random() < self.chat_share:
