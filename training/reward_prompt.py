@@ -16,8 +16,9 @@ Where the facts go (`facts_placement`):
   0.911 in the rating turn; on 2,308 pairs with version 2, 0.539 against 0.884 (0.932 plain): it never learns the
   presence probes (0.27 / 0.77 on absent / present shapes, i.e. it prefers "yes"), whose question now sits after
   the facts instead of right after the image as in SFT. On a backbone that learned to read first (the SFT read stage,
-  `fact_rlhf.py --read-steps 700`) it gets 0.930: ahead of the plain one on the probes and other description errors,
-  behind on invented objects, level overall (0.930 plain; README).
+  `fact_rlhf.py --read-steps 700`) it gets 0.930 on one seed: ahead of the plain one on the probes and other
+  description errors, behind on invented objects, level overall (0.930 plain). Over three seeds on a 1000-step read
+  backbone it averages 0.814 against the plain one's 0.939: two seeds stall preferring "No." (README).
 Tried and not kept: the facts first, before the image (the image, question and answer then keep their SFT layout).
 The training loss stayed at 0.65-0.79 through 680 of 867 steps (0.29 in the rating turn): the backbone never saw
 text before an image.

@@ -36,7 +36,7 @@ model learned to read in pretraining; this one never had to take anything from g
 reward model must. After the bundled model, 250 / 700 read steps (7 / 27 minutes on 2 cores) answer presence probes
 from the facts alone 0.845 / 0.915 of the time instead of 0.500, and color questions 0.651 / 0.663 instead of 0.325
 (`training/experiments/follow_ups.py`, 100 test scenes); the reward model with facts before the answer goes from
-0.539 to 0.930 held-out accuracy on it (README). `--read_description_share` sets how many reading conversations are a
+0.539 to 0.930 held-out accuracy on it, on one seed (README, with the three-seed numbers). `--read_description_share` sets how many reading conversations are a
 description (a third by default; at 0.5, 1000 steps, a description from the facts alone names an absent shape 0.17 of
 the time instead of 0.38), `--read_quiz_share` how many are attribute quizzes (`ShapesWorld.quiz`; 500 steps at 0.5
 took color questions from the facts alone from 0.651 to 0.988: without them the model read which colors were listed
