@@ -36,11 +36,12 @@ model learned to read in pretraining; this one never had to take anything from g
 reward model must. After the bundled model, 250 / 700 read steps (7 / 27 minutes on 2 cores) answer presence probes
 from the facts alone 0.845 / 0.915 of the time instead of 0.500, and color questions 0.651 / 0.663 instead of 0.325
 (`training/experiments/follow_ups.py`, 100 test scenes); the reward model with facts before the answer goes from
-0.539 to 0.930 held-out accuracy on it, on one seed (README, with the three-seed numbers). `--read_description_share` sets how many reading conversations are a
-description (a third by default; at 0.5, 1000 steps, a description from the facts alone names an absent shape 0.17 of
-the time instead of 0.38), `--read_quiz_share` how many are attribute quizzes (`ShapesWorld.quiz`; 500 steps at 0.5
-took color questions from the facts alone from 0.651 to 0.988: without them the model read which colors were listed
-but not which shape had which).
+0.539 to 0.930 held-out accuracy on it, on one seed (README, with the three-seed numbers).
+`--read_description_share` sets how many reading conversations are a description (a third by default; at 0.5, 1000
+steps, a description from the facts alone names an absent shape 0.17 of the time instead of 0.38),
+`--read_quiz_share` how many are attribute quizzes (`ShapesWorld.quiz`; 500 steps at 0.5 took color questions from
+the facts alone from 0.651 to 0.988: without them the model read which colors were listed but not which shape had
+which).
 Why: with a per-token mean from the start, the descriptions drowned the one-word answers and after 1,400 steps the
 model still answered "Is there a moon?" without looking (POPE at chance). A grounding stage of presence probes alone
 fixed that but left the projector blind to color (color questions at chance, 15%, even after 600 more steps), so
