@@ -123,6 +123,20 @@ def pair_kind(judge: ShapesRuleJudge, scene: Scene, item: QAItem, rejected: str)
     return "description_object" if judge.judge(scene, item, rejected).hallucinated else "description_detail"
 
 
+def kind_weights(kinds: Sequence[str]) -> dict[str, float]:
+    """A loss weight per pair kind that gives every kind the same total weight: len(kinds) / (number of kinds *
+    pairs of that kind). The weights average 1 over the pairs, so the loss keeps its scale.
+
+    Balancing matters where one kind's chosen answer is nearly always the same words: the SFT model rarely denies a
+    shape that is there, so absent-shape probe pairs (chosen "No.") outnumber present-shape ones (chosen "Yes.")
+    about 4 to 1, and an unweighted loss pays a reward model for preferring "No." before it has read the image or
+    the facts."""
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return {kind: len(kinds) / (len(counts) * count) for kind, count in counts.items()}
+
+
 def store_reward_pairs(store: FeedbackStore, limit: int = 10000) -> list[RewardPair]:
     """Every pair the store's last `limit` events support, on a prompt with exactly one stored image."""
     events = [event for _, event in store.list_events(limit=limit)]

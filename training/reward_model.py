@@ -7,10 +7,12 @@ response is". `--with_facts false` leaves the facts out: the plain reward model 
 
 The recipe samples its preference pairs from the SFT model on ShapesWorld scenes, ranked by ground truth
 (`training.reward_data`), adds the feedback store's pairs when `--store` names one, trains with
--log sigmoid(r_chosen - r_rejected), and reports the accuracy on held-out pairs (validation scenes). The sampled pairs
+-log sigmoid(r_chosen - r_rejected) (with `--balance_kinds`, weighted so every kind of pair weighs the same), and
+reports the accuracy on held-out pairs (validation scenes), overall and per kind. The sampled pairs
 are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs; a
-cache sampled with other settings (model, scenes, samples, probe samples, temperature, pairs seed, question set) is
-sampled again.
+cache sampled with other settings (model, scenes, samples, probe samples, temperature, pairs seed, question set,
+pixel noise) is sampled again. `--pixel_noise_std` renders the pairs' images noisier than ShapesWorld's default
+(6): the condition the paper's facts are for, an image the reward model sees less well than it reads the facts.
 The pairs have their own seed (`--pairs_seed`): reward models trained with different `--seed`s share the pairs.
 
 It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every
@@ -43,12 +45,14 @@ from training.reward_data import (
     QUESTION_SET,
     RewardPair,
     cache_made_with,
+    kind_weights,
     load_pairs,
     save_pairs,
     shapes_reward_pairs,
     store_reward_pairs,
 )
 from training.reward_prompt import DEFAULT_FACT_PLACEMENT, FACT_PLACEMENTS, RATING_PROMPT_VERSION, reward_model_text
+from training.shapes_world import ShapesWorld, WorldConfig
 from training.sharding import SHARDINGS, gathered_state_dict, is_sharded, shard
 from training.tiny_llava import image_token_count, load_checkpoint
 
@@ -194,17 +198,22 @@ def score_rows(model: ScoredBackbone, encoder: RewardEncoder, rows: Sequence[tup
 
 def pair_accuracy(model: ScoredBackbone, encoder: RewardEncoder, pairs: Sequence[RewardPair],
                   seed: int = 0) -> dict[str, float]:  # fmt: skip
-    """Share of pairs whose chosen answer scores higher, overall and by kind, and the mean margin."""
+    """Share of pairs whose chosen answer scores higher, overall, by kind and as the mean over the kinds (the
+    balanced accuracy, which a reward model that prefers one kind's usual answer cannot earn), and the mean margin."""
     rng = random.Random(seed)
     chosen = score_rows(model, encoder, [(p.messages, p.chosen, p.facts, p.image) for p in pairs], rng)
     rejected = score_rows(model, encoder, [(p.messages, p.rejected, p.facts, p.image) for p in pairs], rng)
     right = (chosen > rejected).float()
     report = {"accuracy": round(float(right.mean()), 4), "pairs": len(pairs),
               "margin": round(float((chosen - rejected).mean()), 4)}  # fmt: skip
+    by_kind = {}
     for kind in sorted({p.kind for p in pairs}):
         rows = torch.tensor([p.kind == kind for p in pairs])
-        report[f"accuracy_{kind}"] = round(float(right[rows].mean()), 4)
+        by_kind[kind] = float(right[rows].mean())
+        report[f"accuracy_{kind}"] = round(by_kind[kind], 4)
         report[f"pairs_{kind}"] = int(rows.sum())
+    if by_kind:
+        report["balanced_accuracy"] = round(sum(by_kind.values()) / len(by_kind), 4)
     return report
 
 
@@ -227,11 +236,18 @@ class RewardConfig:
         default=8, metadata={"help": "Answers sampled per presence probe (mostly right, so more tries for a pair)."}
     )
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature for the pairs."})
+    pixel_noise_std: float = dataclasses.field(
+        default=WorldConfig.pixel_noise_std,
+        metadata={"help": "Pixel noise of the pairs' images; more makes them harder to see, the facts stay exact."},
+    )
     store: str | None = dataclasses.field(default=None, metadata={"help": "Also train on this feedback store's pairs."})
     lora_rank: int = dataclasses.field(default=16, metadata={"help": "LoRA rank (the paper: 64)."})
     learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     epochs: int = dataclasses.field(default=3, metadata={"help": "Passes over the training pairs."})
     batch_pairs: int = dataclasses.field(default=8, metadata={"help": "Pairs per optimizer step, over all processes."})
+    balance_kinds: bool = dataclasses.field(
+        default=False, metadata={"help": "Weight the loss so every pair kind weighs the same (reward_data.kind_weights)."}
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the LoRA, the head, the order and the facts."})
     pairs_seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the sampled answers the pairs come from."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per process; 0 keeps the default."})
@@ -250,7 +266,7 @@ def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPa
     scenes = config.train_scenes if split == "train" else config.eval_scenes
     made_with = {"questions": QUESTION_SET, "model": str(Path(config.model).resolve()), "scenes": scenes,
                  "samples": config.samples, "probe_samples": config.probe_samples, "temperature": config.temperature,
-                 "seed": config.pairs_seed}  # fmt: skip
+                 "seed": config.pairs_seed, "pixel_noise_std": config.pixel_noise_std}  # fmt: skip
     cached = cache_made_with(directory)
     if accelerator.is_main_process and cached != made_with:
         if cached is not None:
@@ -259,19 +275,14 @@ def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPa
         policy, processor = load_checkpoint(config.model)
         policy.to(accelerator.device)
         started = time.monotonic()
-        pairs = shapes_reward_pairs(policy, processor, _world(), split, scenes, samples=config.samples,
+        world = ShapesWorld(WorldConfig(pixel_noise_std=config.pixel_noise_std))
+        pairs = shapes_reward_pairs(policy, processor, world, split, scenes, samples=config.samples,
                                     probe_samples=config.probe_samples, temperature=config.temperature,
                                     seed=config.pairs_seed)  # fmt: skip
         save_pairs(pairs, directory, made_with)
         logger.info("sampled %d %s pairs from %d scenes in %.0f s", len(pairs), split, scenes, time.monotonic() - started)
     accelerator.wait_for_everyone()
     return load_pairs(directory)
-
-
-def _world():
-    from training.shapes_world import ShapesWorld
-
-    return ShapesWorld()
 
 
 def train(config: RewardConfig) -> dict:
@@ -295,6 +306,7 @@ def train(config: RewardConfig) -> dict:
             train_pairs += store_reward_pairs(store)
     if not train_pairs:
         raise ValueError("no preference pairs to train on: the sampled answers never differed")
+    weights = kind_weights([pair.kind for pair in train_pairs]) if config.balance_kinds else {}
     model, processor = new_reward_model(config.model, config.lora_rank, config.seed)
     encoder = RewardEncoder(processor, config.with_facts, config.facts_placement)
     processes, rank = accelerator.num_processes, accelerator.process_index
@@ -321,7 +333,10 @@ def train(config: RewardConfig) -> dict:
                 batch = {k: v.to(accelerator.device) for k, v in encoder.collate_pairs(mine, rng).items()}
                 scores = model(**batch)
                 chosen, rejected = scores[: len(mine)], scores[len(mine) :]
-                loss = reward_preference_loss(chosen, rejected).mean()
+                pair_losses = reward_preference_loss(chosen, rejected)
+                if weights:
+                    pair_losses = pair_losses * torch.tensor([weights[p.kind] for p in mine], device=pair_losses.device)
+                loss = pair_losses.mean()
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -347,7 +362,10 @@ def train(config: RewardConfig) -> dict:
     if accelerator.is_main_process:
         summary = {"with_facts": config.with_facts, "facts_placement": config.facts_placement,
                    "base_model": str(Path(config.model).resolve()), "lora_rank": config.lora_rank,
-                   "train_pairs": len(train_pairs), "steps": total_steps, "processes": processes,
+                   "train_pairs": len(train_pairs), "pixel_noise_std": config.pixel_noise_std,
+                   "balance_kinds": config.balance_kinds,
+                   "kind_weights": {k: round(w, 4) for k, w in sorted(weights.items())},
+                   "steps": total_steps, "processes": processes,
                    "sharding": "fsdp" if sharded else "ddp", "mixed_precision": accelerator.mixed_precision,
                    "device": str(accelerator.device), "minutes": round((time.monotonic() - started) / 60, 3),
                    "train_loss_last_epoch": round(sum(r["loss"] for r in history[-steps_per_epoch:]) / steps_per_epoch, 4),

@@ -1,6 +1,6 @@
 """The Fact-RLHF experiment at toy scale, reward models only, on the bundled model after one chat-stage and one
-read-stage step (its SFT+): the reward models are trained on that model, the report says so, and --reuse trains
-nothing again."""
+read-stage step (its SFT+): the reward models are trained on that model, the report says so, --reuse trains
+nothing again, and --reuse with another loss trains the reward models again on the same pairs."""
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def test_an_sft_plus_run_trains_the_reward_models_on_the_sft_plus_model(tmp_path
     assert (plus / "training_summary.json").read_text() == summary
     again = json.loads((tmp_path / "report.json").read_text())
     assert again["reward_models"] == report["reward_models"]
+
+    # asked for a loss balanced over pair kinds, --reuse trains the reward models again, on the same pairs
+    pairs = (work / "reward-pairs" / "train" / "pairs.jsonl").read_text()
+    assert main([*argv, "--reuse", "--rm-balance-kinds"]) == 0
+    assert (work / "reward-pairs" / "train" / "pairs.jsonl").read_text() == pairs
+    balanced = json.loads((tmp_path / "report.json").read_text())
+    for arm in ("fact_before_answer", "plain"):
+        saved = json.loads((work / f"reward-{arm}" / "reward_model.json").read_text())
+        assert saved["balance_kinds"] is True and saved["kind_weights"] == balanced["reward_models"][arm]["kind_weights"]
+        assert report["reward_models"][arm]["kind_weights"] == {} != saved["kind_weights"]

@@ -12,6 +12,7 @@ from online_rl.store import open_store
 from tests.online_rl.store_helpers import image_message
 from training.reward_data import (
     RewardPair,
+    kind_weights,
     load_pairs,
     rated_questions,
     save_pairs,
@@ -52,6 +53,17 @@ def test_presence_probes_are_sampled_probe_samples_times(monkeypatch):
     probes = len(rated_questions(world, scene, random.Random(0))) - 1  # which absent shape does not change the count
     assert asked.count(DESCRIBE_PROMPT) == 2
     assert len(asked) == 2 + 5 * probes and probes == 1 + len(scene.shapes)
+
+
+def test_kind_weights_give_every_kind_the_same_total_weight_and_average_one():
+    kinds = ["presence_absent"] * 6 + ["presence_present"] * 2 + ["description_object"] * 4
+    weights = kind_weights(kinds)
+    # 12 pairs, 3 kinds: 12 / (3 * 6), 12 / (3 * 2), 12 / (3 * 4)
+    assert weights == pytest.approx({"presence_absent": 2 / 3, "presence_present": 2.0, "description_object": 1.0})
+    assert 6 * weights["presence_absent"] == 2 * weights["presence_present"] == 4 * weights["description_object"]
+    assert sum(weights[kind] for kind in kinds) / len(kinds) == pytest.approx(1.0)
+    assert kind_weights(["presence_absent"] * 5) == {"presence_absent": 1.0}
+    assert kind_weights([]) == {}
 
 
 def test_the_cache_round_trip_keeps_every_field_and_shares_images(tmp_path):

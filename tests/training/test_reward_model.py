@@ -11,7 +11,7 @@ import torch
 
 from training.evaluation.models import user_turn
 from training.ppo_losses import last_token_states
-from training.reward_data import RewardPair
+from training.reward_data import RewardPair, kind_weights, load_pairs
 from training.reward_model import (
     RewardConfig,
     RewardEncoder,
@@ -22,7 +22,7 @@ from training.reward_model import (
     score_rows,
     train,
 )
-from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
+from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld, WorldConfig
 
 WORLD = ShapesWorld()
 SCENE = WORLD.scene("validation", 0)
@@ -115,6 +115,7 @@ def test_pair_accuracy_counts_pairs_whose_chosen_answer_scores_higher(reward_mod
     report = pair_accuracy(LengthScorer(), RewardEncoder(processor, with_facts=False), pairs)
     assert report["accuracy"] == round(2 / 3, 4) and report["pairs"] == 3
     assert report["accuracy_description"] == 0.5 and report["accuracy_presence"] == 1.0
+    assert report["balanced_accuracy"] == 0.75  # the mean over the two kinds, where the overall accuracy is 2/3
 
 
 def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_path):
@@ -129,6 +130,26 @@ def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_pa
     assert [r["step"] for r in records] == list(range(1, summary["steps"] + 1))
     _, _, meta = load_reward_model(tmp_path / "rm")
     assert meta["held_out"] == summary["held_out"]
+
+
+def test_balance_kinds_weights_the_loss_by_kind_and_records_the_weights(bundled_model, tmp_path):
+    config = RewardConfig(output_dir=str(tmp_path / "plain"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
+                          train_scenes=10, eval_scenes=4, samples=3, probe_samples=3, epochs=1, batch_pairs=4,
+                          lora_rank=4, cpu=True)  # fmt: skip
+    plain = train(config)
+    balanced = train(dataclasses.replace(config, output_dir=str(tmp_path / "balanced"), balance_kinds=True))
+    pairs = load_pairs(tmp_path / "pairs" / "train")
+    weights = kind_weights([p.kind for p in pairs])
+    assert set(weights.values()) != {1.0}  # kinds of unequal counts, else the two runs would be the same
+    assert plain["balance_kinds"] is False and plain["kind_weights"] == {}
+    assert balanced["balance_kinds"] is True
+    assert balanced["kind_weights"] == {kind: round(weight, 4) for kind, weight in sorted(weights.items())}
+
+    def first_loss(name):
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    # the same seed, so the same initial model and the same first batch: only the weights differ
+    assert first_loss("balanced") != first_loss("plain")
 
 
 def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_model, tmp_path, caplog):
@@ -155,6 +176,15 @@ def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_m
     with caplog.at_level("INFO", logger="training.reward_model"):
         reward_pairs(dataclasses.replace(config, train_scenes=4, probe_samples=2), "train", accelerator)
     assert "sampled with other settings (probe_samples=3)" in caplog.text
+    # noisier images: sampled again, and every pair's image is its scene rendered with that noise
+    with caplog.at_level("INFO", logger="training.reward_model"):
+        noisy = reward_pairs(dataclasses.replace(config, train_scenes=4, probe_samples=2, pixel_noise_std=70.0),
+                             "train", accelerator)  # fmt: skip
+    assert "sampled with other settings (pixel_noise_std=6.0)" in caplog.text
+    noisy_world = ShapesWorld(WorldConfig(pixel_noise_std=70.0))
+    renders = {noisy_world.render(scene).tobytes() for scene in noisy_world.scenes("train", 4)}
+    assert noisy and {pair.image.tobytes() for pair in noisy} <= renders
+    assert not {pair.image.tobytes() for pair in noisy} & {WORLD.render(s).tobytes() for s in WORLD.scenes("train", 4)}
 
 
 @pytest.fixture

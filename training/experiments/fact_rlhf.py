@@ -45,9 +45,14 @@ import logging
 import time
 from pathlib import Path
 
+from training.shapes_world import WorldConfig
+
 logger = logging.getLogger(__name__)
 # Reward-model arms: (with facts, where they go). PPO runs against "fact" and "plain".
 REWARD_ARMS = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
+# What the report keeps of each reward-model arm's summary.
+REWARD_MODEL_REPORT = ("held_out", "train_pairs", "minutes", "held_out_by_seed", "mean_accuracy",
+                       "mean_balanced_accuracy", "kind_weights")  # fmt: skip
 
 
 def sft_plus_model(args) -> str:
@@ -95,7 +100,8 @@ def reward_models(args) -> dict:
         summary = by_seed[args.rm_seeds[0]]
         if len(by_seed) > 1:
             summary["held_out_by_seed"] = {str(seed): run["held_out"] for seed, run in by_seed.items()}
-            summary["mean_accuracy"] = round(sum(r["held_out"]["accuracy"] for r in by_seed.values()) / len(by_seed), 4)
+            for key in ("accuracy", "balanced_accuracy"):
+                summary[f"mean_{key}"] = round(sum(r["held_out"][key] for r in by_seed.values()) / len(by_seed), 4)
         summaries[arm] = summary
     return summaries
 
@@ -108,15 +114,19 @@ def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
     with_facts, placement = REWARD_ARMS[arm]
     pairs_dir = Path(args.workdir) / "reward-pairs"
     directory = Path(args.workdir) / (f"reward-{arm}" if first else f"reward-{arm}-seed{seed}")
-    if args.reuse and (directory / META_FILE).is_file():  # scored again: the pairs may have been sampled since
-        summary = json.loads((directory / META_FILE).read_text())
+    saved = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
+    trained_as_asked = (saved.get("balance_kinds", False) == args.rm_balance_kinds
+                        and saved.get("pixel_noise_std", WorldConfig.pixel_noise_std) == args.rm_pixel_noise)
+    if args.reuse and saved and trained_as_asked:  # scored again
+        summary = saved
         model, processor, _ = load_reward_model(directory, args.model)
         summary["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
                                             load_pairs(pairs_dir / "validation"), seed)  # fmt: skip
         return summary
     config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts, facts_placement=placement,
                           pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes, eval_scenes=args.rm_eval_scenes,
-                          epochs=args.rm_epochs, seed=seed, pairs_seed=args.seed)  # fmt: skip
+                          pixel_noise_std=args.rm_pixel_noise, epochs=args.rm_epochs,
+                          balance_kinds=args.rm_balance_kinds, seed=seed, pairs_seed=args.seed)  # fmt: skip
     return train(config)  # its summary holds the held-out accuracy on the same pairs
 
 
@@ -149,8 +159,7 @@ def relative_change(before: float, after: float) -> float | None:
 def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
     results = {"what": __doc__.split("\n\n")[0], "model": args.model, "minutes": round(minutes, 1),
                "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
-               "reward_models": {arm: {k: s[k] for k in ("held_out", "train_pairs", "minutes", "held_out_by_seed",
-                                                         "mean_accuracy") if k in s} for arm, s in rewards.items()},
+               "reward_models": {arm: {k: s[k] for k in REWARD_MODEL_REPORT if k in s} for arm, s in rewards.items()},
                "ppo": {}}  # fmt: skip
     if args.model != args.base_model:
         plus = json.loads((Path(args.model) / "training_summary.json").read_text())
@@ -241,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
     parser.add_argument("--rm-eval-scenes", type=int, default=600)
     parser.add_argument("--rm-epochs", type=int, default=3)
+    parser.add_argument("--rm-balance-kinds", action="store_true",
+                        help="weight the reward models' loss so every kind of pair weighs the same")
+    parser.add_argument("--rm-pixel-noise", type=float, default=WorldConfig.pixel_noise_std,
+                        help="pixel noise of the reward-model pairs' images (default: ShapesWorld's); PPO and the "
+                             "evaluations keep ShapesWorld's")
     parser.add_argument("--reward-arms", nargs="+", choices=list(REWARD_ARMS), default=list(REWARD_ARMS),
                         help="reward models to train and score (PPO needs --ppo-fact-arm's and plain)")
     parser.add_argument("--rm-seeds", type=int, nargs="+",
