@@ -19,3 +19,18 @@ def test_accuracy_counts_exact_answers_of_one_kind():
     assert accuracy([" yes.", "Yes.", "Blue."], items, "presence") == 0.5
     assert accuracy([" yes.", "Yes.", "red."], items, "color") == 1.0
 
+
+
+def test_pixel_noise_renders_every_model_s_images_with_that_noise(monkeypatch, capsys):
+    import json
+
+    from training.experiments import follow_ups
+
+    seen = []
+    monkeypatch.setattr(follow_ups, "score_model", lambda model, world, scenes: seen.append(
+        (model, world.config.pixel_noise_std, len(scenes))) or {"model": model})  # fmt: skip
+    assert follow_ups.main(["--models", "a", "b", "--scenes", "3", "--pixel-noise", "70"]) == 0
+    assert seen == [("a", 70.0, 3), ("b", 70.0, 3)]
+    assert json.loads(capsys.readouterr().out) == [{"model": "a"}, {"model": "b"}]
+    follow_ups.main(["--models", "a", "--scenes", "1"])
+    assert seen[-1] == ("a", 6.0, 1)  # ShapesWorld's own noise by default

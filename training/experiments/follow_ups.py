@@ -11,6 +11,7 @@ image and the scene's facts before the question (the reward model's facts-before
 only come from the text). It also has the model describe each scene from the image, from the image with the facts
 before the request, and from the facts with a blank image, and counts the descriptions that name a shape the scene
 does not hold (CHAIR_s, `training.evaluation.metrics.chair_scores`). It prints each accuracy and rate as JSON.
+`--pixel-noise` renders the images noisier: how much worse a model sees, against how well it reads the facts.
 
     .venv/bin/python -m training.experiments.follow_ups --models models/shapes-llava runs/fact-rlhf-read/sft-plus
 """
@@ -21,7 +22,7 @@ import argparse
 import json
 import random
 
-from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, ShapesWorld
+from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, ShapesWorld, WorldConfig
 
 KINDS = ("presence", "color")
 
@@ -98,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["models/shapes-llava"])
     parser.add_argument("--scenes", type=int, default=200, help="ShapesWorld test scenes")
+    parser.add_argument("--pixel-noise", type=float, default=WorldConfig.pixel_noise_std,
+                        help="pixel noise of the images (default: ShapesWorld's); more makes them harder to see")
     args = parser.parse_args(argv)
-    world = ShapesWorld()
+    world = ShapesWorld(WorldConfig(pixel_noise_std=args.pixel_noise))
     scenes = list(world.scenes("test", args.scenes))
     print(json.dumps([score_model(model, world, scenes) for model in args.models], indent=2))
     return 0
