@@ -21,6 +21,7 @@ from training.reward_model import (
     save_reward_model,
     score_rows,
     train,
+    without_facts,
 )
 from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld, WorldConfig
 
@@ -150,6 +151,27 @@ def test_balance_kinds_weights_the_loss_by_kind_and_records_the_weights(bundled_
 
     # the same seed, so the same initial model and the same first batch: only the weights differ
     assert first_loss("balanced") != first_loss("plain")
+
+
+def test_without_facts_leaves_the_facts_out_of_about_the_share_asked_and_nothing_else(reward_model):
+    image = WORLD.render(SCENE)
+    pairs = [RewardPair(MESSAGES, f"chosen {i}", f"rejected {i}", tuple(WORLD.facts(SCENE)), image, "description_object")
+             for i in range(1000)]  # fmt: skip
+    assert without_facts(pairs, 0.0, random.Random(0)) == pairs
+    assert all(pair.facts == () for pair in without_facts(pairs, 1.0, random.Random(0)))
+    half = without_facts(pairs, 0.5, random.Random(0))
+    assert 450 < sum(pair.facts == () for pair in half) < 550
+    assert [(p.messages, p.chosen, p.rejected, p.image, p.kind) for p in half] == [
+        (p.messages, p.chosen, p.rejected, p.image, p.kind) for p in pairs
+    ]
+    assert {p.facts for p in half} == {(), tuple(WORLD.facts(SCENE))}
+    # a pair without facts is the plain reward model's row, token for token, in either placement
+    _, processor = reward_model
+    dropped = next(pair for pair in half if pair.facts == ())
+    plain = RewardEncoder(processor, with_facts=False).encode(dropped.messages, dropped.chosen, (), random.Random(0))
+    for placement in ("rating_turn", "before_answer"):
+        fact_encoder = RewardEncoder(processor, with_facts=True, facts_placement=placement)
+        assert fact_encoder.encode(dropped.messages, dropped.chosen, dropped.facts, random.Random(0)) == plain
 
 
 def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_model, tmp_path, caplog):

@@ -126,8 +126,10 @@ def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
     pairs_dir = Path(args.workdir) / "reward-pairs"
     directory = Path(args.workdir) / (f"reward-{arm}" if first else f"reward-{arm}-seed{seed}")
     saved = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
+    facts_dropout = args.rm_facts_dropout if with_facts else 0.0
     trained_as_asked = (saved.get("balance_kinds", False) == args.rm_balance_kinds
-                        and saved.get("pixel_noise_std", WorldConfig.pixel_noise_std) == args.rm_pixel_noise)
+                        and saved.get("pixel_noise_std", WorldConfig.pixel_noise_std) == args.rm_pixel_noise
+                        and saved.get("facts_dropout", 0.0) == facts_dropout)  # fmt: skip
     if args.reuse and saved and trained_as_asked:  # scored again
         summary = saved
         model, processor, _ = load_reward_model(directory, args.model)
@@ -137,7 +139,8 @@ def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
     config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts, facts_placement=placement,
                           pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes, eval_scenes=args.rm_eval_scenes,
                           pixel_noise_std=args.rm_pixel_noise, epochs=args.rm_epochs,
-                          balance_kinds=args.rm_balance_kinds, seed=seed, pairs_seed=args.seed)  # fmt: skip
+                          balance_kinds=args.rm_balance_kinds, facts_dropout=facts_dropout, seed=seed,
+                          pairs_seed=args.seed)  # fmt: skip
     return train(config)  # its summary holds the held-out accuracy on the same pairs
 
 
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rm-epochs", type=int, default=3)
     parser.add_argument("--rm-balance-kinds", action="store_true",
                         help="weight the reward models' loss so every kind of pair weighs the same")
+    parser.add_argument("--rm-facts-dropout", type=float, default=0.0,
+                        help="share of the training pairs a fact reward model rates without their facts")
     parser.add_argument("--rm-pixel-noise", type=float, default=WorldConfig.pixel_noise_std,
                         help="pixel noise of the reward-model pairs' images (default: ShapesWorld's); PPO and the "
                              "evaluations keep ShapesWorld's")
