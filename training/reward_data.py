@@ -127,10 +127,11 @@ def kind_weights(kinds: Sequence[str]) -> dict[str, float]:
     """A loss weight per pair kind that gives every kind the same total weight: len(kinds) / (number of kinds *
     pairs of that kind). The weights average 1 over the pairs, so the loss keeps its scale.
 
-    Balancing matters where one kind's chosen answer is nearly always the same words: the SFT model rarely denies a
-    shape that is there, so absent-shape probe pairs (chosen "No.") outnumber present-shape ones (chosen "Yes.")
-    about 4 to 1, and an unweighted loss pays a reward model for preferring "No." before it has read the image or
-    the facts."""
+    It is for kinds whose chosen answer is nearly always the same words: the SFT model rarely denies a shape that is
+    there, so absent-shape probe pairs (chosen "No.") outnumber present-shape ones (chosen "Yes."), 513 to 364 in
+    training and 417 to 95 held out on the 1000-step read backbone, and an unweighted loss pays a reward model for
+    preferring "No." before it has read the image or the facts. Balanced, the fact reward models that used to stall
+    preferring "No." stall at chance instead (README): the shortcut was a symptom, not the cause."""
     counts: dict[str, int] = {}
     for kind in kinds:
         counts[kind] = counts.get(kind, 0) + 1

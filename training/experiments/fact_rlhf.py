@@ -36,15 +36,23 @@ The chat-stage and read-stage runs (`fact_rlhf_chat_stage.json`, `fact_rlhf_read
         --read-quiz-share 0.5 --read-description-share 0.5 --reward-arms fact_before_answer plain --no-ppo \\
         --workdir runs/fact-rlhf-quiz --output training/experiments/fact_rlhf_read_quiz.json
 
-With the reward models' loss balanced over the kinds of pair (`--rm-balance-kinds`), on the 1000-step read backbone,
-first on ShapesWorld's images and then on images with more pixel noise (`--rm-pixel-noise 70`: harder to see, the
-facts as exact as before), `fact_rlhf_read_balanced.json` and `fact_rlhf_noisy_images.json`:
+Two changes to the reward models' loss on the 1000-step read backbone: balanced over the kinds of pair
+(`--rm-balance-kinds`, `fact_rlhf_read_balanced.json`), and with half of the fact RM's training pairs rated without
+their facts on top (`--rm-facts-dropout 0.5`, `fact_rlhf_read_facts_dropout.json`, the same pairs copied into its
+workdir; seed 2 was stopped for time and the report written by `--reuse --rm-seeds 1 0`):
 
     .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 1000 \\
         --read-description-share 0.5 --rm-seeds 0 1 2 --no-ppo --rm-balance-kinds --reuse \\
         --workdir runs/fact-rlhf-read1000d --output training/experiments/fact_rlhf_read_balanced.json
+    mkdir -p runs/fact-rlhf-dropout && cp -r runs/fact-rlhf-read1000d/reward-pairs runs/fact-rlhf-dropout/
     .venv/bin/python -m training.experiments.fact_rlhf --model runs/fact-rlhf-read1000d/sft-plus \\
-        --reward-arms fact_before_answer plain --rm-seeds 0 1 --no-ppo --rm-balance-kinds --rm-pixel-noise 70 \\
+        --reward-arms fact_before_answer --rm-seeds 1 0 2 --no-ppo --rm-balance-kinds --rm-facts-dropout 0.5 \\
+        --workdir runs/fact-rlhf-dropout --output training/experiments/fact_rlhf_read_facts_dropout.json
+
+Not run yet: the pairs on images that are harder to see, the facts as exact as before (`--rm-pixel-noise 70`):
+
+    .venv/bin/python -m training.experiments.fact_rlhf --model runs/fact-rlhf-read1000d/sft-plus \\
+        --reward-arms fact_before_answer plain --rm-seeds 0 1 2 --no-ppo --rm-balance-kinds --rm-pixel-noise 70 \\
         --workdir runs/fact-rlhf-noisy --output training/experiments/fact_rlhf_noisy_images.json
 """
 
