@@ -20,7 +20,6 @@ def test_accuracy_counts_exact_answers_of_one_kind():
     assert accuracy([" yes.", "Yes.", "red."], items, "color") == 1.0
 
 
-
 def test_pixel_noise_renders_every_model_s_images_with_that_noise(monkeypatch, capsys):
     import json
 

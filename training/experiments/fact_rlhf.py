@@ -138,7 +138,7 @@ def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
     trained_as_asked = (saved.get("balance_kinds", False) == args.rm_balance_kinds
                         and saved.get("pixel_noise_std", WorldConfig.pixel_noise_std) == args.rm_pixel_noise
                         and saved.get("facts_dropout", 0.0) == facts_dropout)  # fmt: skip
-    if args.reuse and saved and trained_as_asked:  # scored again
+    if args.reuse and saved and trained_as_asked:  # scored again: the pairs may have been sampled since
         summary = saved
         model, processor, _ = load_reward_model(directory, args.model)
         summary["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
