@@ -271,8 +271,8 @@ def without_facts(pairs: Sequence[RewardPair], share: float, rng: random.Random)
     answers' own wording learned) and leave it when the head starts reading the image; on the read backbone the plain
     one left it within three epochs on six seeds of six, the fact one with the facts in every prompt on two of six.
     Pairs without facts were to give it the plain model's way off; the held-out pairs keep all their facts. Measured
-    at 0.5 (README), it did not: a stalled seed left the plateau late (0.574 to 0.759 held out) and a good one too
-    (0.930 to 0.850)."""
+    at 0.5 (README), it helps partly: all three seeds leave the plateau, late, the stalled ones 0.574 to 0.759 and
+    0.636 to 0.896 held out, the good one 0.930 to 0.850."""
     return [dataclasses.replace(pair, facts=()) if rng.random() < share else pair for pair in pairs]
 
 

@@ -19,7 +19,8 @@ Where the facts go (`facts_placement`):
   `fact_rlhf.py --read-steps 700`) it gets 0.930 on one seed: ahead of the plain one on the probes and other
   description errors, behind on invented objects, level overall (0.930 plain). Over three seeds on a 1000-step read
   backbone it averages 0.814 against the plain one's 0.939: two seeds stall preferring "No."; balancing the kinds of
-  pair in the loss, or leaving the facts out of half the training pairs, does not stop the stalls (README).
+  pair in the loss does not stop the stalls, and leaving the facts out of half the training pairs only softens them
+  (README).
 Tried and not kept: the facts first, before the image (the image, question and answer then keep their SFT layout).
 The training loss stayed at 0.65-0.79 through 680 of 867 steps (0.29 in the rating turn): the backbone never saw
 text before an image.

@@ -39,7 +39,7 @@ The chat-stage and read-stage runs (`fact_rlhf_chat_stage.json`, `fact_rlhf_read
 Two changes to the reward models' loss on the 1000-step read backbone: balanced over the kinds of pair
 (`--rm-balance-kinds`, `fact_rlhf_read_balanced.json`), and with half of the fact RM's training pairs rated without
 their facts on top (`--rm-facts-dropout 0.5`, `fact_rlhf_read_facts_dropout.json`, the same pairs copied into its
-workdir; seed 2 was stopped for time and the report written by `--reuse --rm-seeds 1 0`):
+workdir; stopped after two seeds, the third trained and the report written by the same command with `--reuse`):
 
     .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 1000 \\
         --read-description-share 0.5 --rm-seeds 0 1 2 --no-ppo --rm-balance-kinds --reuse \\
