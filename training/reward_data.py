@@ -23,6 +23,7 @@ import io
 import json
 import random
 import shutil
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -132,9 +133,7 @@ def kind_weights(kinds: Sequence[str]) -> dict[str, float]:
     training and 417 to 95 held out on the 1000-step read backbone, and an unweighted loss pays a reward model for
     preferring "No." before it has read the image or the facts. Balanced, the fact reward models that used to stall
     preferring "No." stall at chance instead (README): the shortcut was a symptom, not the cause."""
-    counts: dict[str, int] = {}
-    for kind in kinds:
-        counts[kind] = counts.get(kind, 0) + 1
+    counts = Counter(kinds)
     return {kind: len(kinds) / (len(counts) * count) for kind, count in counts.items()}
 
 
