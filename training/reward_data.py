@@ -41,6 +41,7 @@ from training.shapes_world import DESCRIBE_PROMPT, SHAPES, QAItem, Scene, Shapes
 # The questions `rated_questions` asks; a cache sampled with another set is sampled again. 2: a presence probe about
 # a present shape besides the one about an absent shape; 3: one about each present shape.
 QUESTION_SET = 3
+MAX_KIND_WEIGHT = 4.0  # `kind_weights`' cap
 MADE_WITH_FILE = "made_with.json"
 
 
@@ -124,17 +125,23 @@ def pair_kind(judge: ShapesRuleJudge, scene: Scene, item: QAItem, rejected: str)
     return "description_object" if judge.judge(scene, item, rejected).hallucinated else "description_detail"
 
 
-def kind_weights(kinds: Sequence[str]) -> dict[str, float]:
+def kind_weights(kinds: Sequence[str], max_weight: float = MAX_KIND_WEIGHT) -> dict[str, float]:
     """A loss weight per pair kind that gives every kind the same total weight: len(kinds) / (number of kinds *
-    pairs of that kind). The weights average 1 over the pairs, so the loss keeps its scale.
+    pairs of that kind), but at most `max_weight`. The weights average 1 over the pairs, so the loss keeps its scale,
+    unless the cap bites (then less).
 
     It is for kinds whose chosen answer is nearly always the same words: the SFT model rarely denies a shape that is
     there, so absent-shape probe pairs (chosen "No.") outnumber present-shape ones (chosen "Yes."), 513 to 364 in
     training and 417 to 95 held out on the 1000-step read backbone, and an unweighted loss pays a reward model for
     preferring "No." before it has read the image or the facts. Balanced, the fact reward models that used to stall
-    preferring "No." stall at chance instead (README): the shortcut was a symptom, not the cause."""
+    preferring "No." stall at chance instead (README): the shortcut was a symptom, not the cause.
+
+    The cap is for a kind that is nearly absent: on images with pixel noise 70 the SFT model's descriptions almost
+    always invent a shape, and 5 of 2,909 training pairs were description-detail ones. Uncapped, each weighed as much
+    as 145 pairs: the 13 steps whose batch held one had losses of 6 to 77 (the median step 0.45), and with the
+    gradient clipped each was that one pair's step."""
     counts = Counter(kinds)
-    return {kind: len(kinds) / (len(counts) * count) for kind, count in counts.items()}
+    return {kind: min(max_weight, len(kinds) / (len(counts) * count)) for kind, count in counts.items()}
 
 
 def store_reward_pairs(store: FeedbackStore, limit: int = 10000) -> list[RewardPair]:

@@ -247,7 +247,8 @@ class RewardConfig:
     epochs: int = dataclasses.field(default=3, metadata={"help": "Passes over the training pairs."})
     batch_pairs: int = dataclasses.field(default=8, metadata={"help": "Pairs per optimizer step, over all processes."})
     balance_kinds: bool = dataclasses.field(
-        default=False, metadata={"help": "Weight the loss so every pair kind weighs the same (reward_data.kind_weights)."}
+        default=False,
+        metadata={"help": "Weight the loss so every pair kind weighs the same (reward_data.kind_weights, at most 4)."},
     )
     facts_dropout: float = dataclasses.field(
         default=0.0, metadata={"help": "Share of training pairs rated without their facts (`without_facts`)."}

@@ -55,7 +55,7 @@ def test_presence_probes_are_sampled_probe_samples_times(monkeypatch):
     assert len(asked) == 2 + 5 * probes and probes == 1 + len(scene.shapes)
 
 
-def test_kind_weights_give_every_kind_the_same_total_weight_and_average_one():
+def test_kind_weights_give_every_kind_the_same_total_weight_and_average_one_up_to_a_cap():
     kinds = ["presence_absent"] * 6 + ["presence_present"] * 2 + ["description_object"] * 4
     weights = kind_weights(kinds)
     # 12 pairs, 3 kinds: 12 / (3 * 6), 12 / (3 * 2), 12 / (3 * 4)
@@ -63,6 +63,10 @@ def test_kind_weights_give_every_kind_the_same_total_weight_and_average_one():
     assert 6 * weights["presence_absent"] == 2 * weights["presence_present"] == 4 * weights["description_object"]
     assert sum(weights[kind] for kind in kinds) / len(kinds) == pytest.approx(1.0)
     assert kind_weights(["presence_absent"] * 5) == {"presence_absent": 1.0}
+    # a kind with 1 pair of 41 would weigh 41 / 3 = 13.7: capped at 4 (the others as before: 41 / 90, 41 / 30)
+    rare = kind_weights(["presence_absent"] * 30 + ["presence_present"] * 10 + ["description_detail"])
+    assert rare == pytest.approx({"presence_absent": 41 / 90, "presence_present": 41 / 30, "description_detail": 4.0})
+    assert kind_weights(["a"] * 3 + ["b"], max_weight=1.5) == pytest.approx({"a": 2 / 3, "b": 1.5})
     assert kind_weights([]) == {}
 
 
