@@ -13,7 +13,8 @@ pairs (validation scenes), overall and per kind. The sampled pairs
 are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs; a
 cache sampled with other settings (model, scenes, samples, probe samples, temperature, pairs seed, question set,
 pixel noise) is sampled again. `--pixel_noise_std` renders the pairs' images noisier than ShapesWorld's default
-(6): the condition the paper's facts are for, an image the reward model sees less well than it reads the facts.
+(6): the condition the paper's facts are for, an image the reward model sees less well than it reads the facts (at
+70, on the read backbone, the fact reward model gets 0.991 of the held-out pairs and the plain one 0.788; README).
 The pairs have their own seed (`--pairs_seed`): reward models trained with different `--seed`s share the pairs.
 
 It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every

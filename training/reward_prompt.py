@@ -20,7 +20,9 @@ Where the facts go (`facts_placement`):
   description errors, behind on invented objects, level overall (0.930 plain). Over three seeds on a 1000-step read
   backbone it averages 0.814 against the plain one's 0.939: two seeds stall preferring "No."; balancing the kinds of
   pair in the loss does not stop the stalls, and leaving the facts out of half the training pairs only softens them
-  (README).
+  (README). On images with pixel noise 70, which that backbone sees less well than it reads the facts (the paper's
+  condition), it is the better one by far: 0.991 against the plain one's 0.788 on seed 0 (absent-shape probes 0.997
+  against 0.517).
 Tried and not kept: the facts first, before the image (the image, question and answer then keep their SFT layout).
 The training loss stayed at 0.65-0.79 through 680 of 867 steps (0.29 in the rating turn): the backbone never saw
 text before an image.
