@@ -50,8 +50,8 @@ workdir; stopped after two seeds, the third trained and the report written by th
         --workdir runs/fact-rlhf-dropout --output training/experiments/fact_rlhf_read_facts_dropout.json
 
 The pairs on images that are harder to see, the facts as exact as before (`--rm-pixel-noise 70`,
-`fact_rlhf_noisy_images.json`): the fact RM 0.991, the plain one 0.788 on seed 0. Seeds 1 and 2 are the same command
-with `--rm-seeds 0 1 2 --reuse`:
+`fact_rlhf_noisy_images.json`): the fact RM 0.991, the plain one 0.788 on seed 0; the fact RM's seed 1, 0.980, is the
+same command with `--reward-arms fact_before_answer --rm-seeds 0 1 --reuse` (`fact_rlhf_noisy_images_fact_seed1.json`):
 
     .venv/bin/python -m training.experiments.fact_rlhf --read-steps 1000 --read-description-share 0.5 \\
         --reward-arms fact_before_answer plain --rm-seeds 0 --no-ppo --rm-pixel-noise 70 \\
