@@ -35,8 +35,9 @@ def run(module: str, args: list[str], threads: int) -> float:
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{module} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     return time.monotonic() - started
@@ -44,23 +45,64 @@ def run(module: str, args: list[str], threads: int) -> float:
 
 def median_step_seconds(records: list[dict]) -> float:
     """The median time between consecutive steps' `elapsed_s`: the first step (warm-up, first kernels) left out."""
-    return statistics.median(later["elapsed_s"] - earlier["elapsed_s"] for earlier, later in itertools.pairwise(records))
+    return statistics.median(
+        later["elapsed_s"] - earlier["elapsed_s"] for earlier, later in itertools.pairwise(records)
+    )
 
 
 def arm_run(arm: str, args, workdir: Path) -> dict:
     device, precision = arm.split(":")
-    common = ["--model", args.model, "--cpu", str(device == "cpu").lower(), "--mixed_precision", precision,
-              "--threads", str(args.threads)]  # fmt: skip
+    common = [
+        "--model",
+        args.model,
+        "--cpu",
+        str(device == "cpu").lower(),
+        "--mixed_precision",
+        precision,
+        "--threads",
+        str(args.threads),
+    ]
     rm_dir, ppo_dir = workdir / f"rm-{device}-{precision}", workdir / f"ppo-{device}-{precision}"
-    rm_wall = run("training.reward_model", [*common, "--output_dir", str(rm_dir), "--pairs_dir", str(workdir / "pairs"),
-                                            "--train_scenes", str(args.train_scenes), "--eval_scenes",
-                                            str(args.eval_scenes), "--epochs", "1"], args.threads)  # fmt: skip
+    rm_wall = run(
+        "training.reward_model",
+        [
+            *common,
+            "--output_dir",
+            str(rm_dir),
+            "--pairs_dir",
+            str(workdir / "pairs"),
+            "--train_scenes",
+            str(args.train_scenes),
+            "--eval_scenes",
+            str(args.eval_scenes),
+            "--epochs",
+            "1",
+        ],
+        args.threads,
+    )
     reward = json.loads((rm_dir / "reward_model.json").read_text())
     rm_steps = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines()]
-    ppo_wall = run("training.ppo", [*common, "--output_dir", str(ppo_dir), "--reward_model", str(rm_dir),
-                                    "--steps", str(args.ppo_steps), "--rollout_batch", str(args.rollout_batch),
-                                    "--lora_rank", "16", "--eval_every", "0", "--final_eval_images", "0"],
-                   args.threads)  # fmt: skip
+    ppo_wall = run(
+        "training.ppo",
+        [
+            *common,
+            "--output_dir",
+            str(ppo_dir),
+            "--reward_model",
+            str(rm_dir),
+            "--steps",
+            str(args.ppo_steps),
+            "--rollout_batch",
+            str(args.rollout_batch),
+            "--lora_rank",
+            "16",
+            "--eval_every",
+            "0",
+            "--final_eval_images",
+            "0",
+        ],
+        args.threads,
+    )
     steps = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "device": reward["device"],
@@ -108,10 +150,19 @@ def main(argv: list[str] | None = None) -> int:
             result[f"{recipe}_step_ratio_to_first_arm"] = round(ratio, 3)
     report = {
         "what": "Fact-RLHF recipes, seconds per step by device and precision (bundled model)",
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "workload": {"train_scenes": args.train_scenes, "eval_scenes": args.eval_scenes, "ppo_steps": args.ppo_steps,
-                     "rollout_batch": args.rollout_batch, "pairs_made_with": sampling},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "workload": {
+            "train_scenes": args.train_scenes,
+            "eval_scenes": args.eval_scenes,
+            "ppo_steps": args.ppo_steps,
+            "rollout_batch": args.rollout_batch,
+            "pairs_made_with": sampling,
+        },
         "arms": arms,
         "minutes": round((time.monotonic() - started) / 60, 2),
     }

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from online_rl.schema import FeedbackEvent, GenerationRecord  # noqa: E402
-from online_rl.store import open_store  # noqa: E402
+from online_rl.schema import FeedbackEvent, GenerationRecord
+from online_rl.store import open_store
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,8 +42,13 @@ def write_events(url: str, count: int, tag: str) -> list[float]:
     store = open_store(url)
     latencies = []
     for i in range(count):
-        event = FeedbackEvent(generation_id="chatcmpl-bench", rating=1 if i % 2 else -1, user_id="u-bench",
-                              idempotency_key=f"{tag}-{i}", comment="benchmark")  # fmt: skip
+        event = FeedbackEvent(
+            generation_id="chatcmpl-bench",
+            rating=1 if i % 2 else -1,
+            user_id="u-bench",
+            idempotency_key=f"{tag}-{i}",
+            comment="benchmark",
+        )
         started = time.perf_counter()
         store.add_feedback(event)
         latencies.append((time.perf_counter() - started) * 1000)
@@ -57,8 +62,11 @@ def _worker(args: tuple[str, int, str]) -> list[float]:
 
 def bench_backend(url: str, events: int, writers: int) -> dict:
     with open_store(url) as store:
-        store.add_generation(GenerationRecord(id="chatcmpl-bench", alias="llava-rlhf",
-                                              messages=[{"role": "user", "content": "Hi"}], user_id="u-bench"))  # fmt: skip
+        store.add_generation(
+            GenerationRecord(
+                id="chatcmpl-bench", alias="llava-rlhf", messages=[{"role": "user", "content": "Hi"}], user_id="u-bench"
+            )
+        )
     started = time.perf_counter()
     latencies = write_events(url, events, "seq")
     sequential_s = time.perf_counter() - started
@@ -92,16 +100,49 @@ def redis_benchmark_xadd(redis_url: str, requests: int, clients: int) -> dict:
         return {"error": "redis-benchmark is not installed"}
     parts = urlsplit(redis_url)
     key = f"alignloop-bench-{uuid.uuid4().hex[:8]}"
-    command = [binary, "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
-               "--dbnum", (parts.path.strip("/") or "0"), "-n", str(requests), "-c", str(clients), "--csv",
-               "XADD", key, "*", "event", "x" * 300]  # fmt: skip
+    command = [
+        binary,
+        "-h",
+        parts.hostname or "127.0.0.1",
+        "-p",
+        str(parts.port or 6379),
+        "--dbnum",
+        (parts.path.strip("/") or "0"),
+        "-n",
+        str(requests),
+        "-c",
+        str(clients),
+        "--csv",
+        "XADD",
+        key,
+        "*",
+        "event",
+        "x" * 300,
+    ]
     output = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
-    subprocess.run([shutil.which("redis-cli") or "redis-cli", "-h", parts.hostname or "127.0.0.1", "-p",
-                    str(parts.port or 6379), "-n", parts.path.strip("/") or "0", "DEL", key],
-                   capture_output=True, timeout=30)  # fmt: skip
+    subprocess.run(
+        [
+            shutil.which("redis-cli") or "redis-cli",
+            "-h",
+            parts.hostname or "127.0.0.1",
+            "-p",
+            str(parts.port or 6379),
+            "-n",
+            parts.path.strip("/") or "0",
+            "DEL",
+            key,
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     row = next(csv.DictReader(io.StringIO(output)))
-    return {"clients": clients, "requests": requests, "requests_per_s": float(row["rps"]),
-            "p50_ms": float(row["p50_latency_ms"]), "p99_ms": float(row["p99_latency_ms"])}  # fmt: skip
+    return {
+        "clients": clients,
+        "requests": requests,
+        "requests_per_s": float(row["rps"]),
+        "p50_ms": float(row["p50_latency_ms"]),
+        "p99_ms": float(row["p99_latency_ms"]),
+    }
 
 
 def main() -> None:
@@ -127,8 +168,11 @@ def main() -> None:
         "redis": redis_store,
         "redis_benchmark_xadd": xadd,
         "ratios": {
-            "redis_store_vs_raw_xadd_throughput": round(redis_store["concurrent"]["events_per_s"] / xadd["requests_per_s"], 4)
-            if "requests_per_s" in xadd else None,
+            "redis_store_vs_raw_xadd_throughput": round(
+                redis_store["concurrent"]["events_per_s"] / xadd["requests_per_s"], 4
+            )
+            if "requests_per_s" in xadd
+            else None,
             "sqlite_vs_redis_store_throughput": round(
                 sqlite["concurrent"]["events_per_s"] / redis_store["concurrent"]["events_per_s"], 3
             ),

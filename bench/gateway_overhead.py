@@ -57,7 +57,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cpu_set(spec: str) -> set[int]:
-    """"0", "0,2" or "2-5" as a set of core numbers."""
+    """ "0", "0,2" or "2-5" as a set of core numbers."""
     cores = set()
     for part in spec.split(","):
         first, _, last = part.partition("-")
@@ -113,12 +113,19 @@ def request_body(model: str, max_tokens: int, stream: bool) -> dict:
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     return {
         "model": model,
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": "Describe the image in detail."}]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe the image in detail."},
+                ],
+            }
+        ],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
-    }  # fmt: skip
+    }
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float | None]:
@@ -180,13 +187,24 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-async def mixed_load(direct_url: str, direct_body: dict, gateway_url: str, gateway_body: dict, concurrency: int,
-                     seconds: float, auth: dict) -> tuple[dict, dict]:
+async def mixed_load(
+    direct_url: str,
+    direct_body: dict,
+    gateway_url: str,
+    gateway_body: dict,
+    concurrency: int,
+    seconds: float,
+    auth: dict,
+) -> tuple[dict, dict]:
     """Half the clients straight to vLLM, half through the gateway, at the same time: both halves meet the same
     engine, batch for batch, so its drift and noise cancel out of the comparison."""
     half = concurrency // 2
-    return tuple(await asyncio.gather(run_load(direct_url, direct_body, concurrency - half, seconds, {}),
-                                      run_load(gateway_url, gateway_body, half, seconds, auth)))  # fmt: skip
+    return tuple(
+        await asyncio.gather(
+            run_load(direct_url, direct_body, concurrency - half, seconds, {}),
+            run_load(gateway_url, gateway_body, half, seconds, auth),
+        )
+    )
 
 
 def compare(direct: dict, through_gateway: dict) -> dict:
@@ -271,19 +289,37 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="alignloop-bench-"))
     adapter_dir = workdir / "adapters"
     store_url = f"sqlite:///{workdir / 'alignloop.db'}"
-    config = VLLMServerConfig(model=str(args.model), served_model_name="shapes-llava", port=free_port(),
-                              adapter_dir=str(adapter_dir), max_model_len=512, max_lora_rank=16, max_loras=4,
-                              cpus=args.vllm_cpus)  # fmt: skip
+    config = VLLMServerConfig(
+        model=str(args.model),
+        served_model_name="shapes-llava",
+        port=free_port(),
+        adapter_dir=str(adapter_dir),
+        max_model_len=512,
+        max_lora_rank=16,
+        max_loras=4,
+        cpus=args.vllm_cpus,
+    )
     gateway_port = free_port()
     gateway_url = f"http://127.0.0.1:{gateway_port}"
-    env = dict(os.environ, ALIGNLOOP_PORT=str(gateway_port), ALIGNLOOP_VLLM_URLS=config.base_url,
-               ALIGNLOOP_STORE_URL=store_url, ALIGNLOOP_API_KEYS=f"bench:{API_KEY}", ALIGNLOOP_ADMIN_KEY=ADMIN_KEY,
-               ALIGNLOOP_RATE_LIMIT_PER_MINUTE="10000000", ALIGNLOOP_MAX_CONCURRENT_PER_KEY="1000",
-               ALIGNLOOP_LOG_LEVEL="WARNING")  # fmt: skip
+    env = dict(
+        os.environ,
+        ALIGNLOOP_PORT=str(gateway_port),
+        ALIGNLOOP_VLLM_URLS=config.base_url,
+        ALIGNLOOP_STORE_URL=store_url,
+        ALIGNLOOP_API_KEYS=f"bench:{API_KEY}",
+        ALIGNLOOP_ADMIN_KEY=ADMIN_KEY,
+        ALIGNLOOP_RATE_LIMIT_PER_MINUTE="10000000",
+        ALIGNLOOP_MAX_CONCURRENT_PER_KEY="1000",
+        ALIGNLOOP_LOG_LEVEL="WARNING",
+    )
     version = publish_bench_adapter(store_url, args.model, adapter_dir)
     with VLLMServer(config, log_path=workdir / "vllm.log") as vllm:
-        gateway = subprocess.Popen([str(Path(sys.executable).parent / "alignloop"), "serve"], env=env,
-                                   stdout=(workdir / "gateway.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+        gateway = subprocess.Popen(
+            [str(Path(sys.executable).parent / "alignloop"), "serve"],
+            env=env,
+            stdout=(workdir / "gateway.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_ready(gateway_url, gateway)
             direct_body = request_body("shapes-llava", args.max_tokens, args.stream)
@@ -302,16 +338,27 @@ def main() -> None:
                 for target in order:
                     before, cpu_before = engine_totals(vllm.base_url), sum(gateway_process.cpu_times()[:2])
                     if target == "direct":
-                        runs[target].append(asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency,
-                                                                 args.seconds, {})))  # fmt: skip
+                        runs[target].append(
+                            asyncio.run(run_load(vllm.base_url, direct_body, args.concurrency, args.seconds, {}))
+                        )
                     else:
-                        runs[target].append(asyncio.run(run_load(gateway_url, gateway_body, args.concurrency,
-                                                                 args.seconds, auth)))  # fmt: skip
+                        runs[target].append(
+                            asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth))
+                        )
                         gateway_cpu_s += sum(gateway_process.cpu_times()[:2]) - cpu_before
                     scrapes[target].append((before, engine_totals(vllm.base_url)))
             direct_runs, gateway_runs = runs["direct"], runs["gateway"]
-            mixed_direct, mixed_gateway = asyncio.run(mixed_load(vllm.base_url, direct_body, gateway_url, gateway_body,
-                                                                 args.concurrency, args.seconds * args.rounds, auth))  # fmt: skip
+            mixed_direct, mixed_gateway = asyncio.run(
+                mixed_load(
+                    vllm.base_url,
+                    direct_body,
+                    gateway_url,
+                    gateway_body,
+                    args.concurrency,
+                    args.seconds * args.rounds,
+                    auth,
+                )
+            )
             steady = asyncio.run(run_load(gateway_url, gateway_body, args.concurrency, args.seconds, auth))
             swapping, swaps = asyncio.run(swap_load(gateway_url, gateway_body, args, version))
         finally:
@@ -321,15 +368,23 @@ def main() -> None:
     direct["engine"], through_gateway["engine"] = engine_means(scrapes["direct"]), engine_means(scrapes["gateway"])
     # Time outside vLLM's engine (HTTP both ways, and the gateway when there is one), per request on average: the
     # gateway's own latency, whatever speed the engine ran at during each phase.
-    outside = {target: summary["latency_mean_ms"] - summary["engine"]["e2e_ms"]
-               for target, summary in (("direct", direct), ("gateway", through_gateway))}  # fmt: skip
+    outside = {
+        target: summary["latency_mean_ms"] - summary["engine"]["e2e_ms"]
+        for target, summary in (("direct", direct), ("gateway", through_gateway))
+    }
     steady_summary, swap_summary = summarize([steady]), summarize([swapping])
     report = {
         "benchmark": "gateway_overhead",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "load": {"concurrency": args.concurrency, "seconds_per_phase": args.seconds, "rounds": args.rounds,
-                 "max_tokens": args.max_tokens, "stream": args.stream, "vllm_cpus": args.vllm_cpus,
-                 "client_cpus": args.client_cpus},
+        "load": {
+            "concurrency": args.concurrency,
+            "seconds_per_phase": args.seconds,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "stream": args.stream,
+            "vllm_cpus": args.vllm_cpus,
+            "client_cpus": args.client_cpus,
+        },
         "direct_vllm": direct,
         "gateway": through_gateway,
         "gateway_vs_direct": {

@@ -40,8 +40,14 @@ from online_rl.export import all_events
 from online_rl.simulator import FeedbackSimulator, SimulatorSettings
 from online_rl.store import open_store
 
-HEADLINE = ("chair_s", "chair_i", "object_recall", "pope_adversarial_accuracy", "pope_random_accuracy",
-            "attribute_accuracy")  # fmt: skip
+HEADLINE = (
+    "chair_s",
+    "chair_i",
+    "object_recall",
+    "pope_adversarial_accuracy",
+    "pope_random_accuracy",
+    "attribute_accuracy",
+)
 
 
 def free_port() -> int:
@@ -76,8 +82,10 @@ class FingerprintWatcher(threading.Thread):
         with httpx.Client(timeout=60) as http:
             while not self.stopped.is_set():
                 try:
-                    answer = http.post(f"{self.url}/v1/chat/completions", json={
-                        "model": self.alias, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+                    answer = http.post(
+                        f"{self.url}/v1/chat/completions",
+                        json={"model": self.alias, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]},
+                    )
                     answer.raise_for_status()
                     self.first_seen.setdefault(answer.json()["system_fingerprint"], time.time())
                 except httpx.HTTPError:
@@ -90,8 +98,9 @@ def score(url: str, model: str, images: int) -> dict:
     from training.evaluation.shapes_bench import evaluate_shapes
     from training.shapes_world import ShapesWorld
 
-    report = evaluate_shapes(OpenAIChatModel(f"{url}/v1", model, "bench", concurrency=4), ShapesWorld(), "test",
-                             images, progress=False)  # fmt: skip
+    report = evaluate_shapes(
+        OpenAIChatModel(f"{url}/v1", model, "bench", concurrency=4), ShapesWorld(), "test", images, progress=False
+    )
     return {key: round(report[key], 4) for key in HEADLINE}
 
 
@@ -113,21 +122,42 @@ def main() -> int:
     store_url = f"sqlite:///{workdir / 'store.db'}"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_VLLM_LOG=str(workdir / "vllm.log"),
-               ALIGNLOOP_RATE_LIMIT_PER_MINUTE="100000",  # the gate, the test scoring and the users share one key
-               ALIGNLOOP_TRAINER_ROUND_MIN_PAIRS=str(args.round_min_pairs),
-               ALIGNLOOP_TRAINER_ROUND_MAX_WAIT_S=str(args.round_max_wait),
-               ALIGNLOOP_TRAINER_EVAL_IMAGES=str(args.gate_images), ALIGNLOOP_TRAINER_SEED=str(args.seed))  # fmt: skip
-    command = [str(Path(sys.executable).parent / "alignloop"), "up", "--no-demo", "--port", str(port), "--model",
-               args.model, "--store", store_url, "--adapter-dir", str(workdir / "adapters")]  # fmt: skip
+    env = dict(
+        os.environ,
+        ALIGNLOOP_VLLM_PORT=str(free_port()),
+        ALIGNLOOP_VLLM_LOG=str(workdir / "vllm.log"),
+        ALIGNLOOP_RATE_LIMIT_PER_MINUTE="100000",  # the gate, the test scoring and the users share one key
+        ALIGNLOOP_TRAINER_ROUND_MIN_PAIRS=str(args.round_min_pairs),
+        ALIGNLOOP_TRAINER_ROUND_MAX_WAIT_S=str(args.round_max_wait),
+        ALIGNLOOP_TRAINER_EVAL_IMAGES=str(args.gate_images),
+        ALIGNLOOP_TRAINER_SEED=str(args.seed),
+    )
+    command = [
+        str(Path(sys.executable).parent / "alignloop"),
+        "up",
+        "--no-demo",
+        "--port",
+        str(port),
+        "--model",
+        args.model,
+        "--store",
+        store_url,
+        "--adapter-dir",
+        str(workdir / "adapters"),
+    ]
     log = (workdir / "gateway.log").open("wb")
     gateway = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: _ready(url), 300, "the gateway and its vLLM")
         watcher = FingerprintWatcher(url, "llava-rlhf")
         watcher.start()
-        settings = SimulatorSettings(gateway_url=url, events=args.events, adversarial_share=args.adversarial_share,
-                                     noisy_share=args.noisy_share, seed=args.seed)  # fmt: skip
+        settings = SimulatorSettings(
+            gateway_url=url,
+            events=args.events,
+            adversarial_share=args.adversarial_share,
+            noisy_share=args.noisy_share,
+            seed=args.seed,
+        )
         client = GatewayClient(url, "bench")
         started = time.monotonic()
         simulation = FeedbackSimulator(settings, client).run().to_dict()
@@ -143,26 +173,46 @@ def main() -> int:
         for adapter in adapters:
             last_event = event_times.get(adapter.feedback_range[1]) if adapter.feedback_range else None
             served_at = watcher.first_seen.get(adapter.name)
-            versions.append({
-                "version": adapter.version, "status": adapter.status, "parent": adapter.parent_version,
-                "events": adapter.num_feedback_events, "notes": adapter.notes,
-                "gate_metrics": {key: round(adapter.metrics[key], 4) for key in HEADLINE if key in adapter.metrics},
-                "feedback_to_served_s": round(served_at - last_event, 1) if served_at and last_event else None,
-                "test": score(url, f"llava-rlhf@v{adapter.version}", args.test_images),
-            })  # fmt: skip
+            versions.append(
+                {
+                    "version": adapter.version,
+                    "status": adapter.status,
+                    "parent": adapter.parent_version,
+                    "events": adapter.num_feedback_events,
+                    "notes": adapter.notes,
+                    "gate_metrics": {key: round(adapter.metrics[key], 4) for key in HEADLINE if key in adapter.metrics},
+                    "feedback_to_served_s": round(served_at - last_event, 1) if served_at and last_event else None,
+                    "test": score(url, f"llava-rlhf@v{adapter.version}", args.test_images),
+                }
+            )
         base = score(url, "base", args.test_images)
         final = next((v for v in reversed(versions) if v["status"] == "promoted"), None)
         latencies = [v["feedback_to_served_s"] for v in versions if v["feedback_to_served_s"] is not None]
-        print(json.dumps({
-            "events": args.events, "adversarial_share": args.adversarial_share, "noisy_share": args.noisy_share,
-            "round_min_pairs": args.round_min_pairs, "gate_images": args.gate_images, "test_images": args.test_images,
-            "loop_seconds": round(loop_seconds, 1),
-            "versions_trained": len(versions), "versions_promoted": sum(v["status"] == "promoted" for v in versions),
-            "feedback_to_served_median_s": statistics.median(latencies) if latencies else None,
-            "base_test": base, "served_test": final["test"] if final else base,
-            "served_minus_base": {key: round((final["test"] if final else base)[key] - base[key], 4) for key in HEADLINE},
-            "watcher_failures": watcher.failures, "simulation": simulation, "versions": versions,
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "events": args.events,
+                    "adversarial_share": args.adversarial_share,
+                    "noisy_share": args.noisy_share,
+                    "round_min_pairs": args.round_min_pairs,
+                    "gate_images": args.gate_images,
+                    "test_images": args.test_images,
+                    "loop_seconds": round(loop_seconds, 1),
+                    "versions_trained": len(versions),
+                    "versions_promoted": sum(v["status"] == "promoted" for v in versions),
+                    "feedback_to_served_median_s": statistics.median(latencies) if latencies else None,
+                    "base_test": base,
+                    "served_test": final["test"] if final else base,
+                    "served_minus_base": {
+                        key: round((final["test"] if final else base)[key] - base[key], 4) for key in HEADLINE
+                    },
+                    "watcher_failures": watcher.failures,
+                    "simulation": simulation,
+                    "versions": versions,
+                },
+                indent=2,
+            )
+        )
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(120)

@@ -50,8 +50,15 @@ def free_port() -> int:
 def openai_messages(prompt) -> list[dict]:
     """The prompt's chat messages with the image as a data URL content part."""
     question = next(part["text"] for part in prompt.messages[0]["content"] if part["type"] == "text")
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url(prompt.image)}},
-                                         {"type": "text", "text": question}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(prompt.image)}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
 
 
 async def sample_through_vllm(base_url: str, model: str, prompts) -> list[int]:
@@ -59,8 +66,15 @@ async def sample_through_vllm(base_url: str, model: str, prompts) -> list[int]:
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
 
         async def one(prompt) -> int:
-            body = {"model": model, "messages": openai_messages(prompt), "temperature": 1.0, "top_p": 1.0,
-                    "max_tokens": prompt.max_new_tokens, "logprobs": True, "return_tokens_as_token_ids": True}  # fmt: skip
+            body = {
+                "model": model,
+                "messages": openai_messages(prompt),
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "max_tokens": prompt.max_new_tokens,
+                "logprobs": True,
+                "return_tokens_as_token_ids": True,
+            }
             response = await client.post("/v1/chat/completions", json=body)
             response.raise_for_status()
             return len(response.json()["choices"][0]["logprobs"]["content"])
@@ -93,9 +107,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         adapter_dir = Path(workdir) / "adapters"
-        config = VLLMServerConfig(model=args.model, served_model_name="shapes-llava", port=free_port(),
-                                  adapter_dir=str(adapter_dir), max_lora_rank=max(8, args.lora_rank),
-                                  max_loras=args.repeats + 1)  # fmt: skip
+        config = VLLMServerConfig(
+            model=args.model,
+            served_model_name="shapes-llava",
+            port=free_port(),
+            adapter_dir=str(adapter_dir),
+            max_lora_rank=max(8, args.lora_rank),
+            max_loras=args.repeats + 1,
+        )
         server = VLLMServer(config, log_path=Path(workdir) / "vllm.log")
         server.start()
         try:
@@ -114,14 +133,24 @@ def main() -> None:
             server.stop()
 
     in_process_s, vllm_s = statistics.median(in_process), statistics.median(step)
-    print(json.dumps({
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "batch": args.batch, "repeats": args.repeats, "lora_rank": args.lora_rank,
-        "in_process": {"seconds_per_batch": round(in_process_s, 3), "response_tokens": in_process_tokens},
-        "vllm": {"seconds_per_batch": round(vllm_s, 3), "adapter_write_seconds": round(statistics.median(save), 3),
-                 "response_tokens": vllm_tokens},
-        "vllm_over_in_process": round(vllm_s / in_process_s, 3),
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+                "batch": args.batch,
+                "repeats": args.repeats,
+                "lora_rank": args.lora_rank,
+                "in_process": {"seconds_per_batch": round(in_process_s, 3), "response_tokens": in_process_tokens},
+                "vllm": {
+                    "seconds_per_batch": round(vllm_s, 3),
+                    "adapter_write_seconds": round(statistics.median(save), 3),
+                    "response_tokens": vllm_tokens,
+                },
+                "vllm_over_in_process": round(vllm_s / in_process_s, 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -118,8 +118,9 @@ def version_summary(overview: dict) -> str:
 
 
 class DemoActions:
-    def __init__(self, client: GatewayClient, world: ShapesWorld, max_tokens: int, temperature: float,
-                 recent_versions: int = 10):  # fmt: skip
+    def __init__(
+        self, client: GatewayClient, world: ShapesWorld, max_tokens: int, temperature: float, recent_versions: int = 10
+    ):
         self.client = client
         self.world = world
         self.max_tokens = max_tokens
@@ -147,8 +148,9 @@ class DemoActions:
         display_index = len(state.display) - 1
         answer = None
         try:
-            for answer in self.client.stream_chat(model, state.api_messages, self.max_tokens, self.temperature,
-                                                     state.user):
+            for answer in self.client.stream_chat(
+                model, state.api_messages, self.max_tokens, self.temperature, state.user
+            ):
                 shown = answer.text.strip()  # vLLM keeps the space the first token carries
                 state.display[display_index] = {"role": "assistant", "content": shown + version_tag(answer.version)}
                 yield {"session": state, "chatbot": state.display}
@@ -160,10 +162,12 @@ class DemoActions:
         state.answers.append(AnswerRef(display_index, answer.response_id, answer.version, text))
         state.selected = len(state.answers) - 1
         yield {
-            "session": state, "chatbot": state.display, "correction": text,
+            "session": state,
+            "chatbot": state.display,
+            "correction": text,
             "correction_target": f"Correcting the latest answer, by **{answer.version}**.",
             "status": ok(f"{answer.version} answered ({answer.finish_reason})."),
-        }  # fmt: skip
+        }
 
     def send(self, state: ChatSession, text: str, model: str) -> Iterator[dict]:
         def updates() -> Iterator[dict]:
@@ -171,7 +175,9 @@ class DemoActions:
                 yield {"status": problem("Type a question first.")}
                 return
             attach_image = state.image_url is not None and not state.image_sent
-            state.api_messages.append({"role": "user", "content": user_content(text, state.image_url if attach_image else None)})
+            state.api_messages.append(
+                {"role": "user", "content": user_content(text, state.image_url if attach_image else None)}
+            )
             state.display.append({"role": "user", "content": text})
             yield {"session": state, "chatbot": state.display, "question": "", "status": ""}
             try:
@@ -219,7 +225,9 @@ class DemoActions:
         except GatewayError as error:
             return problem(str(error))
         state.facts_sent = facts_text if facts else state.facts_sent
-        return ok(f"Thumbs {'up' if liked else 'down'} saved for the answer by {answer.version} (feedback {event['id']}).")
+        return ok(
+            f"Thumbs {'up' if liked else 'down'} saved for the answer by {answer.version} (feedback {event['id']})."
+        )
 
     @staticmethod
     def select(state: ChatSession, display_index: int) -> tuple[str, str] | None:
@@ -244,8 +252,9 @@ class DemoActions:
         except GatewayError as error:
             return problem(str(error)), []
         state.facts_sent = facts_text if facts else state.facts_sent
-        return ok(f"Correction saved for the answer by {answer.version} (feedback {event['id']})."), \
-            word_diff(answer.text, corrected)  # fmt: skip
+        return ok(f"Correction saved for the answer by {answer.version} (feedback {event['id']})."), word_diff(
+            answer.text, corrected
+        )
 
     # ---- side by side ------------------------------------------------------------------------------------------
     def compare(self, state: ChatSession, text: str, model_a: str, model_b: str) -> Iterator[dict]:
@@ -272,8 +281,9 @@ class DemoActions:
         if better.response_id == worse.response_id:
             return problem("Both answers are the same response; ask again.")
         try:
-            event = self.client.preference(state.compared["a"].response_id, state.compared["b"].response_id,
-                                           better.response_id, state.user)  # fmt: skip
+            event = self.client.preference(
+                state.compared["a"].response_id, state.compared["b"].response_id, better.response_id, state.user
+            )
         except GatewayError as error:
             return problem(str(error))
         return ok(f"Preference saved: {key.upper()} ({better.version}) over {worse.version} ({event['id']}).")

@@ -54,8 +54,12 @@ def _index(event: gr.EventData) -> int:
     return index if isinstance(index, int) else index[0]
 
 
-def build_demo(settings: DemoSettings, client: GatewayClient | None = None, world: ShapesWorld | None = None) -> gr.Blocks:
-    client = client or GatewayClient(settings.gateway_url, settings.api_key.get_secret_value(), settings.request_timeout_s)
+def build_demo(
+    settings: DemoSettings, client: GatewayClient | None = None, world: ShapesWorld | None = None
+) -> gr.Blocks:
+    client = client or GatewayClient(
+        settings.gateway_url, settings.api_key.get_secret_value(), settings.request_timeout_s
+    )
     world = world or ShapesWorld()
     actions = DemoActions(client, world, settings.max_tokens, settings.temperature, settings.recent_versions)
     alias = settings.public_alias
@@ -63,24 +67,40 @@ def build_demo(settings: DemoSettings, client: GatewayClient | None = None, worl
 
     with gr.Blocks(title="alignloop demo", fill_width=True) as page:
         session = gr.State(lambda: ChatSession())
-        gr.Markdown("# alignloop\nAsk about an image, then rate or correct the answers. "
-                    "Your feedback trains the next version.")  # fmt: skip
+        gr.Markdown(
+            "# alignloop\nAsk about an image, then rate or correct the answers. Your feedback trains the next version."
+        )
         status = gr.Markdown("", elem_id="status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=280):
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=300,
-                                 elem_id="image")  # fmt: skip
+                image = gr.Image(
+                    type="pil", label="Image", sources=["upload", "clipboard"], height=300, elem_id="image"
+                )
                 new_scene = gr.Button("New random scene", elem_id="new-scene")
-                facts = gr.Textbox(label="Facts about the image (optional, one per line)", lines=4, elem_id="facts",
-                                   placeholder="e.g. There is one small red star in the top left.")  # fmt: skip
+                facts = gr.Textbox(
+                    label="Facts about the image (optional, one per line)",
+                    lines=4,
+                    elem_id="facts",
+                    placeholder="e.g. There is one small red star in the top left.",
+                )
                 if examples:
                     gr.Examples(examples=examples, inputs=[image, facts], label="ShapesWorld examples")
             with gr.Column(scale=2, min_width=300):
                 with gr.Tab("Chat"):
-                    model = gr.Dropdown(choices=[alias, "base"], value=alias, label="Model", allow_custom_value=True,
-                                        elem_id="chat-model")  # fmt: skip
-                    chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="chatbot", buttons=["copy_all"],
-                                         feedback_options=("Like", "Dislike"))  # fmt: skip
+                    model = gr.Dropdown(
+                        choices=[alias, "base"],
+                        value=alias,
+                        label="Model",
+                        allow_custom_value=True,
+                        elem_id="chat-model",
+                    )
+                    chatbot = gr.Chatbot(
+                        label="Conversation",
+                        height=380,
+                        elem_id="chatbot",
+                        buttons=["copy_all"],
+                        feedback_options=("Like", "Dislike"),
+                    )
                     question = gr.Textbox(label="Your question", value=DEFAULT_QUESTION, lines=1, elem_id="question")
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send")
@@ -90,16 +110,30 @@ def build_demo(settings: DemoSettings, client: GatewayClient | None = None, worl
                         correction_target = gr.Markdown("Ask something first; the latest answer appears here.")
                         correction = gr.Textbox(label="Corrected answer", lines=3, elem_id="correction")
                         submit_correction = gr.Button("Submit correction", elem_id="submit-correction")
-                        changes = gr.HighlightedText(label="What the correction changed", elem_id="changes",
-                                                     color_map={"removed": "red", "added": "green"})  # fmt: skip
+                        changes = gr.HighlightedText(
+                            label="What the correction changed",
+                            elem_id="changes",
+                            color_map={"removed": "red", "added": "green"},
+                        )
                 with gr.Tab("Side by side"):
-                    compare_question = gr.Textbox(label="Question for both versions", value=DEFAULT_QUESTION,
-                                                  elem_id="compare-question")  # fmt: skip
+                    compare_question = gr.Textbox(
+                        label="Question for both versions", value=DEFAULT_QUESTION, elem_id="compare-question"
+                    )
                     with gr.Row():
-                        model_a = gr.Dropdown(choices=[alias, "base"], value=alias, label="Version A",
-                                              allow_custom_value=True, elem_id="model-a")  # fmt: skip
-                        model_b = gr.Dropdown(choices=[alias, "base"], value="base", label="Version B",
-                                              allow_custom_value=True, elem_id="model-b")  # fmt: skip
+                        model_a = gr.Dropdown(
+                            choices=[alias, "base"],
+                            value=alias,
+                            label="Version A",
+                            allow_custom_value=True,
+                            elem_id="model-a",
+                        )
+                        model_b = gr.Dropdown(
+                            choices=[alias, "base"],
+                            value="base",
+                            label="Version B",
+                            allow_custom_value=True,
+                            elem_id="model-b",
+                        )
                     ask_both = gr.Button("Ask both", variant="primary", elem_id="ask-both")
                     with gr.Row():
                         answer_a = gr.Textbox(label="Answer A", lines=5, interactive=False, elem_id="answer-a")
@@ -109,8 +143,14 @@ def build_demo(settings: DemoSettings, client: GatewayClient | None = None, worl
                         prefer_b = gr.Button("B is better", elem_id="prefer-b")
                 with gr.Tab("Versions"):
                     summary = gr.Markdown("Loading…", elem_id="version-summary")
-                    chart = gr.LinePlot(metrics_frame([]), x="version", y="value", color="metric",
-                                        label="Eval metrics of recent versions", height=260)  # fmt: skip
+                    chart = gr.LinePlot(
+                        metrics_frame([]),
+                        x="version",
+                        y="value",
+                        color="metric",
+                        label="Eval metrics of recent versions",
+                        height=260,
+                    )
                     table = gr.Dataframe(metrics_frame([]), label="Eval metrics", interactive=False)
                     refresh = gr.Button("Refresh versions", elem_id="refresh-versions")
 
@@ -166,16 +206,23 @@ def build_demo(settings: DemoSettings, client: GatewayClient | None = None, worl
 
         chat_outputs = [session, chatbot, question, status, correction, correction_target]  # CHAT_OUTPUTS' order
         new_scene.click(lambda: actions.random_scene(), outputs=[image, facts])
-        image.change(image_changed, inputs=[image, session], outputs=[session, chatbot, correction, correction_target, changes])
+        image.change(
+            image_changed, inputs=[image, session], outputs=[session, chatbot, correction, correction_target, changes]
+        )
         send.click(send_message, inputs=[question, model, session], outputs=chat_outputs)
         question.submit(send_message, inputs=[question, model, session], outputs=chat_outputs)
         regenerate.click(regenerate_last, inputs=[model, session], outputs=chat_outputs)
-        clear.click(clear_chat, inputs=[session], outputs=[session, chatbot, correction, correction_target, changes, status])
+        clear.click(
+            clear_chat, inputs=[session], outputs=[session, chatbot, correction, correction_target, changes, status]
+        )
         chatbot.like(thumbs, inputs=[session, facts], outputs=[session, status])
         chatbot.select(select_answer, inputs=[session], outputs=[session, correction, correction_target])
-        submit_correction.click(send_correction, inputs=[correction, facts, session], outputs=[session, status, changes])
-        ask_both.click(compare, inputs=[compare_question, model_a, model_b, session],
-                       outputs=[session, answer_a, answer_b, status])  # fmt: skip
+        submit_correction.click(
+            send_correction, inputs=[correction, facts, session], outputs=[session, status, changes]
+        )
+        ask_both.click(
+            compare, inputs=[compare_question, model_a, model_b, session], outputs=[session, answer_a, answer_b, status]
+        )
         prefer_a.click(lambda state: actions.prefer(state, "a"), inputs=[session], outputs=[status])
         prefer_b.click(lambda state: actions.prefer(state, "b"), inputs=[session], outputs=[status])
         version_outputs = [summary, chart, table, model, model_a, model_b]
@@ -194,13 +241,27 @@ def mount_demo(app, settings: DemoSettings):
         raise APIError(404, f"Not found: /v1/{path}", code="not_found")
 
     page = build_demo(settings)
-    return gr.mount_gradio_app(app, page, path="/", footer_links=[], run_history=False, css=CSS,
-                               max_file_size=f"{settings.max_upload_mb}mb", show_error=False)  # fmt: skip
+    return gr.mount_gradio_app(
+        app,
+        page,
+        path="/",
+        footer_links=[],
+        run_history=False,
+        css=CSS,
+        max_file_size=f"{settings.max_upload_mb}mb",
+        show_error=False,
+    )
 
 
 def run_demo(settings: DemoSettings) -> int:
     """`alignloop demo`: the page alone, in front of the gateway at `settings.gateway_url`."""
     page = build_demo(settings)
-    page.queue().launch(server_name=settings.host, server_port=settings.port, footer_links=[], css=CSS,
-                        max_file_size=f"{settings.max_upload_mb}mb", show_error=False)  # fmt: skip
+    page.queue().launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        footer_links=[],
+        css=CSS,
+        max_file_size=f"{settings.max_upload_mb}mb",
+        show_error=False,
+    )
     return 0

@@ -59,21 +59,28 @@ def _api_error_message(error: Exception, base_url: str) -> str:
 
 
 class GatewayClient:
-    def __init__(self, gateway_url: str, api_key: str, timeout_s: float = 120.0,
-                 http_client: httpx.Client | None = None):  # fmt: skip
+    def __init__(
+        self, gateway_url: str, api_key: str, timeout_s: float = 120.0, http_client: httpx.Client | None = None
+    ):
         """`http_client` replaces the HTTP connection in tests (e.g. a TestClient on an in-process gateway)."""
         self.base_url = gateway_url.rstrip("/")
         self.http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout_s, trust_env=False)
         self.http.headers.update({"Authorization": f"Bearer {api_key}", **DEMO_CLIENT_HEADER})
-        self.openai = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0,
-                                    default_headers=DEMO_CLIENT_HEADER, http_client=self.http)  # fmt: skip
+        self.openai = openai.OpenAI(
+            base_url=f"{self.base_url}/v1",
+            api_key=api_key,
+            max_retries=0,
+            default_headers=DEMO_CLIENT_HEADER,
+            http_client=self.http,
+        )
 
     def close(self) -> None:
         self.http.close()
 
     # ---- chat --------------------------------------------------------------------------------------------------
-    def stream_chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
-                    user: str | None = None) -> Iterator[Answer]:  # fmt: skip
+    def stream_chat(
+        self, model: str, messages: list[dict], max_tokens: int, temperature: float, user: str | None = None
+    ) -> Iterator[Answer]:
         """Yields the same `Answer` after every chunk, its text one delta longer each time."""
         answer = Answer(model=model)
         extra = {"user": user} if user else {}
@@ -108,10 +115,23 @@ class GatewayClient:
         except httpx.HTTPError as error:
             raise GatewayError(_api_error_message(error, self.base_url)) from error
 
-    def feedback(self, response_id: str, rating: int | None = None, correction: str | None = None,
-                 comment: str | None = None, facts: list[str] | None = None, user: str | None = None) -> dict:  # fmt: skip
-        body = {"response_id": response_id, "rating": rating, "correction": correction, "comment": comment,
-                "facts": facts or None, "user": user}  # fmt: skip
+    def feedback(
+        self,
+        response_id: str,
+        rating: int | None = None,
+        correction: str | None = None,
+        comment: str | None = None,
+        facts: list[str] | None = None,
+        user: str | None = None,
+    ) -> dict:
+        body = {
+            "response_id": response_id,
+            "rating": rating,
+            "correction": correction,
+            "comment": comment,
+            "facts": facts or None,
+            "user": user,
+        }
         return self._request("POST", "/v1/feedback", json={k: v for k, v in body.items() if v is not None})
 
     def preference(self, first_id: str, second_id: str, preferred_id: str, user: str | None = None) -> dict:
@@ -121,8 +141,9 @@ class GatewayClient:
     def facts(self, image_sha256: str, caption: str | None = None, facts: list[str] | None = None) -> dict:
         """Registers what is true of an image this key has sent (its sha256 is that of the image's bytes)."""
         body = {"caption": caption, "facts": facts or None}
-        return self._request("POST", f"/v1/images/{image_sha256}/facts",
-                             json={k: v for k, v in body.items() if v is not None})  # fmt: skip
+        return self._request(
+            "POST", f"/v1/images/{image_sha256}/facts", json={k: v for k, v in body.items() if v is not None}
+        )
 
     def versions(self, recent: int) -> dict:
         return self._request("GET", "/v1/versions", params={"recent": recent})

@@ -77,8 +77,9 @@ class LanguageModelEmbedder:
 
 
 class BDHSSampler:
-    def __init__(self, policy, processor, config: BDHSConfig | None = None, seed: int = 0,
-                 embed: Embedder | None = None):  # fmt: skip
+    def __init__(
+        self, policy, processor, config: BDHSConfig | None = None, seed: int = 0, embed: Embedder | None = None
+    ):
         self.policy = policy
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -104,8 +105,9 @@ class BDHSSampler:
         inputs = self.masked_inputs(messages, image, answer_prefix)
         was_training = self.policy.training
         self.policy.eval()
-        output = self.policy.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        output = self.policy.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id
+        )
         self.policy.train(was_training)
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -118,7 +120,11 @@ class BDHSSampler:
             prefix = sentence_prefix(sentence, self.rng, self.config.flip_prob)
             answer_prefix = " ".join(part for part in (before, prefix) if part)
             continuation = self.complete(messages, image, answer_prefix, self.config.max_new_tokens)
-            completed = (prefix + continuation) if not prefix or continuation[:1] in ",.!?" else f"{prefix} {continuation.lstrip()}"
+            completed = (
+                (prefix + continuation)
+                if not prefix or continuation[:1] in ",.!?"
+                else f"{prefix} {continuation.lstrip()}"
+            )
             first = split_sentences(completed)
             written.append(first[0] if first else sentence)
         return " ".join(written)
@@ -128,22 +134,35 @@ class BDHSSampler:
         reference_vector = self.embed([reference])[0]
         for _ in range(self.config.tries):
             sample = self.guided(messages, image, reference)
-            if sample.strip() != reference.strip() and cosine(self.embed([sample])[0], reference_vector) <= self.config.max_similarity:
+            if (
+                sample.strip() != reference.strip()
+                and cosine(self.embed([sample])[0], reference_vector) <= self.config.max_similarity
+            ):
                 return sample, True
         return self.complete(messages, image, "", 4 * self.config.max_new_tokens).strip(), False
 
-    def pair(self, generation: GenerationRecord, image: Image.Image, event_ids: tuple[str, ...] = ()) -> PreferencePair | None:
+    def pair(
+        self, generation: GenerationRecord, image: Image.Image, event_ids: tuple[str, ...] = ()
+    ) -> PreferencePair | None:
         """The generation's answer as chosen against a BDHS sample as rejected; None if they come out the same."""
         rejected, _ = self.rejected(generation.messages, image, generation.response.strip())
         if not rejected or rejected == generation.response.strip():
             return None
-        return PreferencePair(messages=tuple(generation.messages), chosen=generation.response.strip(), rejected=rejected,
-                              source="bdhs", chosen_generation_id=generation.id, rejected_generation_id=None,
-                              event_ids=event_ids, adapter_version=generation.adapter_version)  # fmt: skip
+        return PreferencePair(
+            messages=tuple(generation.messages),
+            chosen=generation.response.strip(),
+            rejected=rejected,
+            source="bdhs",
+            chosen_generation_id=generation.id,
+            rejected_generation_id=None,
+            event_ids=event_ids,
+            adapter_version=generation.adapter_version,
+        )
 
 
-def unpartnered_good_answers(events: Sequence[FeedbackEvent], lookup: GenerationLookup,
-                             paired: Sequence[PreferencePair]) -> list[tuple[GenerationRecord, tuple[str, ...]]]:  # fmt: skip
+def unpartnered_good_answers(
+    events: Sequence[FeedbackEvent], lookup: GenerationLookup, paired: Sequence[PreferencePair]
+) -> list[tuple[GenerationRecord, tuple[str, ...]]]:
     """Up-rated answers (net rating > 0) with one image that no feedback pair already uses as chosen: BDHS's inputs."""
     used = {pair.chosen_generation_id for pair in paired if pair.chosen_generation_id}
     good = []

@@ -24,7 +24,9 @@ def add_feedback_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     purge = actions.add_parser("purge", help="delete generation records older than the store's retention_days")
     for sub in (export, purge):
-        sub.add_argument("--store", default=None, help=f"store URL (default: $ALIGNLOOP_STORE_URL or {DEFAULT_STORE_URL})")
+        sub.add_argument(
+            "--store", default=None, help=f"store URL (default: $ALIGNLOOP_STORE_URL or {DEFAULT_STORE_URL})"
+        )
 
 
 def store_url(args: argparse.Namespace) -> str:

@@ -42,8 +42,9 @@ def reference_scores(policy, batch: dict[str, torch.Tensor], normalize: bool, re
         return sequence_scores(reference if reference is not None else policy, batch, normalize)
 
 
-def preference_loss(policy, batch: dict[str, torch.Tensor], config: PreferenceLossConfig,
-                    reference=None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+def preference_loss(
+    policy, batch: dict[str, torch.Tensor], config: PreferenceLossConfig, reference=None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean DPO loss over the batch's pairs (chosen rows first, rejected rows second), with training metrics."""
     reference_all = reference_scores(policy, batch, config.normalize, reference)
     policy_logps = response_token_logps(policy, batch)

@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 WHAT = ("events", "pairs")
 STYLES = ("trl", "rlhfv")
 FORMATS = ("jsonl", "parquet")
-IMAGE_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp", "image/bmp": ".bmp"}
+IMAGE_SUFFIX = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/webp": ".webp",
+    "image/bmp": ".bmp",
+}
 
 
 def all_events(store: FeedbackStore, page: int = 1000) -> list[tuple[str, FeedbackEvent | PreferenceEvent]]:
@@ -73,7 +79,13 @@ def rlhfv_row(pair: PreferencePair, image) -> dict:
         (_text(m) for m in reversed(pair.messages) if m.get("role") == "user"),
         "",
     )
-    return {"question": question, "chosen": pair.chosen, "rejected": pair.rejected, "image": image, "source": pair.source}
+    return {
+        "question": question,
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+        "image": image,
+        "source": pair.source,
+    }
 
 
 def _text(message: dict) -> str:

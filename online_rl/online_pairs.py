@@ -80,28 +80,51 @@ def best_and_worst(scores: Sequence[float], answers: Sequence[str]) -> tuple[int
     return best, worst
 
 
-def judged_pair(prompt: JudgeablePrompt, answers: Sequence[str], judge: ShapesRuleJudge,
-                adapter_version: int | None = None) -> PreferencePair | None:  # fmt: skip
+def judged_pair(
+    prompt: JudgeablePrompt, answers: Sequence[str], judge: ShapesRuleJudge, adapter_version: int | None = None
+) -> PreferencePair | None:
     """The best against the worst of the sampled answers; None when every answer scores the same."""
     ranked = best_and_worst([judge.score(prompt.scene, prompt.item, answer) for answer in answers], answers)
     if ranked is None:
         return None
     best, worst = ranked
-    return PreferencePair(messages=tuple(prompt.record.messages), chosen=answers[best].strip(),
-                          rejected=answers[worst].strip(), source="online", chosen_generation_id=None,
-                          rejected_generation_id=None, event_ids=(), adapter_version=adapter_version)  # fmt: skip
+    return PreferencePair(
+        messages=tuple(prompt.record.messages),
+        chosen=answers[best].strip(),
+        rejected=answers[worst].strip(),
+        source="online",
+        chosen_generation_id=None,
+        rejected_generation_id=None,
+        event_ids=(),
+        adapter_version=adapter_version,
+    )
 
 
-def sample_answers(policy, processor, messages: Sequence[dict], image: Image.Image, samples: int,
-                   max_new_tokens: int, temperature: float = 1.0) -> list[str]:  # fmt: skip
+def sample_answers(
+    policy,
+    processor,
+    messages: Sequence[dict],
+    image: Image.Image,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> list[str]:
     """`samples` answers from the policy (transformers, sampling at `temperature`) to the prompt."""
     prompt = Prompt(tuple(messages), image, max_new_tokens)
     return generate(policy, processor, [prompt] * samples, temperature).texts
 
 
-def online_pairs(policy, processor, store: FeedbackStore, count: int, rng: random.Random, samples: int = 2,
-                 max_new_tokens: int = 96, adapter_version: int | None = None,
-                 prompts: list[JudgeablePrompt] | None = None) -> list[PreferencePair]:  # fmt: skip
+def online_pairs(
+    policy,
+    processor,
+    store: FeedbackStore,
+    count: int,
+    rng: random.Random,
+    samples: int = 2,
+    max_new_tokens: int = 96,
+    adapter_version: int | None = None,
+    prompts: list[JudgeablePrompt] | None = None,
+) -> list[PreferencePair]:
     """Up to `count` judged pairs from the policy, on logged prompts drawn at random (each at most once)."""
     world, judge = ShapesWorld(), ShapesRuleJudge()
     prompts = judgeable_prompts(store, world) if prompts is None else prompts
@@ -113,16 +136,26 @@ def online_pairs(policy, processor, store: FeedbackStore, count: int, rng: rando
         if data is None:
             continue
         image = Image.open(io.BytesIO(data)).convert("RGB")
-        answers = sample_answers(policy, processor, prompt.record.messages, image, samples,
-                                 max_new_tokens if prompt.item.kind == "description" else 8)  # fmt: skip
+        answers = sample_answers(
+            policy,
+            processor,
+            prompt.record.messages,
+            image,
+            samples,
+            max_new_tokens if prompt.item.kind == "description" else 8,
+        )
         pair = judged_pair(prompt, answers, judge, adapter_version)
         if pair is not None:
             pairs.append(pair)
     return pairs
 
 
-def mixed_pairs(offline: Sequence[PreferencePair], make_online: Callable[[int], list[PreferencePair]],
-                rng: random.Random, online_share: float = 0.5) -> list[PreferencePair]:  # fmt: skip
+def mixed_pairs(
+    offline: Sequence[PreferencePair],
+    make_online: Callable[[int], list[PreferencePair]],
+    rng: random.Random,
+    online_share: float = 0.5,
+) -> list[PreferencePair]:
     """Mixed-DPO: each of len(offline) slots holds its offline pair, or with probability `online_share` an online
     pair (`make_online(n)` returns up to n of them); a slot whose online pair could not be made keeps its offline one."""
     online_slots = [index for index in range(len(offline)) if rng.random() < online_share]

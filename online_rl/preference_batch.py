@@ -47,7 +47,9 @@ class PreferenceEncoder:
         """
         response = response.strip()
         prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        text = self.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": response}], tokenize=False
+        )
         if not text.startswith(prompt):
             raise ValueError("the chat template does not extend the prompt with the response")
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -89,8 +91,13 @@ class PreferenceEncoder:
             weights[index, :n] = torch.tensor(row.weights)
             attention_mask[index, :n] = 1
         pixel_values = self.processor.image_processor(images + images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "token_weights": weights,
-                "pixel_values": pixel_values}  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "token_weights": weights,
+            "pixel_values": pixel_values,
+        }
 
 
 def _reweigh(encoded: EncodedResponse, response_weights: list[float]) -> EncodedResponse:

@@ -149,7 +149,9 @@ class GenerationRecord(Record):
                 content = message.get("content")
                 if isinstance(content, str):
                     return content
-                return "".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
+                return "".join(
+                    p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text"
+                )
         return ""
 
 
@@ -295,7 +297,9 @@ class AliasChange(Record):
 
 def parse_stream_event(payload: str) -> FeedbackEvent | PreferenceEvent:
     data = json.loads(payload)
-    return PreferenceEvent.model_validate(data) if data.get("kind") == "preference" else FeedbackEvent.model_validate(data)
+    return (
+        PreferenceEvent.model_validate(data) if data.get("kind") == "preference" else FeedbackEvent.model_validate(data)
+    )
 
 
 def event_fingerprint(event: FeedbackEvent | PreferenceEvent) -> str:

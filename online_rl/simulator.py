@@ -70,9 +70,15 @@ class SimulatorSettings(BaseSettings):
     start: int = Field(default=10_000, ge=0, description="first scene index (keep clear of the gate's images)")
     concurrency: int = Field(default=4, ge=1, le=64)
     temperature: float = Field(default=0.0, ge=0, le=2)
-    regenerations: int = Field(default=0, ge=0, le=4, description=(
-        "extra answers a user asks for to the same question (the demo's Regenerate), each rated on its own; with "
-        "temperature > 0 they differ, and an up-rated and a down-rated answer to one prompt make a thumbs pair"))
+    regenerations: int = Field(
+        default=0,
+        ge=0,
+        le=4,
+        description=(
+            "extra answers a user asks for to the same question (the demo's Regenerate), each rated on its own; with "
+            "temperature > 0 they differ, and an up-rated and a down-rated answer to one prompt make a thumbs pair"
+        ),
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -196,10 +202,15 @@ class FeedbackSimulator:
     def interact(self, number: int) -> None:
         user, scene, item, rng = self.plan(number)
         image_url = image_data_url(self.world.render(scene))
-        messages = [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url}},
-            {"type": "text", "text": item.question},
-        ]}]  # fmt: skip
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": item.question},
+                ],
+            }
+        ]
         with self._lock:
             self.report.interactions += 1
         for _ in range(1 + self.settings.regenerations):
@@ -217,13 +228,22 @@ class FeedbackSimulator:
             self._reserved += 1
             return True
 
-    def _ask_and_rate(self, number: int, user: SimulatedUser, scene: Scene, item: QAItem, messages: list[dict],
-                      image_url: str, rng: random.Random) -> bool:  # fmt: skip
+    def _ask_and_rate(
+        self,
+        number: int,
+        user: SimulatedUser,
+        scene: Scene,
+        item: QAItem,
+        messages: list[dict],
+        image_url: str,
+        rng: random.Random,
+    ) -> bool:
         """One answer and its feedback event; False (and a failed request counted) when the gateway failed."""
         try:
             answer = None
-            for answer in self.client.stream_chat(self.settings.model, messages, max_tokens_for(item),
-                                                  self.settings.temperature, user=user.user_id):  # fmt: skip
+            for answer in self.client.stream_chat(
+                self.settings.model, messages, max_tokens_for(item), self.settings.temperature, user=user.user_id
+            ):
                 pass
             response = answer.text.strip()
             rating, correction, judgement = self.rate(user, scene, item, response, rng)
@@ -295,8 +315,20 @@ def simulate_command(args) -> int:
     import json
     from pathlib import Path
 
-    keys = ("gateway_url", "api_key", "events", "users", "noisy_share", "adversarial_share", "correction_share",
-            "description_share", "concurrency", "temperature", "regenerations", "seed")  # fmt: skip
+    keys = (
+        "gateway_url",
+        "api_key",
+        "events",
+        "users",
+        "noisy_share",
+        "adversarial_share",
+        "correction_share",
+        "description_share",
+        "concurrency",
+        "temperature",
+        "regenerations",
+        "seed",
+    )
     settings = SimulatorSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value())
     try:

@@ -72,19 +72,40 @@ class TrainerSettings(BaseSettings):
     beta: float = Field(default=0.1, gt=0)
     gamma: float = Field(default=5.0, ge=1.0, description="Dense DPO weight of corrected tokens")
     dense_normalize: bool = True
-    sft_weight: float = Field(default=1.0, ge=0, description=(
-        "weight of the chosen answers' token NLL added to the preference loss (RPO); 0 is plain (Dense) DPO"))
-    pair_sources: frozenset[PairSource] = Field(default=frozenset(ALL_PAIR_SOURCES), description=(
-        "which pairs to train on: correction, thumbs, preference, bdhs (online pairs come with online_share)"))
+    sft_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "weight of the chosen answers' token NLL added to the preference loss (RPO); 0 is plain (Dense) DPO"
+        ),
+    )
+    pair_sources: frozenset[PairSource] = Field(
+        default=frozenset(ALL_PAIR_SOURCES),
+        description=(
+            "which pairs to train on: correction, thumbs, preference, bdhs (online pairs come with online_share)"
+        ),
+    )
     lora_rank: int = Field(default=8, ge=1)
-    online_share: float = Field(default=0.0, ge=0, le=1, description=(
-        "Mixed-DPO: chance that a training slot holds a judged online pair (sampled from the policy) instead of its "
-        "feedback pair; 0 trains on feedback pairs alone"))
+    online_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Mixed-DPO: chance that a training slot holds a judged online pair (sampled from the policy) instead of its "
+            "feedback pair; 0 trains on feedback pairs alone"
+        ),
+    )
     online_samples: int = Field(default=2, ge=2, description="answers sampled per prompt for a judged online pair")
-    bdhs_per_round: int = Field(default=8, ge=0, description=(
-        "BDHS: up-rated answers with no rejected partner that get a sampled hallucination as rejected, per round"))
-    reward_model: Path = Field(default=Path("runs/reward-fact"), description=(
-        "PPO: the reward model directory (`alignloop train reward`)"))
+    bdhs_per_round: int = Field(
+        default=8,
+        ge=0,
+        description=(
+            "BDHS: up-rated answers with no rejected partner that get a sampled hallucination as rejected, per round"
+        ),
+    )
+    reward_model: Path = Field(
+        default=Path("runs/reward-fact"), description=("PPO: the reward model directory (`alignloop train reward`)")
+    )
     ppo_interval_s: float = Field(default=600.0, gt=0, description="PPO: seconds between rounds")
     ppo_steps: int = Field(default=10, ge=1, description="PPO: rollout batches per round")
     ppo_rollout_batch: int = Field(default=16, ge=1, description="PPO: prompts per rollout batch")
@@ -113,8 +134,10 @@ def gate(candidate: dict[str, float], baseline: dict[str, float], settings: Trai
     if candidate["chair_s"] > baseline["chair_s"] + settings.chair_tolerance:
         reasons.append(f"CHAIR_s rose {baseline['chair_s']:.3f} -> {candidate['chair_s']:.3f}")
     if candidate["pope_adversarial_accuracy"] < baseline["pope_adversarial_accuracy"] - settings.pope_tolerance:
-        reasons.append(f"POPE-adversarial fell {baseline['pope_adversarial_accuracy']:.3f} -> "
-                       f"{candidate['pope_adversarial_accuracy']:.3f}")  # fmt: skip
+        reasons.append(
+            f"POPE-adversarial fell {baseline['pope_adversarial_accuracy']:.3f} -> "
+            f"{candidate['pope_adversarial_accuracy']:.3f}"
+        )
     if candidate["object_recall"] < baseline["object_recall"] - settings.recall_tolerance:
         reasons.append(f"object recall fell {baseline['object_recall']:.3f} -> {candidate['object_recall']:.3f}")
     return GateDecision(not reasons, candidate, baseline, reasons)
@@ -146,8 +169,9 @@ class OnlineTrainer:
     # ---- events -> pairs ---------------------------------------------------------------------------------------
     def poll(self) -> list[PreferencePair]:
         """Reads new events (after a restart: the unacknowledged ones first) and returns the pairs they support."""
-        new = self.store.read_events(self.settings.group, self.settings.consumer, count=1000,
-                                     include_own_pending=not self._resumed)  # fmt: skip
+        new = self.store.read_events(
+            self.settings.group, self.settings.consumer, count=1000, include_own_pending=not self._resumed
+        )
         self._resumed = True
         known = {d.delivery_id for d in self.deliveries}
         self.deliveries += [d for d in new if d.delivery_id not in known]
@@ -168,7 +192,9 @@ class OnlineTrainer:
         waiting = len(pairs) + len(self.bdhs_candidates)
         if waiting >= self.settings.round_min_pairs:
             return True
-        waited = self.first_pair_at is not None and time.monotonic() - self.first_pair_at >= self.settings.round_max_wait_s
+        waited = (
+            self.first_pair_at is not None and time.monotonic() - self.first_pair_at >= self.settings.round_max_wait_s
+        )
         return waiting > 0 and waited
 
     def bdhs_pairs(self, policy, processor) -> list[PreferencePair]:
@@ -217,8 +243,9 @@ class OnlineTrainer:
         torch.manual_seed(settings.seed)
         dense = settings.algorithm == "dense-dpo"
         encoder = PreferenceEncoder(processor, dense_gamma=settings.gamma if dense else None)
-        loss_config = PreferenceLossConfig(beta=settings.beta, normalize=dense and settings.dense_normalize,
-                                           sft_weight=settings.sft_weight)  # fmt: skip
+        loss_config = PreferenceLossConfig(
+            beta=settings.beta, normalize=dense and settings.dense_normalize, sft_weight=settings.sft_weight
+        )
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate)
         order = random.Random(settings.seed)
         policy.train()
@@ -243,9 +270,12 @@ class OnlineTrainer:
         from training.evaluation.shapes_bench import evaluate_shapes
         from training.shapes_world import ShapesWorld
 
-        served = OpenAIChatModel(f"{self.settings.gateway_url}/v1", model_name, self.settings.api_key.get_secret_value())
-        report = evaluate_shapes(served, ShapesWorld(), self.settings.eval_split, self.settings.eval_images,
-                                 progress=False)  # fmt: skip
+        served = OpenAIChatModel(
+            f"{self.settings.gateway_url}/v1", model_name, self.settings.api_key.get_secret_value()
+        )
+        report = evaluate_shapes(
+            served, ShapesWorld(), self.settings.eval_split, self.settings.eval_images, progress=False
+        )
         return {key: float(value) for key, value in report.items() if isinstance(value, int | float)}
 
     def baseline_metrics(self, promoted: int | None) -> dict[str, float]:
@@ -279,25 +309,44 @@ class OnlineTrainer:
             from online_rl.online_pairs import mixed_pairs, online_pairs
 
             rng = random.Random(f"{settings.seed}-{len(self.store.list_adapters())}")
-            pairs = mixed_pairs(pairs, lambda n: online_pairs(policy, processor, self.store, n, rng,
-                                                              settings.online_samples, adapter_version=parent),
-                                rng, settings.online_share)  # fmt: skip
+            pairs = mixed_pairs(
+                pairs,
+                lambda n: online_pairs(
+                    policy, processor, self.store, n, rng, settings.online_samples, adapter_version=parent
+                ),
+                rng,
+                settings.online_share,
+            )
         train_metrics = self.train(policy, processor, pairs)
         deliveries = list(self.deliveries)
         delivery_ids = [d.delivery_id for d in deliveries]
         adapter = publish_adapter(
-            self.store, policy, settings.adapter_dir, settings.model, algorithm=settings.algorithm,
-            parent_version=parent, feedback_range=(delivery_ids[0], delivery_ids[-1]),
-            num_feedback_events=len(deliveries), ack=(settings.group, delivery_ids),
+            self.store,
+            policy,
+            settings.adapter_dir,
+            settings.model,
+            algorithm=settings.algorithm,
+            parent_version=parent,
+            feedback_range=(delivery_ids[0], delivery_ids[-1]),
+            num_feedback_events=len(deliveries),
+            ack=(settings.group, delivery_ids),
             notes=f"{len(pairs)} pairs ({sum(p.source == 'online' for p in pairs)} online, "
             f"{sum(p.source == 'bdhs' for p in pairs)} bdhs); "
             + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
-        )  # fmt: skip
+        )
         self.deliveries, self.bdhs_candidates, self.first_pair_at = [], [], None
         logger.info("published %s from %d pairs (%d events)", adapter.name, len(pairs), len(deliveries))
         promoted, decision = self.gate_and_promote(adapter, parent)
-        return RoundResult(adapter.version, promoted, len(pairs), len(deliveries), decision, train_metrics,
-                           time.monotonic() - started, dict(Counter(pair.source for pair in pairs)))  # fmt: skip
+        return RoundResult(
+            adapter.version,
+            promoted,
+            len(pairs),
+            len(deliveries),
+            decision,
+            train_metrics,
+            time.monotonic() - started,
+            dict(Counter(pair.source for pair in pairs)),
+        )
 
     def run_ppo_round(self) -> RoundResult | None:
         """Fact-RLHF PPO on prompts from recent traffic (`training.ppo`), from the promoted version's adapter, then
@@ -313,26 +362,51 @@ class OnlineTrainer:
             return None
         parent = self.store.promoted_version(settings.public_alias)
         adapter = self.store.get_adapter(parent) if parent else None
-        config = PPOConfig(model=settings.model, reward_model=str(settings.reward_model),
-                           init_adapter=adapter.path if adapter else None, steps=settings.ppo_steps,
-                           rollout_batch=settings.ppo_rollout_batch, lora_rank=settings.lora_rank,
-                           learning_rate=settings.ppo_learning_rate, seed=settings.seed + len(self.store.list_adapters()),
-                           eval_every=0, final_eval_images=0)  # fmt: skip
+        config = PPOConfig(
+            model=settings.model,
+            reward_model=str(settings.reward_model),
+            init_adapter=adapter.path if adapter else None,
+            steps=settings.ppo_steps,
+            rollout_batch=settings.ppo_rollout_batch,
+            lora_rank=settings.lora_rank,
+            learning_rate=settings.ppo_learning_rate,
+            seed=settings.seed + len(self.store.list_adapters()),
+            eval_every=0,
+            final_eval_images=0,
+        )
         trainer = PPOTrainer(config)
         trainer.schedule(config.steps)
         rng = random.Random(config.seed)
-        history = [trainer.step(rng.sample(prompts, min(len(prompts), config.rollout_batch))) for _ in range(config.steps)]
-        train_metrics = {key: history[-1][key] for key in ("rm_score", "reward", "kl_to_reference") if key in history[-1]}
+        history = [
+            trainer.step(rng.sample(prompts, min(len(prompts), config.rollout_batch))) for _ in range(config.steps)
+        ]
+        train_metrics = {
+            key: history[-1][key] for key in ("rm_score", "reward", "kl_to_reference") if key in history[-1]
+        }
         train_metrics["rm_score_first"] = history[0]["rm_score"]
         published = publish_adapter(
-            self.store, trainer.unwrapped_policy, settings.adapter_dir, settings.model, algorithm="ppo",
-            parent_version=parent, notes=f"ppo: {config.steps} steps x {config.rollout_batch} of {len(prompts)} "
-            f"recent prompts, reward model {settings.reward_model}; " + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
-        )  # fmt: skip
+            self.store,
+            trainer.unwrapped_policy,
+            settings.adapter_dir,
+            settings.model,
+            algorithm="ppo",
+            parent_version=parent,
+            notes=f"ppo: {config.steps} steps x {config.rollout_batch} of {len(prompts)} "
+            f"recent prompts, reward model {settings.reward_model}; "
+            + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
+        )
         logger.info("published %s from %d ppo steps", published.name, config.steps)
         promoted, decision = self.gate_and_promote(published, parent)
-        return RoundResult(published.version, promoted, 0, 0, decision, train_metrics, time.monotonic() - started,
-                           {"ppo_prompts": len(prompts)})  # fmt: skip
+        return RoundResult(
+            published.version,
+            promoted,
+            0,
+            0,
+            decision,
+            train_metrics,
+            time.monotonic() - started,
+            {"ppo_prompts": len(prompts)},
+        )
 
     def gate_and_promote(self, adapter, parent: int | None) -> tuple[bool, GateDecision]:
         """Scores the new version against the one it would replace; promotes it (compare-and-set) or rejects it."""
@@ -344,17 +418,27 @@ class OnlineTrainer:
         promoted = False
         if decision.passed:
             try:
-                self.store.promote(settings.public_alias, adapter.version, expected=parent, actor="trainer",
-                                   reason=f"gate passed on {settings.eval_split} ({settings.eval_images} images)")  # fmt: skip
+                self.store.promote(
+                    settings.public_alias,
+                    adapter.version,
+                    expected=parent,
+                    actor="trainer",
+                    reason=f"gate passed on {settings.eval_split} ({settings.eval_images} images)",
+                )
                 promoted = True
             except ConflictError as error:  # the alias moved meanwhile (an admin): keep their choice
                 logger.warning("not promoting %s: %s", adapter.name, error)
                 self.store.update_adapter(adapter.version, status="rejected", notes=f"alias moved meanwhile: {error}")
         else:
-            self.store.update_adapter(adapter.version, status="rejected",
-                                      notes=f"{adapter.notes}; rejected: {'; '.join(decision.reasons)}")  # fmt: skip
-        logger.info("%s %s: %s", adapter.name, "promoted" if promoted else "rejected",
-                    "; ".join(decision.reasons) or "gate passed")  # fmt: skip
+            self.store.update_adapter(
+                adapter.version, status="rejected", notes=f"{adapter.notes}; rejected: {'; '.join(decision.reasons)}"
+            )
+        logger.info(
+            "%s %s: %s",
+            adapter.name,
+            "promoted" if promoted else "rejected",
+            "; ".join(decision.reasons) or "gate passed",
+        )
         return promoted, decision
 
     def run_forever(self, stop=None) -> None:
@@ -379,24 +463,41 @@ def add_trainer_arguments(parser) -> None:
     parser.add_argument("--store", dest="store_url", help="store URL (default sqlite:///runs/alignloop.db)")
     parser.add_argument("--model", help="the base model vLLM serves (default models/shapes-llava)")
     parser.add_argument("--adapter-dir", help="where versions are published (default runs/adapters)")
-    parser.add_argument("--gateway-url", help="the gateway the eval gate scores through (default http://127.0.0.1:8000)")
-    parser.add_argument("--algorithm", choices=("dpo", "dense-dpo", "ppo"),
-                        help="dpo / dense-dpo train on feedback pairs; ppo runs Fact-RLHF PPO on recent traffic "
-                             "(default dense-dpo)")  # fmt: skip
+    parser.add_argument(
+        "--gateway-url", help="the gateway the eval gate scores through (default http://127.0.0.1:8000)"
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=("dpo", "dense-dpo", "ppo"),
+        help="dpo / dense-dpo train on feedback pairs; ppo runs Fact-RLHF PPO on recent traffic (default dense-dpo)",
+    )
     parser.add_argument("--reward-model", help="ppo: the reward model directory (default runs/reward-fact)")
     parser.add_argument("--round-min-pairs", type=int, help="pairs that trigger a round (default 16)")
-    parser.add_argument("--online-share", type=float,
-                        help="Mixed-DPO: share of training slots given to judged online pairs (default 0)")
-    parser.add_argument("--pair-sources", type=lambda text: frozenset(s.strip() for s in text.split(",")),
-                        help="comma-separated pair sources to train on (default correction,thumbs,preference,bdhs)")
+    parser.add_argument(
+        "--online-share", type=float, help="Mixed-DPO: share of training slots given to judged online pairs (default 0)"
+    )
+    parser.add_argument(
+        "--pair-sources",
+        type=lambda text: frozenset(s.strip() for s in text.split(",")),
+        help="comma-separated pair sources to train on (default correction,thumbs,preference,bdhs)",
+    )
     parser.add_argument("--once", action="store_true", help="run one round as soon as there is a pair, then exit")
 
 
 def trainer_command(args) -> int:
     from online_rl.store import open_store
 
-    keys = ("store_url", "model", "adapter_dir", "gateway_url", "algorithm", "round_min_pairs", "online_share",
-            "pair_sources", "reward_model")
+    keys = (
+        "store_url",
+        "model",
+        "adapter_dir",
+        "gateway_url",
+        "algorithm",
+        "round_min_pairs",
+        "online_share",
+        "pair_sources",
+        "reward_model",
+    )
     settings = TrainerSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
     if not (Path(settings.model) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
@@ -411,8 +512,10 @@ def trainer_command(args) -> int:
             if result is None:
                 print(f"fewer than {settings.ppo_min_prompts} distinct recent prompts with an image; nothing to train")
                 return 0
-            print(f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
-                  f"(ppo, {result.seconds:.0f} s) {'; '.join(result.decision.reasons)}")  # fmt: skip
+            print(
+                f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
+                f"(ppo, {result.seconds:.0f} s) {'; '.join(result.decision.reasons)}"
+            )
             return 0
         if args.once:
             pairs = trainer.poll()
@@ -420,9 +523,11 @@ def trainer_command(args) -> int:
             if result is None:
                 print("no preference pairs in the unread feedback; nothing to train")
                 return 0
-            print(f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
-                  f"({result.pairs} pairs, {result.events} events, {result.seconds:.0f} s) "
-                  f"{'; '.join(result.decision.reasons)}")  # fmt: skip
+            print(
+                f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
+                f"({result.pairs} pairs, {result.events} events, {result.seconds:.0f} s) "
+                f"{'; '.join(result.decision.reasons)}"
+            )
             return 0
         trainer.run_forever()
     return 0

@@ -50,8 +50,15 @@ class AdminService:
                 "feedback_since_promotion": self.store.count_events(since=since),
                 "canary": {"version": canary[0], "fraction": canary[1]} if canary else None,
                 "data": [
-                    {"version": a.version, "name": a.name, "model": f"{alias}@v{a.version}", "status": a.status,
-                     "algorithm": a.algorithm, "created": a.created, "metrics": a.metrics}  # fmt: skip
+                    {
+                        "version": a.version,
+                        "name": a.name,
+                        "model": f"{alias}@v{a.version}",
+                        "status": a.status,
+                        "algorithm": a.algorithm,
+                        "created": a.created,
+                        "metrics": a.metrics,
+                    }
                     for a in adapters
                 ],
             }
@@ -73,7 +80,9 @@ class AdminService:
 
     async def rollback(self, alias: str, body: RollbackRequest) -> dict:
         with store_errors():
-            change = await anyio.to_thread.run_sync(lambda: self.store.rollback(alias, actor="admin", reason=body.reason))
+            change = await anyio.to_thread.run_sync(
+                lambda: self.store.rollback(alias, actor="admin", reason=body.reason)
+            )
         await self.watcher.refresh(force=True)
         return change.model_dump()
 
@@ -82,8 +91,11 @@ class AdminService:
             await anyio.to_thread.run_sync(self.store.set_canary, alias, body.version, body.fraction)
         await self.watcher.refresh(force=True)
         canaries = await anyio.to_thread.run_sync(self.store.canaries)
-        return {"object": "canary", "alias": alias,
-                "canaries": {a: {"version": v, "fraction": f} for a, (v, f) in canaries.items()}}  # fmt: skip
+        return {
+            "object": "canary",
+            "alias": alias,
+            "canaries": {a: {"version": v, "fraction": f} for a, (v, f) in canaries.items()},
+        }
 
     async def delete_user(self, user_id: str) -> dict:
         counts = await anyio.to_thread.run_sync(self.store.delete_user, user_id)

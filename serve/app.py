@@ -73,8 +73,12 @@ def create_app(
         urls = settings.vllm_urls or [f"http://{settings.vllm_host}:{settings.vllm_port}"]
         pool = UpstreamPool(urls, upstream, settings.base_model_name)
         table = AliasTable(settings.public_alias, settings.base_model_name)
-        watcher = RegistryWatcher(store, table, settings.alias_poll_interval_s,
-                                  on_change=lambda old, new, initial: _on_registry_change(metrics, settings.public_alias, old, new, initial))  # fmt: skip
+        watcher = RegistryWatcher(
+            store,
+            table,
+            settings.alias_poll_interval_s,
+            on_change=lambda old, new, initial: _on_registry_change(metrics, settings.public_alias, old, new, initial),
+        )
         await watcher.refresh(force=True)
         recorder = RecordWriter(store, metrics, max_pending=settings.max_pending_records)
         salt = settings.user_id_salt.get_secret_value()
@@ -82,17 +86,36 @@ def create_app(
         state.auth = Authenticator(settings)
         state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         state.concurrency = ConcurrencyLimiter(settings.max_concurrent_per_key)
-        images = ImageResolver(image_client, settings.image_url_allowlist, settings.max_image_bytes,
-                               settings.max_image_pixels, settings.image_fetch_timeout_s)  # fmt: skip
-        state.chat = ChatService(table, watcher, pool, images, recorder, metrics, salt, settings.max_tokens_cap,
-                                 settings.default_max_tokens, settings.max_images_per_request,
-                                 settings.upstream_timeout_s)  # fmt: skip
+        images = ImageResolver(
+            image_client,
+            settings.image_url_allowlist,
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            settings.image_fetch_timeout_s,
+        )
+        state.chat = ChatService(
+            table,
+            watcher,
+            pool,
+            images,
+            recorder,
+            metrics,
+            salt,
+            settings.max_tokens_cap,
+            settings.default_max_tokens,
+            settings.max_images_per_request,
+            settings.upstream_timeout_s,
+        )
         state.feedback = FeedbackService(store, recorder, metrics, salt)
         state.admin = AdminService(store, watcher, settings.public_alias)
         engine = None
         if settings.embedded and upstream_transport is None:
-            engine = EmbeddedEngine(vllm_config(settings), pool, log_path=settings.vllm_log,
-                                    startup_timeout_s=settings.vllm_startup_timeout_s)  # fmt: skip
+            engine = EmbeddedEngine(
+                vllm_config(settings),
+                pool,
+                log_path=settings.vllm_log,
+                startup_timeout_s=settings.vllm_startup_timeout_s,
+            )
         state.engine = engine
         tasks = [
             asyncio.create_task(recorder.run(), name="record-writer"),
@@ -138,8 +161,9 @@ def _on_registry_change(
         metrics.current_version.labels(alias=alias).set(version or 0)
         if old.promoted.get(alias) != version and not initial:
             metrics.swaps.labels(alias=alias, action="move").inc()
-            logger.info("alias moved alias=%s from=%s to=%s revision=%d", alias, old.promoted.get(alias), version,
-                        new.revision)  # fmt: skip
+            logger.info(
+                "alias moved alias=%s from=%s to=%s revision=%d", alias, old.promoted.get(alias), version, new.revision
+            )
     if public_alias not in new.promoted:
         metrics.current_version.labels(alias=public_alias).set(0)
 
@@ -155,7 +179,7 @@ async def _retention_loop(store, interval_s: float) -> None:
     while True:
         try:
             await asyncio.to_thread(store.purge_expired)
-        except Exception:  # noqa: BLE001 - retention must not take the gateway down; it runs again later
+        except Exception:
             logger.exception("retention purge failed")
         await asyncio.sleep(interval_s)
 
@@ -180,13 +204,18 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         message = "Not found" if error.status_code == 404 else str(error.detail)
-        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))  # fmt: skip
+        return JSONResponse(
+            APIError(error.status_code, message).body(),
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.error("unhandled error path=%s error=%s", request.url.path, type(error).__name__, exc_info=error)
-        return JSONResponse(APIError(500, "The server had an error while processing your request.").body(), status_code=500)
+        return JSONResponse(
+            APIError(500, "The server had an error while processing your request.").body(), status_code=500
+        )
 
 
 class BodySizeLimit:
@@ -201,7 +230,9 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_large = APIError(413, f"The request body is over the limit of {self.max_bytes} bytes.", code="body_too_large")
+        too_large = APIError(
+            413, f"The request body is over the limit of {self.max_bytes} bytes.", code="body_too_large"
+        )
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
         received = 0

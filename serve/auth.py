@@ -36,8 +36,12 @@ class Authenticator:
         if token is None:
             if self.anonymous_allowed:
                 return Caller("anonymous", ANONYMOUS_KEY_ID)
-            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
-                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise APIError(
+                401,
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code="missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         digest = key_digest(token)
         if self.admin_digest is not None and hmac.compare_digest(digest, self.admin_digest):
             return Caller("admin", ADMIN_KEY_ID, is_admin=True)
@@ -46,15 +50,21 @@ class Authenticator:
             return Caller(key.name, key.key_id)
         if self.anonymous_allowed:
             return Caller("anonymous", ANONYMOUS_KEY_ID)
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
 
     def require_admin(self, authorization: str | None) -> Caller:
         if self.admin_digest is None:
             raise APIError(403, "admin endpoints are disabled: set ALIGNLOOP_ADMIN_KEY", code="admin_disabled")
         token = _bearer(authorization)
         if token is None:
-            raise APIError(401, "admin endpoints need the admin key as 'Authorization: Bearer ADMIN_KEY'",
-                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise APIError(
+                401,
+                "admin endpoints need the admin key as 'Authorization: Bearer ADMIN_KEY'",
+                code="missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(key_digest(token), self.admin_digest):
             raise APIError(403, "this endpoint needs the admin key", code="admin_key_required")
         return Caller("admin", ADMIN_KEY_ID, is_admin=True)
@@ -84,8 +94,12 @@ class RateLimiter:
         if tokens < 1.0:
             retry_after = max(1, round((1.0 - tokens) / self.refill_per_s))
             self.buckets[key_id] = (tokens, now)
-            raise APIError(429, f"Rate limit reached: {int(self.capacity)} requests per minute for this key.",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})  # fmt: skip
+            raise APIError(
+                429,
+                f"Rate limit reached: {int(self.capacity)} requests per minute for this key.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(retry_after)},
+            )
         self.buckets[key_id] = (tokens - 1.0, now)
 
 
@@ -100,8 +114,12 @@ class ConcurrencyLimiter:
 
     def acquire(self, key_id: str) -> None:
         if self.in_flight.get(key_id, 0) >= self.limit:
-            raise APIError(429, f"Too many concurrent requests: at most {self.limit} in flight per key.",
-                           code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
+            raise APIError(
+                429,
+                f"Too many concurrent requests: at most {self.limit} in flight per key.",
+                code="concurrency_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
         self.in_flight[key_id] = self.in_flight.get(key_id, 0) + 1
 
     def release(self, key_id: str) -> None:

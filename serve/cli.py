@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_trainer_arguments(trainer)
     trainer.set_defaults(handler=_trainer)
 
-    simulate = commands.add_parser("simulate", help="play simulated users against the gateway: questions, thumbs, corrections")
+    simulate = commands.add_parser(
+        "simulate", help="play simulated users against the gateway: questions, thumbs, corrections"
+    )
     from online_rl.simulator import add_simulate_arguments
 
     add_simulate_arguments(simulate)

@@ -46,8 +46,9 @@ def store_errors(param: str | None = None) -> Iterator[None]:
     except NotFoundError as error:
         raise APIError(404, str(error), param=param, code="not_found") from error
     except ConflictError as error:
-        raise APIError(409, str(error), param="idempotency_key" if "idempotency" in str(error) else None,
-                       code="conflict") from error  # fmt: skip
+        raise APIError(
+            409, str(error), param="idempotency_key" if "idempotency" in str(error) else None, code="conflict"
+        ) from error
     except InvalidInputError as error:
         raise APIError(400, str(error), param=param, code="invalid_input") from error
 
@@ -67,8 +68,12 @@ class FeedbackService:
         await self.recorder.wait_written(response_id)
         record = await anyio.to_thread.run_sync(self.store.get_generation, response_id)
         if record is None or not (caller.is_admin or record.key_id == caller.key_id):
-            raise APIError(404, f"No response with id '{response_id}' was made with this API key.", param=param,
-                           code="response_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"No response with id '{response_id}' was made with this API key.",
+                param=param,
+                code="response_not_found",
+            )
         return record
 
     async def add_feedback(self, caller: Caller, body: FeedbackRequest, idempotency_key: str | None) -> FeedbackObject:
@@ -101,7 +106,9 @@ class FeedbackService:
                 return feedback_object(event)
         raise APIError(404, f"No feedback with id '{feedback_id}'.", param="feedback_id", code="feedback_not_found")
 
-    async def add_preference(self, caller: Caller, body: PreferenceRequest, idempotency_key: str | None) -> PreferenceObject:
+    async def add_preference(
+        self, caller: Caller, body: PreferenceRequest, idempotency_key: str | None
+    ) -> PreferenceObject:
         for index, response_id in enumerate(body.response_ids):
             await self.generation(caller, response_id, f"response_ids.{index}")
         event = PreferenceEvent(
@@ -124,19 +131,36 @@ class FeedbackService:
 
     async def add_facts(self, caller: Caller, image_sha256: str, body: FactsRequest) -> FactsObject:
         """Facts about an image the caller has sent (any image, for the admin key)."""
-        await self.recorder.wait_image_written(image_sha256)  # an answer just given may still be on its way to the store
+        await self.recorder.wait_image_written(
+            image_sha256
+        )  # an answer just given may still be on its way to the store
         if not caller.is_admin:
             ids = await anyio.to_thread.run_sync(self.store.generations_using_image, image_sha256)
             records = [await anyio.to_thread.run_sync(self.store.get_generation, i) for i in ids]
             if not any(r is not None and r.key_id == caller.key_id for r in records):
-                raise APIError(404, f"No image sha256:{image_sha256} was sent with this API key.", param="sha256",
-                               code="image_not_found")  # fmt: skip
-        record = FactsRecord(image_sha256=image_sha256, caption=body.caption, facts=body.facts,
-                             source="user", user_id=self.user_id(caller, None))  # fmt: skip
+                raise APIError(
+                    404,
+                    f"No image sha256:{image_sha256} was sent with this API key.",
+                    param="sha256",
+                    code="image_not_found",
+                )
+        record = FactsRecord(
+            image_sha256=image_sha256,
+            caption=body.caption,
+            facts=body.facts,
+            source="user",
+            user_id=self.user_id(caller, None),
+        )
         with store_errors("sha256"):
             await anyio.to_thread.run_sync(self.store.add_facts, record)
-        return FactsObject(id=record.id, image_sha256=image_sha256, caption=record.caption, facts=record.facts,
-                           source=record.source, created=int(record.created))  # fmt: skip
+        return FactsObject(
+            id=record.id,
+            image_sha256=image_sha256,
+            caption=record.caption,
+            facts=record.facts,
+            source=record.source,
+            created=int(record.created),
+        )
 
 
 def feedback_object(event: FeedbackEvent) -> FeedbackObject:

@@ -1,9 +1,9 @@
 """`alignloop serve` and `alignloop up`: settings from the environment and flags, logging, and uvicorn.
 
-    alignloop serve                                   # embedded: starts vLLM on the bundled model
-    alignloop serve --vllm-url http://vllm-0:8000     # external vLLM servers (repeat the flag for several)
-    alignloop up                                      # the whole service on this machine: demo at /, trainer
-    alignloop demo --gateway-url http://gateway:8000  # the browser demo alone
+alignloop serve                                   # embedded: starts vLLM on the bundled model
+alignloop serve --vllm-url http://vllm-0:8000     # external vLLM servers (repeat the flag for several)
+alignloop up                                      # the whole service on this machine: demo at /, trainer
+alignloop demo --gateway-url http://gateway:8000  # the browser demo alone
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (default 127.0.0.1; $ALIGNLOOP_HOST)")
     parser.add_argument("--port", type=int, help="port (default 8000; $ALIGNLOOP_PORT)")
     parser.add_argument("--model", help="base model directory for embedded vLLM (default models/shapes-llava)")
-    parser.add_argument("--vllm-url", dest="vllm_urls", action="append",
-                        help="an external vLLM OpenAI server; repeat for several (default: start one here)")
+    parser.add_argument(
+        "--vllm-url",
+        dest="vllm_urls",
+        action="append",
+        help="an external vLLM OpenAI server; repeat for several (default: start one here)",
+    )
     parser.add_argument("--store", dest="store_url", help="store URL (default sqlite:///runs/alignloop.db)")
     parser.add_argument("--adapter-dir", help="directory of adapter versions (default runs/adapters)")
     parser.add_argument("--public-alias", help="the model name clients use (default llava-rlhf)")
@@ -58,13 +62,19 @@ def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) 
         from demo.settings import DemoSettings
 
         local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        demo_settings = DemoSettings(gateway_url=f"http://{local_host}:{settings.port}",
-                                     public_alias=settings.public_alias)  # fmt: skip
+        demo_settings = DemoSettings(
+            gateway_url=f"http://{local_host}:{settings.port}", public_alias=settings.public_alias
+        )
         app = mount_demo(app, demo_settings)
     from serve.supervisor import with_helpers
 
-    uvicorn.run(with_helpers(app, helpers or []), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)  # fmt: skip
+    uvicorn.run(
+        with_helpers(app, helpers or []),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 
@@ -95,8 +105,11 @@ def demo_command(args: argparse.Namespace) -> int:
     from demo.app import run_demo
     from demo.settings import DemoSettings
 
-    overrides = {key: getattr(args, key) for key in ("gateway_url", "host", "port", "public_alias")
-                 if getattr(args, key, None) is not None}  # fmt: skip
+    overrides = {
+        key: getattr(args, key)
+        for key in ("gateway_url", "host", "port", "public_alias")
+        if getattr(args, key, None) is not None
+    }
     settings = DemoSettings(**overrides)
     configure_logging("INFO")
     return run_demo(settings)

@@ -18,25 +18,37 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter("alignloop_requests", "Chat completion requests", ["status", "adapter"], registry=r)
         self.time_to_first_token = Histogram(
-            "alignloop_time_to_first_token_seconds", "Time to the first content token", ["adapter"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "alignloop_time_to_first_token_seconds",
+            "Time to the first content token",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.latency = Histogram(
-            "alignloop_request_latency_seconds", "End-to-end chat completion latency", ["adapter", "stream"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "alignloop_request_latency_seconds",
+            "End-to-end chat completion latency",
+            ["adapter", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("alignloop_prompt_tokens", "Prompt tokens", ["adapter"], registry=r)
         self.completion_tokens = Counter("alignloop_completion_tokens", "Completion tokens", ["adapter"], registry=r)
         self.feedback = Counter("alignloop_feedback", "Feedback and preference events", ["kind", "adapter"], registry=r)
         self.thumbs = Counter("alignloop_thumbs", "Thumbs by adapter version", ["adapter", "rating"], registry=r)
         self.thumbs_up_rate = Gauge("alignloop_thumbs_up_rate", "Thumbs up / all thumbs", ["adapter"], registry=r)
-        self.swaps = Counter("alignloop_swap_events", "Alias moves applied by this gateway", ["alias", "action"], registry=r)
+        self.swaps = Counter(
+            "alignloop_swap_events", "Alias moves applied by this gateway", ["alias", "action"], registry=r
+        )
         self.current_version = Gauge(
             "alignloop_current_version", "Adapter version an alias serves (0: base model)", ["alias"], registry=r
         )
         self.registry_revision = Gauge("alignloop_registry_revision", "Registry revision applied", registry=r)
-        self.record_failures = Counter("alignloop_record_write_failures", "Records that could not be written", ["kind"], registry=r)
-        self.records_pending = Gauge("alignloop_records_pending", "Generation records waiting to be written", registry=r)
+        self.record_failures = Counter(
+            "alignloop_record_write_failures", "Records that could not be written", ["kind"], registry=r
+        )
+        self.records_pending = Gauge(
+            "alignloop_records_pending", "Generation records waiting to be written", registry=r
+        )
         self.upstreams_healthy = Gauge("alignloop_upstreams_healthy", "Healthy vLLM servers", registry=r)
         self._thumbs_totals: dict[str, list[int]] = {}
 

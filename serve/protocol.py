@@ -54,8 +54,9 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        detail = ErrorDetail(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"), param=self.param,
-                             code=self.code)  # fmt: skip
+        detail = ErrorDetail(
+            message=self.message, type=ERROR_TYPES.get(self.status, "server_error"), param=self.param, code=self.code
+        )
         return {"error": detail.model_dump()}
 
 

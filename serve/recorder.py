@@ -36,8 +36,14 @@ class PendingRecord:
 
 
 class RecordWriter:
-    def __init__(self, store: FeedbackStore, metrics: GatewayMetrics, max_pending: int = 10_000, retries: int = 3,
-                 batch_size: int = 64):  # fmt: skip
+    def __init__(
+        self,
+        store: FeedbackStore,
+        metrics: GatewayMetrics,
+        max_pending: int = 10_000,
+        retries: int = 3,
+        batch_size: int = 64,
+    ):
         self.store = store
         self.metrics = metrics
         self.max_pending = max_pending
@@ -46,7 +52,9 @@ class RecordWriter:
         self.queue: asyncio.Queue[PendingRecord] = asyncio.Queue()
         self.pending: dict[str, asyncio.Future] = {}
         self.pending_by_image: dict[str, set[str]] = {}  # image sha256 -> ids of queued records that carry it
-        self.stored_images: collections.OrderedDict[str, None] = collections.OrderedDict()  # stored lately, oldest first
+        self.stored_images: collections.OrderedDict[str, None] = (
+            collections.OrderedDict()
+        )  # stored lately, oldest first
         self.remembered_images = 4096
 
     def submit(self, record: GenerationRecord, images: dict[str, bytes]) -> None:
@@ -115,7 +123,7 @@ class RecordWriter:
         for item in batch:
             try:
                 self._write(item)
-            except Exception as error:  # noqa: BLE001 - retried, then counted and logged by _retry
+            except Exception as error:
                 failures.append((item, error))
         return failures
 
@@ -127,7 +135,7 @@ class RecordWriter:
             try:
                 await anyio.to_thread.run_sync(self._write, item)
                 return
-            except Exception as again:  # noqa: BLE001 - every failure is counted and logged below
+            except Exception as again:
                 error = again
         self.metrics.record_failures.labels(kind="generation").inc()
         logger.error("generation record not written id=%s error=%s: %s", item.record.id, type(error).__name__, error)

@@ -39,8 +39,11 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 40
 async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise APIError(415, f"Content-Type must be application/json, not {content_type or 'missing'!r}",
-                       code="unsupported_media_type")  # fmt: skip
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, not {content_type or 'missing'!r}",
+            code="unsupported_media_type",
+        )
 
 
 async def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
@@ -107,7 +110,12 @@ async def list_models(caller: CallerDep, request: Request) -> dict:
     table = request.app.state.table
     data = []
     for name, adapter in table.public_names():
-        entry = {"id": name, "object": "model", "created": int(adapter.created) if adapter else 0, "owned_by": "alignloop"}
+        entry = {
+            "id": name,
+            "object": "model",
+            "created": int(adapter.created) if adapter else 0,
+            "owned_by": "alignloop",
+        }
         if adapter is not None:
             entry["adapter"] = {"name": adapter.name, "status": adapter.status, "metrics": adapter.metrics}
         data.append(entry)
@@ -136,8 +144,12 @@ async def create_preference(
 @api.post("/v1/images/{sha256}/facts", dependencies=JSON, responses=ERRORS)
 async def add_image_facts(sha256: str, body: FactsRequest, caller: CallerDep, feedback: FeedbackDep) -> FactsObject:
     if not _SHA256.match(sha256):
-        raise APIError(400, "the image id must be the sha256 of its bytes, as 64 lowercase hex digits", param="sha256",
-                       code="invalid_image_id")  # fmt: skip
+        raise APIError(
+            400,
+            "the image id must be the sha256 of its bytes, as 64 lowercase hex digits",
+            param="sha256",
+            code="invalid_image_id",
+        )
     return await feedback.add_facts(caller, sha256, body)
 
 
@@ -191,8 +203,11 @@ async def ready(request: Request) -> dict:
     state = request.app.state
     if not state.pool.any_healthy:
         raise APIError(503, "no vLLM server is ready", code="engine_unavailable", headers={"Retry-After": "5"})
-    return {"status": "ready", "upstreams": [u.base_url for u in state.pool.upstreams if u.healthy],
-            "registry_revision": state.table.snapshot.revision}  # fmt: skip
+    return {
+        "status": "ready",
+        "upstreams": [u.base_url for u in state.pool.upstreams if u.healthy],
+        "registry_revision": state.table.snapshot.revision,
+    }
 
 
 @api.get("/metrics")

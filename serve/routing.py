@@ -86,11 +86,20 @@ class AliasTable:
         if pinned and pinned.group("alias") == self.public_alias:
             version = int(pinned.group("version"))
             if version not in snapshot.versions:
-                raise APIError(404, f"The model `{model}` does not exist: adapter version {version} is not registered.",
-                               param="model", code="model_not_found")  # fmt: skip
+                raise APIError(
+                    404,
+                    f"The model `{model}` does not exist: adapter version {version} is not registered.",
+                    param="model",
+                    code="model_not_found",
+                )
             return Target(model, version, adapter_name(version), snapshot.revision)
-        raise APIError(404, f"The model `{model}` does not exist. Use `{self.public_alias}`, "
-                            f"`{self.public_alias}@vN` or `{BASE_VERSION_NAME}`.", param="model", code="model_not_found")  # fmt: skip
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist. Use `{self.public_alias}`, "
+            f"`{self.public_alias}@vN` or `{BASE_VERSION_NAME}`.",
+            param="model",
+            code="model_not_found",
+        )
 
     def _served(self, version: int | None) -> str:
         return self.base_model_name if version is None else adapter_name(version)
@@ -162,7 +171,7 @@ class RegistryWatcher:
                 while not self._stop_listener.is_set():
                     if pubsub.get_message(timeout=0.5) is not None:
                         loop.call_soon_threadsafe(self._wake.set)
-            except Exception:  # noqa: BLE001 - polling still covers every change
+            except Exception:
                 logger.warning("registry pub/sub listener stopped; relying on polling", exc_info=True)
             finally:
                 pubsub.close()

@@ -95,8 +95,12 @@ class ChatService:
         max_tokens = request.max_completion_tokens or request.max_tokens or self.default_max_tokens
         if max_tokens > self.max_tokens_cap:
             param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"{param} is {max_tokens}; this server allows at most {self.max_tokens_cap}",
-                           param=param, code="max_tokens_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"{param} is {max_tokens}; this server allows at most {self.max_tokens_cap}",
+                param=param,
+                code="max_tokens_exceeded",
+            )
         target = await self._resolve(request.model)
         upstream_messages, stored_messages, images = await self._messages(request)
         payload = request.model_dump(exclude_none=True)
@@ -105,8 +109,16 @@ class ChatService:
         payload |= {"model": target.served_name, "messages": upstream_messages, "max_tokens": max_tokens}
         if request.stream:
             payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
-        return PreparedChat(request, caller, target, payload, stored_messages, images,
-                            client if client in RECORDED_CLIENTS else "api", started)  # fmt: skip
+        return PreparedChat(
+            request,
+            caller,
+            target,
+            payload,
+            stored_messages,
+            images,
+            client if client in RECORDED_CLIENTS else "api",
+            started,
+        )
 
     async def _resolve(self, model: str) -> Target:
         try:
@@ -132,8 +144,12 @@ class ChatService:
                     stored_parts.append({"type": "text", "text": part.text})
                     continue
                 if len(images) == self.max_images:
-                    raise APIError(400, f"at most {self.max_images} images per request", param=f"messages.{i}.content",
-                                   code="too_many_images")  # fmt: skip
+                    raise APIError(
+                        400,
+                        f"at most {self.max_images} images per request",
+                        param=f"messages.{i}.content",
+                        code="too_many_images",
+                    )
                 image = await self.images.resolve(part.image_url.url, param=f"messages.{i}.content.{j}.image_url.url")
                 images.append(image)
                 upstream_parts.append({"type": "image_url", "image_url": {"url": image.data_url()}})
@@ -151,8 +167,11 @@ class ChatService:
             upstream.in_flight += 1
             try:
                 request = self.pool.client.build_request(
-                    "POST", f"{upstream.base_url}/v1/chat/completions", content=encode_json(prepared.payload),
-                    headers=_UPSTREAM_HEADERS, timeout=self.timeout_s,
+                    "POST",
+                    f"{upstream.base_url}/v1/chat/completions",
+                    content=encode_json(prepared.payload),
+                    headers=_UPSTREAM_HEADERS,
+                    timeout=self.timeout_s,
                 )
                 response = await self.pool.client.send(request, stream=stream)
             except CONNECT_FAILURES as error:
@@ -162,15 +181,21 @@ class ChatService:
                 continue
             except httpx.HTTPError as error:
                 upstream.in_flight -= 1
-                raise APIError(502, f"the model server failed: {type(error).__name__}", code="upstream_error") from error
+                raise APIError(
+                    502, f"the model server failed: {type(error).__name__}", code="upstream_error"
+                ) from error
             if response.status_code >= 400:
                 upstream.in_flight -= 1
                 body = await response.aread()
                 await response.aclose()
                 raise upstream_error(response.status_code, body)
             return response, upstream
-        raise APIError(503, "The model server is not reachable; retry shortly.", code="engine_unavailable",
-                       headers={"Retry-After": "5"}) from last_error  # fmt: skip
+        raise APIError(
+            503,
+            "The model server is not reachable; retry shortly.",
+            code="engine_unavailable",
+            headers={"Retry-After": "5"},
+        ) from last_error
 
     async def complete(self, prepared: PreparedChat) -> dict:
         response, upstream = await self._send(prepared, stream=False)
@@ -182,8 +207,15 @@ class ChatService:
         body["system_fingerprint"] = prepared.target.label
         choice = (body.get("choices") or [{}])[0]
         usage = body.get("usage") or {}
-        self._finish(prepared, body.get("id"), (choice.get("message") or {}).get("content") or "",
-                     choice.get("finish_reason"), usage, None, stream=False)  # fmt: skip
+        self._finish(
+            prepared,
+            body.get("id"),
+            (choice.get("message") or {}).get("content") or "",
+            choice.get("finish_reason"),
+            usage,
+            None,
+            stream=False,
+        )
         return body
 
     async def open_stream(self, prepared: PreparedChat) -> AsyncGenerator[bytes, None]:
@@ -191,8 +223,9 @@ class ChatService:
         response, upstream = await self._send(prepared, stream=True)
         return self._relay(prepared, response, upstream)
 
-    async def _relay(self, prepared: PreparedChat, response: httpx.Response,
-                     upstream: Upstream) -> AsyncGenerator[bytes, None]:  # fmt: skip
+    async def _relay(
+        self, prepared: PreparedChat, response: httpx.Response, upstream: Upstream
+    ) -> AsyncGenerator[bytes, None]:
         """vLLM's events, rewritten (`model`, `system_fingerprint`, usage as asked); what arrived in one read leaves
         in one write. The events are parsed to keep the answer's text, id and usage for the record."""
         wants_usage = bool(prepared.request.stream_options and prepared.request.stream_options.include_usage)
@@ -251,12 +284,21 @@ class ChatService:
             self._finish(prepared, response_id, "".join(text), finish_reason, usage, ttft, stream=True)
 
     # ---- after the last byte -------------------------------------------------------------------------------------
-    def _finish(self, prepared: PreparedChat, response_id: str | None, text: str, finish_reason: str | None,
-                usage: dict, ttft: float | None, stream: bool) -> None:  # fmt: skip
+    def _finish(
+        self,
+        prepared: PreparedChat,
+        response_id: str | None,
+        text: str,
+        finish_reason: str | None,
+        usage: dict,
+        ttft: float | None,
+        stream: bool,
+    ) -> None:
         latency = time.perf_counter() - prepared.started
         label = prepared.target.label
-        self.metrics.requests.labels(status="200" if finish_reason not in ("error", "abort") else finish_reason,
-                                     adapter=label).inc()  # fmt: skip
+        self.metrics.requests.labels(
+            status="200" if finish_reason not in ("error", "abort") else finish_reason, adapter=label
+        ).inc()
         self.metrics.latency.labels(adapter=label, stream=str(stream).lower()).observe(latency)
         if ttft is not None:
             self.metrics.time_to_first_token.labels(adapter=label).observe(ttft)

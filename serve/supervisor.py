@@ -32,8 +32,16 @@ def _die_with_parent() -> None:
 
 
 class SupervisedProcess:
-    def __init__(self, name: str, command: Sequence[str], env: dict[str, str], log_path: str | Path,
-                 min_backoff_s: float = 1.0, max_backoff_s: float = 60.0, stable_after_s: float = 60.0):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: dict[str, str],
+        log_path: str | Path,
+        min_backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        stable_after_s: float = 60.0,
+    ):
         self.name = name
         self.command = list(command)
         self.env = env
@@ -82,8 +90,14 @@ class SupervisedProcess:
             ran_for = time.monotonic() - started
             backoff = self.min_backoff_s if ran_for >= self.stable_after_s else min(backoff * 2, self.max_backoff_s)
             self.restarts += 1
-            logger.warning("%s exited with code %s after %.0f s; restarting in %.0f s (see %s)",
-                           self.name, code, ran_for, backoff, self.log_path)  # fmt: skip
+            logger.warning(
+                "%s exited with code %s after %.0f s; restarting in %.0f s (see %s)",
+                self.name,
+                code,
+                ran_for,
+                backoff,
+                self.log_path,
+            )
             self._stopping.wait(backoff)
 
     def stop(self, grace_s: float = 20.0) -> int | None:

@@ -64,8 +64,12 @@ class UpstreamClient(httpx.AsyncClient):
 def upstream_client(timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The client for vLLM requests and health checks; tests pass an in-process `transport` instead of aiohttp."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    return UpstreamClient(transport=transport or AiohttpTransport(limits=limits, trust_env=False),
-                          timeout=httpx.Timeout(timeout_s, connect=5.0), limits=limits, trust_env=False)  # fmt: skip
+    return UpstreamClient(
+        transport=transport or AiohttpTransport(limits=limits, trust_env=False),
+        timeout=httpx.Timeout(timeout_s, connect=5.0),
+        limits=limits,
+        trust_env=False,
+    )
 
 
 @dataclasses.dataclass
@@ -90,8 +94,12 @@ class UpstreamPool:
     def pick(self) -> Upstream:
         healthy = [u for u in self.upstreams if u.healthy]
         if not healthy:
-            raise APIError(503, "The model server is not ready; retry shortly.", code="engine_unavailable",
-                           headers={"Retry-After": "5"})  # fmt: skip
+            raise APIError(
+                503,
+                "The model server is not ready; retry shortly.",
+                code="engine_unavailable",
+                headers={"Retry-After": "5"},
+            )
         start = next(self._ties) % len(healthy)
         rotated = healthy[start:] + healthy[:start]
         return min(rotated, key=lambda u: u.in_flight)

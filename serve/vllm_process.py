@@ -52,14 +52,22 @@ class VLLMServerConfig:
 def vllm_command(config: VLLMServerConfig) -> list[str]:
     command = ["taskset", "-c", config.cpus] if config.cpus else []
     command += [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", vllm_base_model(config.model),
-        "--served-model-name", config.model_name,
-        "--host", config.host,
-        "--port", str(config.port),
-        "--max-model-len", str(config.max_model_len),
-        "--dtype", config.dtype,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        vllm_base_model(config.model),
+        "--served-model-name",
+        config.model_name,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--max-model-len",
+        str(config.max_model_len),
+        "--dtype",
+        config.dtype,
+    ]
     if config.enforce_eager:
         command.append("--enforce-eager")
     if config.adapter_dir:

@@ -46,9 +46,18 @@ def test_eval_on_a_malformed_mmhal_file(tmp_path, content, fragment):
     questions = tmp_path / "mmhal.json"
     questions.write_text(content)
     result = run(
-        "eval", "--benchmark", "mmhal", "--questions", str(questions), "--image-dir", str(tmp_path),
-        "--judge-endpoint", "http://127.0.0.1:9/v1", "--judge-model", "judge",
-    )  # fmt: skip
+        "eval",
+        "--benchmark",
+        "mmhal",
+        "--questions",
+        str(questions),
+        "--image-dir",
+        str(tmp_path),
+        "--judge-endpoint",
+        "http://127.0.0.1:9/v1",
+        "--judge-model",
+        "judge",
+    )
     assert_one_line_error(result, "mmhal.json", fragment)
 
 
@@ -90,25 +99,46 @@ def test_demo_with_a_bad_gateway_url_or_port():
 
 
 def test_trainer_on_a_missing_model_or_with_nothing_to_train(tmp_path):
-    assert_one_line_error(run("trainer", "--model", str(tmp_path / "nope"), "--once"), "alignloop trainer: error:", "nope")
+    assert_one_line_error(
+        run("trainer", "--model", str(tmp_path / "nope"), "--once"), "alignloop trainer: error:", "nope"
+    )
     idle = run("trainer", "--store", f"sqlite:///{tmp_path / 'store.db'}", "--once")
     assert idle.returncode == 0 and "nothing to train" in idle.stdout
 
 
 def test_reward_and_ppo_recipes_on_missing_inputs(tmp_path):
-    assert_one_line_error(run("train", "reward", "--model", str(tmp_path / "nope"), "--pairs_dir", str(tmp_path / "p")),
-                          "alignloop train: error:", "nope")  # fmt: skip
-    assert_one_line_error(run("train", "ppo", "--reward_model", str(tmp_path / "no-rm")), "alignloop train: error:",
-                          "no reward model", "no-rm")  # fmt: skip
-    assert_one_line_error(run("trainer", "--algorithm", "ppo", "--reward-model", str(tmp_path / "no-rm"), "--once"),
-                          "alignloop trainer: error:", "no reward model")  # fmt: skip
+    assert_one_line_error(
+        run("train", "reward", "--model", str(tmp_path / "nope"), "--pairs_dir", str(tmp_path / "p")),
+        "alignloop train: error:",
+        "nope",
+    )
+    assert_one_line_error(
+        run("train", "ppo", "--reward_model", str(tmp_path / "no-rm")),
+        "alignloop train: error:",
+        "no reward model",
+        "no-rm",
+    )
+    assert_one_line_error(
+        run("trainer", "--algorithm", "ppo", "--reward-model", str(tmp_path / "no-rm"), "--once"),
+        "alignloop trainer: error:",
+        "no reward model",
+    )
 
 
 def test_reward_and_ppo_recipes_refuse_unknown_sharding_and_fact_placement(tmp_path):
-    assert_one_line_error(run("train", "reward", "--sharding", "zero3", "--pairs_dir", str(tmp_path / "p")),
-                          "alignloop train: error:", "--sharding must be one of ddp, fsdp")  # fmt: skip
-    assert_one_line_error(run("train", "reward", "--facts_placement", "on_top", "--pairs_dir", str(tmp_path / "p")),
-                          "alignloop train: error:", "before_answer, rating_turn")  # fmt: skip
-    assert_one_line_error(run("train", "ppo", "--sharding", "zero3", "--reward_model", str(tmp_path / "rm")),
-                          "alignloop train: error:", "--sharding must be one of ddp, fsdp")  # fmt: skip
+    assert_one_line_error(
+        run("train", "reward", "--sharding", "zero3", "--pairs_dir", str(tmp_path / "p")),
+        "alignloop train: error:",
+        "--sharding must be one of ddp, fsdp",
+    )
+    assert_one_line_error(
+        run("train", "reward", "--facts_placement", "on_top", "--pairs_dir", str(tmp_path / "p")),
+        "alignloop train: error:",
+        "before_answer, rating_turn",
+    )
+    assert_one_line_error(
+        run("train", "ppo", "--sharding", "zero3", "--reward_model", str(tmp_path / "rm")),
+        "alignloop train: error:",
+        "--sharding must be one of ddp, fsdp",
+    )
     assert not (tmp_path / "p").exists()  # refused before any pair was sampled

@@ -37,9 +37,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked * mask
 
 
-def weighted_sequence_score(
-    token_logps: torch.Tensor, weights: torch.Tensor, normalize: bool
-) -> torch.Tensor:
+def weighted_sequence_score(token_logps: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
     """A response's score from its token log-probs (Dense DPO, RLHF-V): sum(w * logp), divided by sum(w) when
     `normalize`. `weights` is 0 outside the response, 1 on unchanged tokens and gamma on changed ones; with weight 1
     everywhere and no normalisation this is the plain sequence log-probability DPO uses."""

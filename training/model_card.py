@@ -46,17 +46,24 @@ def model_card(summary: dict, report: dict, machine: str) -> str:
     minutes = summary["minutes"]
     later_rows = ""
     if summary.get("chat_steps"):
-        later_rows = (f"| 5 chat | {summary['chat_steps']} | the same, with {config['chat_share']:g} of the conversations "
-                    f"long chats ({config['chat_turns']} turns: the description and follow-up questions), at "
-                    f"{config['chat_learning_rate']:g} |\n")
+        later_rows = (
+            f"| 5 chat | {summary['chat_steps']} | the same, with {config['chat_share']:g} of the conversations "
+            f"long chats ({config['chat_turns']} turns: the description and follow-up questions), at "
+            f"{config['chat_learning_rate']:g} |\n"
+        )
     if summary.get("read_steps"):
-        later_rows += (f"| 6 read | {summary['read_steps']} | the same, with {config['read_share']:g} of the conversations "
-                     f"given the scene's facts as text before the first question and answered truly "
-                     f"({config['read_blank_share']:g} of those with a blank image, "
-                     + (f"{config['read_quiz_share']:g} attribute quizzes and of the rest "
-                        if config.get("read_quiz_share") else "")
-                     + f"{config.get('read_description_share', 1 / 3):.2g} descriptions), at "
-                     f"{config['read_learning_rate']:g} |\n")
+        later_rows += (
+            f"| 6 read | {summary['read_steps']} | the same, with {config['read_share']:g} of the conversations "
+            f"given the scene's facts as text before the first question and answered truly "
+            f"({config['read_blank_share']:g} of those with a blank image, "
+            + (
+                f"{config['read_quiz_share']:g} attribute quizzes and of the rest "
+                if config.get("read_quiz_share")
+                else ""
+            )
+            + f"{config.get('read_description_share', 1 / 3):.2g} descriptions), at "
+            f"{config['read_learning_rate']:g} |\n"
+        )
     return f"""# shapes-llava
 
 A tiny LLaVA (`LlavaForConditionalGeneration`: a CLIP-ViT vision tower and a Llama language model,

@@ -101,7 +101,8 @@ class PPOConfig:
     no_bonus: float = dataclasses.field(default=0.5, metadata={"help": "+/- for yes/no when the truth is no (0.5)."})
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "Rollout sampling temperature (paper: 1)."})
     description_share: float = dataclasses.field(
-        default=0.5, metadata={"help": "ShapesWorld prompts: share of detailed descriptions (the rest: short questions)."}
+        default=0.5,
+        metadata={"help": "ShapesWorld prompts: share of detailed descriptions (the rest: short questions)."},
     )
     eval_every: int = dataclasses.field(default=10, metadata={"help": "Steps between held-out evaluations; 0: none."})
     eval_images: int = dataclasses.field(default=100, metadata={"help": "Validation images per evaluation."})
@@ -118,8 +119,9 @@ class PPOConfig:
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------------
-def shapes_prompts(world, split: str, start: int, count: int, rng: random.Random,
-                   description_share: float = 0.5) -> list[PPOPrompt]:  # fmt: skip
+def shapes_prompts(
+    world, split: str, start: int, count: int, rng: random.Random, description_share: float = 0.5
+) -> list[PPOPrompt]:
     """`count` prompts on scenes start..: a detailed description, or one short question with a known answer
     (presence probes, half of them about an absent co-occurring partner where there is one, and multiple choice)."""
     from training.evaluation.models import user_turn
@@ -134,12 +136,16 @@ def shapes_prompts(world, split: str, start: int, count: int, rng: random.Random
             missing = sorted({partner for _, partner in world.missing_partners(scene)})
             absent = [shape for shape in SHAPES if shape not in scene.shapes]
             short = [item for item in world.questions(scene, rng) if item.kind == "multiple_choice"]
-            short.append(world.presence_item(rng.choice(missing or absent), False) if rng.random() < 0.5 and absent
-                         else world.presence_item(rng.choice(sorted(scene.shapes)), True))  # fmt: skip
+            short.append(
+                world.presence_item(rng.choice(missing or absent), False)
+                if rng.random() < 0.5 and absent
+                else world.presence_item(rng.choice(sorted(scene.shapes)), True)
+            )
             item = rng.choice(short)
         prompt = Prompt(tuple(user_turn(item.question)), world.render(scene), max_tokens_for(item))
-        prompts.append(PPOPrompt(prompt, tuple(world.facts(scene)), item.kind, item.answer, item.choices or (),
-                                 scene, item))  # fmt: skip
+        prompts.append(
+            PPOPrompt(prompt, tuple(world.facts(scene)), item.kind, item.answer, item.choices or (), scene, item)
+        )
     return prompts
 
 
@@ -161,10 +167,23 @@ def traffic_prompts(store, limit: int = 1000, max_new_tokens: int = 96) -> list[
         data = store.get_image(record.image_hashes[0])
         if data is None:
             continue
-        budget = max_tokens_for(item) if item else min(int(record.sampling.get("max_tokens") or max_new_tokens), max_new_tokens)
+        budget = (
+            max_tokens_for(item)
+            if item
+            else min(int(record.sampling.get("max_tokens") or max_new_tokens), max_new_tokens)
+        )
         prompt = Prompt(tuple(record.messages), Image.open(io.BytesIO(data)).convert("RGB"), budget)
-        prompts.append(PPOPrompt(prompt, logged.facts, item.kind if item else "other", item.answer if item else None,
-                                 (), logged.scene, item))  # fmt: skip
+        prompts.append(
+            PPOPrompt(
+                prompt,
+                logged.facts,
+                item.kind if item else "other",
+                item.answer if item else None,
+                (),
+                logged.scene,
+                item,
+            )
+        )
     return prompts
 
 
@@ -177,8 +196,12 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def response_logps(policy, rollouts: Rollouts) -> torch.Tensor:
     """(batch, response_len) log-probabilities of the sampled response tokens under `policy`."""
     mask = rollouts.attention_mask
-    logits = policy(input_ids=rollouts.sequences, attention_mask=mask, position_ids=_position_ids(mask),
-                    pixel_values=rollouts.pixel_values).logits  # fmt: skip
+    logits = policy(
+        input_ids=rollouts.sequences,
+        attention_mask=mask,
+        position_ids=_position_ids(mask),
+        pixel_values=rollouts.pixel_values,
+    ).logits
     prompt_length = rollouts.prompt_ids.shape[1]
     logits = logits[:, prompt_length - 1 : -1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, rollouts.response_ids.unsqueeze(-1)).squeeze(-1)
@@ -187,20 +210,27 @@ def response_logps(policy, rollouts: Rollouts) -> torch.Tensor:
 def response_values(value_model, rollouts: Rollouts) -> torch.Tensor:
     """(batch, response_len) values of the states before each response token."""
     mask = rollouts.attention_mask
-    values = value_model(rollouts.sequences, mask, rollouts.pixel_values, per_token=True,
-                         position_ids=_position_ids(mask))  # fmt: skip
+    values = value_model(
+        rollouts.sequences, mask, rollouts.pixel_values, per_token=True, position_ids=_position_ids(mask)
+    )
     prompt_length = rollouts.prompt_ids.shape[1]
     return values[:, prompt_length - 1 : -1].float()
 
 
-def sequence_rewards(rm_scores: torch.Tensor, rollouts: Rollouts, prompts: Sequence[PPOPrompt],
-                     config: PPOConfig) -> torch.Tensor:  # fmt: skip
+def sequence_rewards(
+    rm_scores: torch.Tensor, rollouts: Rollouts, prompts: Sequence[PPOPrompt], config: PPOConfig
+) -> torch.Tensor:
     """reward_scale x RM score + length penalty + symbolic bonus, one per rollout."""
     budgets = torch.tensor([p.prompt.max_new_tokens for p in prompts], dtype=torch.float32)
-    penalty = length_penalty(rollouts.response_lengths, rollouts.ended, budgets, config.length_penalty_scale,
-                             config.no_eos_penalty)  # fmt: skip
-    bonus = torch.tensor([symbolic_bonus(p.kind, p.truth or "", text, p.choices, config.choice_bonus, config.no_bonus)
-                          for p, text in zip(prompts, rollouts.texts, strict=True)])  # fmt: skip
+    penalty = length_penalty(
+        rollouts.response_lengths, rollouts.ended, budgets, config.length_penalty_scale, config.no_eos_penalty
+    )
+    bonus = torch.tensor(
+        [
+            symbolic_bonus(p.kind, p.truth or "", text, p.choices, config.choice_bonus, config.no_bonus)
+            for p, text in zip(prompts, rollouts.texts, strict=True)
+        ]
+    )
     return config.reward_scale * rm_scores + penalty + bonus
 
 
@@ -211,10 +241,16 @@ def rollout_truth(prompts: Sequence[PPOPrompt], texts: Sequence[str]) -> dict[st
     from training.evaluation.metrics import chair_scores
 
     judge = ShapesRuleJudge()
-    descriptions = [(p.scene, text) for p, text in zip(prompts, texts, strict=True)
-                    if p.scene is not None and p.kind == "description"]  # fmt: skip
-    correct = [judge.judge(p.scene, p.item, text).correct for p, text in zip(prompts, texts, strict=True)
-               if p.scene is not None and p.kind != "description"]  # fmt: skip
+    descriptions = [
+        (p.scene, text)
+        for p, text in zip(prompts, texts, strict=True)
+        if p.scene is not None and p.kind == "description"
+    ]
+    correct = [
+        judge.judge(p.scene, p.item, text).correct
+        for p, text in zip(prompts, texts, strict=True)
+        if p.scene is not None and p.kind != "description"
+    ]
     report = {}
     if descriptions:
         chair = chair_scores([text for _, text in descriptions], [scene for scene, _ in descriptions])
@@ -224,8 +260,21 @@ def rollout_truth(prompts: Sequence[PPOPrompt], texts: Sequence[str]) -> dict[st
     return report
 
 
-STEP_STATS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "rm_score", "rm_score_descriptions", "reward",
-              "kl_to_reference", "response_tokens", "ended", "true_hallucination", "true_recall", "short_answer_accuracy")
+STEP_STATS = (
+    "policy_loss",
+    "value_loss",
+    "clip_fraction",
+    "approx_kl",
+    "rm_score",
+    "rm_score_descriptions",
+    "reward",
+    "kl_to_reference",
+    "response_tokens",
+    "ended",
+    "true_hallucination",
+    "true_recall",
+    "short_answer_accuracy",
+)
 
 
 class PPOTrainer:
@@ -247,8 +296,11 @@ class PPOTrainer:
         policy, self.processor = self._new_policy()
         self.reward_model, _, reward_meta = load_reward_model(config.reward_model, config.model)
         self.reward_model.to(self.accelerator.device)
-        self.rm_encoder = RewardEncoder(self.processor, with_facts=reward_meta["with_facts"],
-                                        facts_placement=reward_meta.get("facts_placement", DEFAULT_FACT_PLACEMENT))  # fmt: skip
+        self.rm_encoder = RewardEncoder(
+            self.processor,
+            with_facts=reward_meta["with_facts"],
+            facts_placement=reward_meta.get("facts_placement", DEFAULT_FACT_PLACEMENT),
+        )
         self.with_facts = reward_meta["with_facts"]
         value_model, _, _ = load_reward_model(config.reward_model, config.model, trainable=True, zero_head=True)
         if self.sharded:  # the policy's root unit is its LLaVA model: `generate` calls that one's forward, not PEFT's
@@ -263,7 +315,9 @@ class PPOTrainer:
         if self.sharded:
             self.policy, self.value_model = policy, value_model
         else:
-            self.policy, self.value_model, self.optimizer = self.accelerator.prepare(policy, value_model, self.optimizer)
+            self.policy, self.value_model, self.optimizer = self.accelerator.prepare(
+                policy, value_model, self.optimizer
+            )
         self.rng = random.Random(f"{config.seed}-{self.accelerator.process_index}")
         self.fact_rng = random.Random(f"{config.seed}-facts-{self.accelerator.process_index}")
         self.scheduler = None
@@ -316,7 +370,9 @@ class PPOTrainer:
         """One PPO iteration on this process's prompts; returns its statistics (averaged over processes)."""
         config, device = self.config, self.accelerator.device
         policy = self.unwrapped_policy
-        rollouts = generate(policy, self.processor, [p.prompt for p in prompts], config.temperature, synced=self.sharded)
+        rollouts = generate(
+            policy, self.processor, [p.prompt for p in prompts], config.temperature, synced=self.sharded
+        )
         rm = self.rm_scores(prompts, rollouts.texts)
         rewards = sequence_rewards(rm, rollouts, prompts, config)
         rollouts = rollouts.to(device)
@@ -339,8 +395,9 @@ class PPOTrainer:
                 rows = order[start : start + config.minibatch].to(device)
                 batch = _select(rollouts, rows)
                 logps = response_logps(self.policy, batch)
-                policy_loss, policy_stats = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows],
-                                                            config.clip)  # fmt: skip
+                policy_loss, policy_stats = ppo_policy_loss(
+                    logps, old_logps[rows], advantages[rows], mask[rows], config.clip
+                )
                 values = response_values(self.value_model, batch)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], config.clip)
                 self.accelerator.backward(policy_loss + config.value_coef * value_loss)
@@ -370,11 +427,14 @@ class PPOTrainer:
         """Each statistic averaged over the processes that have it (a process may have drawn no description)."""
         if self.accelerator.num_processes == 1:
             return stats
-        values = torch.tensor([stats.get(k, float("nan")) for k in STEP_STATS], dtype=torch.float64,
-                              device=self.accelerator.device)  # fmt: skip
+        values = torch.tensor(
+            [stats.get(k, float("nan")) for k in STEP_STATS], dtype=torch.float64, device=self.accelerator.device
+        )
         gathered = self.accelerator.gather(values.unsqueeze(0)).reshape(self.accelerator.num_processes, -1)
         present = ~gathered.isnan()
-        return {key: float(gathered[:, i][present[:, i]].mean()) for i, key in enumerate(STEP_STATS) if present[:, i].any()}
+        return {
+            key: float(gathered[:, i][present[:, i]].mean()) for i, key in enumerate(STEP_STATS) if present[:, i].any()
+        }
 
     def evaluate(self, split: str, images: int) -> dict[str, float]:
         """ShapesWorld benchmark of the current policy, in-process: on the main process, or sharded on every
@@ -383,11 +443,20 @@ class PPOTrainer:
         from training.evaluation.shapes_bench import evaluate_shapes
         from training.shapes_world import ShapesWorld
 
-        chat = TransformersChatModel.from_loaded(self.unwrapped_policy, self.processor, batch_size=32, synced=self.sharded)
+        chat = TransformersChatModel.from_loaded(
+            self.unwrapped_policy, self.processor, batch_size=32, synced=self.sharded
+        )
         report = evaluate_shapes(chat, ShapesWorld(), split, images, progress=False)
         self.unwrapped_policy.train()
-        keys = ("chair_s", "chair_i", "object_recall", "pope_random_accuracy", "pope_adversarial_accuracy",
-                "attribute_accuracy", "multiple_choice_accuracy")  # fmt: skip
+        keys = (
+            "chair_s",
+            "chair_i",
+            "object_recall",
+            "pope_random_accuracy",
+            "pope_adversarial_accuracy",
+            "attribute_accuracy",
+            "multiple_choice_accuracy",
+        )
         return {key: float(report[key]) for key in keys if key in report}
 
     def run(self) -> dict:
@@ -415,20 +484,31 @@ class PPOTrainer:
                 if main:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                    logger.info("ppo step %d %s", step, {k: record[k] for k in ("rm_score", "reward", "kl_to_reference")
-                                                         if k in record})  # fmt: skip
+                    logger.info(
+                        "ppo step %d %s",
+                        step,
+                        {k: record[k] for k in ("rm_score", "reward", "kl_to_reference") if k in record},
+                    )
         minutes = (time.monotonic() - started) / 60
         summary = {}
         accelerator.wait_for_everyone()
         after = self.evaluate("test", config.final_eval_images) if evaluates and config.final_eval_images else {}
         self.save_policy(output_dir / "adapter")
         if main:
-            summary = {"reward_model": config.reward_model, "with_facts": self.with_facts, "steps": config.steps,
-                       "processes": accelerator.num_processes, "sharding": "fsdp" if self.sharded else "ddp",
-                       "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-                       "train_minutes": round(minutes, 2),
-                       "test_images": config.final_eval_images, "before": before, "after": after,
-                       "config": dataclasses.asdict(config)}  # fmt: skip
+            summary = {
+                "reward_model": config.reward_model,
+                "with_facts": self.with_facts,
+                "steps": config.steps,
+                "processes": accelerator.num_processes,
+                "sharding": "fsdp" if self.sharded else "ddp",
+                "mixed_precision": accelerator.mixed_precision,
+                "device": str(accelerator.device),
+                "train_minutes": round(minutes, 2),
+                "test_images": config.final_eval_images,
+                "before": before,
+                "after": after,
+                "config": dataclasses.asdict(config),
+            }
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.wait_for_everyone()
         return summary

@@ -45,15 +45,26 @@ def reward_preference_loss(chosen_scores: torch.Tensor, rejected_scores: torch.T
 
 
 # ---- the rollout's reward -------------------------------------------------------------------------------------
-def length_penalty(response_tokens: torch.Tensor, ended: torch.Tensor, max_response_tokens: int,
-                   scale: float = 10.0, no_eos_penalty: float = 8.0) -> torch.Tensor:  # fmt: skip
+def length_penalty(
+    response_tokens: torch.Tensor,
+    ended: torch.Tensor,
+    max_response_tokens: int,
+    scale: float = 10.0,
+    no_eos_penalty: float = 8.0,
+) -> torch.Tensor:
     """-scale * (tokens / max_tokens), and a further -no_eos_penalty for a response cut off without EOS."""
     penalty = -scale * response_tokens.float() / max_response_tokens
     return penalty - no_eos_penalty * (~ended.bool()).float()
 
 
-def symbolic_bonus(kind: str, truth: str, response: str, choices: tuple[str, ...] = (),
-                   choice_bonus: float = 2.0, no_bonus: float = 0.5) -> float:  # fmt: skip
+def symbolic_bonus(
+    kind: str,
+    truth: str,
+    response: str,
+    choices: tuple[str, ...] = (),
+    choice_bonus: float = 2.0,
+    no_bonus: float = 0.5,
+) -> float:
     """The bonus for questions with a known answer: +choice_bonus for a right multiple-choice letter; for a yes/no
     question whose truth is "no", +no_bonus for "no" and -no_bonus for "yes" (the paper rewards only the negatives,
     where hallucination lives); 0 for every other question or an unparseable answer."""
@@ -93,8 +104,9 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) ->
     return whitened * mask
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over each response: delta_t = r_t + gamma * V_{t+1} - V_t (V after the last
     real token is 0), A_t = delta_t + gamma * lam * A_{t+1}. Returns (advantages, returns = advantages + values),
     both 0 on padding."""
@@ -116,8 +128,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+def ppo_policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate, mean over response tokens: max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)),
     with the share of clipped tokens and the approximate KL to the rollout policy."""
     ratio = torch.exp(logps - old_logps)
@@ -125,13 +138,16 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
-                 "approx_kl": float(masked_mean(0.5 * (logps - old_logps) ** 2, mask))}  # fmt: skip
+        stats = {
+            "clip_fraction": float(masked_mean((clipped > unclipped).float(), mask)),
+            "approx_kl": float(masked_mean(0.5 * (logps - old_logps) ** 2, mask)),
+        }
     return loss, stats
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2) -> torch.Tensor:  # fmt: skip
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> torch.Tensor:
     """The clipped value loss, mean over response tokens: 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped kept
     within `clip` of the rollout's values. The recipe weighs it by the value coefficient (0.1)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)

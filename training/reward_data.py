@@ -81,9 +81,19 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def shapes_reward_pairs(policy, processor, world: ShapesWorld, split: str, num_scenes: int, start: int = 0,
-                        samples: int = 4, probe_samples: int | None = None, temperature: float = 1.0,
-                        rows_per_call: int = 64, seed: int = 0) -> list[RewardPair]:  # fmt: skip
+def shapes_reward_pairs(
+    policy,
+    processor,
+    world: ShapesWorld,
+    split: str,
+    num_scenes: int,
+    start: int = 0,
+    samples: int = 4,
+    probe_samples: int | None = None,
+    temperature: float = 1.0,
+    rows_per_call: int = 64,
+    seed: int = 0,
+) -> list[RewardPair]:
     """Pairs from the answers sampled by `policy` to the rated questions of scenes start..start+num_scenes-1:
     `samples` per description, `probe_samples` (default: `samples`) per presence probe."""
     judge, rng = ShapesRuleJudge(), random.Random(f"reward-pairs-{split}-{start}-{seed}")
@@ -109,8 +119,16 @@ def shapes_reward_pairs(policy, processor, world: ShapesWorld, split: str, num_s
         ranked = best_and_worst([judge.score(scene, item, answer) for answer in sampled], sampled)
         if ranked is not None:
             chosen, rejected = sampled[ranked[0]], sampled[ranked[1]]
-            pairs.append(RewardPair(tuple(user_turn(item.question)), chosen, rejected, tuple(world.facts(scene)), image,
-                                    pair_kind(judge, scene, item, rejected)))  # fmt: skip
+            pairs.append(
+                RewardPair(
+                    tuple(user_turn(item.question)),
+                    chosen,
+                    rejected,
+                    tuple(world.facts(scene)),
+                    image,
+                    pair_kind(judge, scene, item, rejected),
+                )
+            )
     return pairs
 
 
@@ -174,8 +192,14 @@ def save_pairs(pairs: Sequence[RewardPair], directory: str | Path, made_with: di
             if id(pair.image) not in names:
                 names[id(pair.image)] = f"images/{len(names):05d}.png"
                 pair.image.save(staging / names[id(pair.image)])
-            record = {"messages": list(pair.messages), "chosen": pair.chosen, "rejected": pair.rejected,
-                      "facts": list(pair.facts), "kind": pair.kind, "image": names[id(pair.image)]}  # fmt: skip
+            record = {
+                "messages": list(pair.messages),
+                "chosen": pair.chosen,
+                "rejected": pair.rejected,
+                "facts": list(pair.facts),
+                "kind": pair.kind,
+                "image": names[id(pair.image)],
+            }
             handle.write(json.dumps(record) + "\n")
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
@@ -198,6 +222,14 @@ def load_pairs(directory: str | Path) -> list[RewardPair]:
         record = json.loads(line)
         if record["image"] not in images:
             images[record["image"]] = Image.open(directory / record["image"]).convert("RGB")
-        pairs.append(RewardPair(tuple(record["messages"]), record["chosen"], record["rejected"], tuple(record["facts"]),
-                                images[record["image"]], record["kind"]))  # fmt: skip
+        pairs.append(
+            RewardPair(
+                tuple(record["messages"]),
+                record["chosen"],
+                record["rejected"],
+                tuple(record["facts"]),
+                images[record["image"]],
+                record["kind"],
+            )
+        )
     return pairs

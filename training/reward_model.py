@@ -72,16 +72,28 @@ class ScoredBackbone(torch.nn.Module):
         self.backbone = backbone  # a PeftModel over LlavaForConditionalGeneration
         self.head = head
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The language model's final (normed) hidden states; the LM head is never computed."""
         llava = self.backbone.get_base_model().model  # LlavaModel, with the LoRA layers in place
-        output = llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                       position_ids=position_ids)  # fmt: skip
+        output = llava(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, position_ids=position_ids
+        )
         return output.last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                per_token: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        per_token: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One score per row (the head on the last attended token), or with `per_token` one per position."""
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, position_ids)
         if per_token:
@@ -107,8 +119,9 @@ class RewardEncoder:
             ids += [token_id] * (self.image_seq_length if token_id == self.image_token_id else 1)
         return ids
 
-    def collate(self, rows: Sequence[tuple[Sequence[dict], str, Sequence[str], object]],
-                rng: random.Random) -> dict[str, torch.Tensor]:  # fmt: skip
+    def collate(
+        self, rows: Sequence[tuple[Sequence[dict], str, Sequence[str], object]], rng: random.Random
+    ) -> dict[str, torch.Tensor]:
         """rows: (messages, response, facts, PIL image)."""
         encoded = [self.encode(messages, response, facts, rng) for messages, response, facts, _ in rows]
         length = max(len(ids) for ids in encoded)
@@ -155,12 +168,15 @@ def require_reward_model(directory: str | Path) -> Path:
     """`directory` as a Path; FileNotFoundError, with what to do, when no reward model was saved there."""
     directory = Path(directory)
     if not (directory / META_FILE).is_file():
-        raise FileNotFoundError(f"no reward model at {directory}: {META_FILE} is missing (`alignloop train reward` makes one)")
+        raise FileNotFoundError(
+            f"no reward model at {directory}: {META_FILE} is missing (`alignloop train reward` makes one)"
+        )
     return directory
 
 
-def load_reward_model(directory: str | Path, base_model: str | Path | None = None, trainable: bool = False,
-                      zero_head: bool = False):  # fmt: skip
+def load_reward_model(
+    directory: str | Path, base_model: str | Path | None = None, trainable: bool = False, zero_head: bool = False
+):
     """(ScoredBackbone, processor, metadata) from `save_reward_model`'s directory.
 
     `trainable=True, zero_head=True` is PPO's value model: the reward LoRA as a starting point, a zero head."""
@@ -169,9 +185,11 @@ def load_reward_model(directory: str | Path, base_model: str | Path | None = Non
     directory = require_reward_model(directory)
     metadata = json.loads((directory / META_FILE).read_text())
     if metadata.get("rating_prompt", 1) != RATING_PROMPT_VERSION:
-        raise ValueError(f"the reward model at {directory} was trained on rating prompt version "
-                         f"{metadata.get('rating_prompt', 1)}, and this code writes version {RATING_PROMPT_VERSION}: "
-                         f"train it again (`alignloop train reward`)")  # fmt: skip
+        raise ValueError(
+            f"the reward model at {directory} was trained on rating prompt version "
+            f"{metadata.get('rating_prompt', 1)}, and this code writes version {RATING_PROMPT_VERSION}: "
+            f"train it again (`alignloop train reward`)"
+        )
     model, processor = load_checkpoint(base_model or metadata["base_model"])
     backbone = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
     head = ScalarHead(model.config.text_config.hidden_size, zero_init=zero_head)
@@ -184,8 +202,9 @@ def load_reward_model(directory: str | Path, base_model: str | Path | None = Non
 
 
 @torch.no_grad()
-def score_rows(model: ScoredBackbone, encoder: RewardEncoder, rows: Sequence[tuple], rng: random.Random,
-               batch_rows: int = 16) -> torch.Tensor:  # fmt: skip
+def score_rows(
+    model: ScoredBackbone, encoder: RewardEncoder, rows: Sequence[tuple], rng: random.Random, batch_rows: int = 16
+) -> torch.Tensor:
     """The reward of each (messages, response, facts, image) row."""
     was_training = model.training
     model.eval()
@@ -198,16 +217,20 @@ def score_rows(model: ScoredBackbone, encoder: RewardEncoder, rows: Sequence[tup
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
-def pair_accuracy(model: ScoredBackbone, encoder: RewardEncoder, pairs: Sequence[RewardPair],
-                  seed: int = 0) -> dict[str, float]:  # fmt: skip
+def pair_accuracy(
+    model: ScoredBackbone, encoder: RewardEncoder, pairs: Sequence[RewardPair], seed: int = 0
+) -> dict[str, float]:
     """Share of pairs whose chosen answer scores higher, overall, by kind and as the mean over the kinds (the
     balanced accuracy, which a reward model that prefers one kind's usual answer cannot earn), and the mean margin."""
     rng = random.Random(seed)
     chosen = score_rows(model, encoder, [(p.messages, p.chosen, p.facts, p.image) for p in pairs], rng)
     rejected = score_rows(model, encoder, [(p.messages, p.rejected, p.facts, p.image) for p in pairs], rng)
     right = (chosen > rejected).float()
-    report = {"accuracy": round(float(right.mean()), 4), "pairs": len(pairs),
-              "margin": round(float((chosen - rejected).mean()), 4)}  # fmt: skip
+    report = {
+        "accuracy": round(float(right.mean()), 4),
+        "pairs": len(pairs),
+        "margin": round(float((chosen - rejected).mean()), 4),
+    }
     by_kind = {}
     for kind in sorted({p.kind for p in pairs}):
         rows = torch.tensor([p.kind == kind for p in pairs])
@@ -282,23 +305,44 @@ def reward_pairs(config: RewardConfig, split: str, accelerator) -> list[RewardPa
     """The cached ShapesWorld pairs of `split`, sampled by the main process on first use."""
     directory = Path(config.pairs_dir) / split
     scenes = config.train_scenes if split == "train" else config.eval_scenes
-    made_with = {"questions": QUESTION_SET, "model": str(Path(config.model).resolve()), "scenes": scenes,
-                 "samples": config.samples, "probe_samples": config.probe_samples, "temperature": config.temperature,
-                 "seed": config.pairs_seed, "pixel_noise_std": config.pixel_noise_std}  # fmt: skip
+    made_with = {
+        "questions": QUESTION_SET,
+        "model": str(Path(config.model).resolve()),
+        "scenes": scenes,
+        "samples": config.samples,
+        "probe_samples": config.probe_samples,
+        "temperature": config.temperature,
+        "seed": config.pairs_seed,
+        "pixel_noise_std": config.pixel_noise_std,
+    }
     cached = cache_made_with(directory)
     if accelerator.is_main_process and cached != made_with:
         if cached is not None:
-            logger.info("the %s pairs in %s were sampled with other settings (%s); sampling again", split, directory,
-                        ", ".join(f"{k}={cached.get(k)}" for k in made_with if cached.get(k) != made_with[k]))  # fmt: skip
+            logger.info(
+                "the %s pairs in %s were sampled with other settings (%s); sampling again",
+                split,
+                directory,
+                ", ".join(f"{k}={cached.get(k)}" for k in made_with if cached.get(k) != made_with[k]),
+            )
         policy, processor = load_checkpoint(config.model)
         policy.to(accelerator.device)
         started = time.monotonic()
         world = ShapesWorld(WorldConfig(pixel_noise_std=config.pixel_noise_std))
-        pairs = shapes_reward_pairs(policy, processor, world, split, scenes, samples=config.samples,
-                                    probe_samples=config.probe_samples, temperature=config.temperature,
-                                    seed=config.pairs_seed)  # fmt: skip
+        pairs = shapes_reward_pairs(
+            policy,
+            processor,
+            world,
+            split,
+            scenes,
+            samples=config.samples,
+            probe_samples=config.probe_samples,
+            temperature=config.temperature,
+            seed=config.pairs_seed,
+        )
         save_pairs(pairs, directory, made_with)
-        logger.info("sampled %d %s pairs from %d scenes in %.0f s", len(pairs), split, scenes, time.monotonic() - started)
+        logger.info(
+            "sampled %d %s pairs from %d scenes in %.0f s", len(pairs), split, scenes, time.monotonic() - started
+        )
     accelerator.wait_for_everyone()
     return load_pairs(directory)
 
@@ -308,7 +352,9 @@ def train(config: RewardConfig) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     if config.facts_placement not in FACT_PLACEMENTS:
-        raise ValueError(f"--facts_placement must be one of {', '.join(FACT_PLACEMENTS)}, not {config.facts_placement!r}")
+        raise ValueError(
+            f"--facts_placement must be one of {', '.join(FACT_PLACEMENTS)}, not {config.facts_placement!r}"
+        )
     if config.sharding not in SHARDINGS:
         raise ValueError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {config.sharding!r}")
     if not 0.0 <= config.facts_dropout <= 1.0:
@@ -365,9 +411,13 @@ def train(config: RewardConfig) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                record = {"epoch": epoch, "step": len(history) + 1, "loss": round(loss.item(), 5),
-                          "accuracy": round(float((chosen > rejected).float().mean()), 4),
-                          "elapsed_s": round(time.monotonic() - started, 3)}  # fmt: skip
+                record = {
+                    "epoch": epoch,
+                    "step": len(history) + 1,
+                    "loss": round(loss.item(), 5),
+                    "accuracy": round(float((chosen > rejected).float().mean()), 4),
+                    "elapsed_s": round(time.monotonic() - started, 3),
+                }
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -383,16 +433,25 @@ def train(config: RewardConfig) -> dict:
         scored = accelerator.unwrap_model(model)
         held_out = pair_accuracy(scored, encoder, eval_pairs, config.seed)
     if accelerator.is_main_process:
-        summary = {"with_facts": config.with_facts, "facts_placement": config.facts_placement,
-                   "base_model": str(Path(config.model).resolve()), "lora_rank": config.lora_rank,
-                   "train_pairs": len(train_pairs), "pixel_noise_std": config.pixel_noise_std,
-                   "balance_kinds": config.balance_kinds, "facts_dropout": config.facts_dropout,
-                   "kind_weights": {k: round(w, 4) for k, w in sorted(weights.items())},
-                   "steps": total_steps, "processes": processes,
-                   "sharding": "fsdp" if sharded else "ddp", "mixed_precision": accelerator.mixed_precision,
-                   "device": str(accelerator.device), "minutes": round((time.monotonic() - started) / 60, 3),
-                   "train_loss_last_epoch": round(sum(r["loss"] for r in history[-steps_per_epoch:]) / steps_per_epoch, 4),
-                   "held_out": held_out}  # fmt: skip
+        summary = {
+            "with_facts": config.with_facts,
+            "facts_placement": config.facts_placement,
+            "base_model": str(Path(config.model).resolve()),
+            "lora_rank": config.lora_rank,
+            "train_pairs": len(train_pairs),
+            "pixel_noise_std": config.pixel_noise_std,
+            "balance_kinds": config.balance_kinds,
+            "facts_dropout": config.facts_dropout,
+            "kind_weights": {k: round(w, 4) for k, w in sorted(weights.items())},
+            "steps": total_steps,
+            "processes": processes,
+            "sharding": "fsdp" if sharded else "ddp",
+            "mixed_precision": accelerator.mixed_precision,
+            "device": str(accelerator.device),
+            "minutes": round((time.monotonic() - started) / 60, 3),
+            "train_loss_last_epoch": round(sum(r["loss"] for r in history[-steps_per_epoch:]) / steps_per_epoch, 4),
+            "held_out": held_out,
+        }
         save_reward_model(scored, output_dir, summary)
         with (output_dir / "metrics.jsonl").open("w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in history)

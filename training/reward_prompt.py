@@ -68,8 +68,9 @@ def rating_turn(facts: Sequence[str], rng: random.Random, with_facts: bool = Tru
     return "\n".join([*lines, criteria_line()])
 
 
-def with_facts_before_question(messages: Sequence[dict], facts: Sequence[str], rng: random.Random,
-                               user_turn: int = -1) -> list[dict]:  # fmt: skip
+def with_facts_before_question(
+    messages: Sequence[dict], facts: Sequence[str], rng: random.Random, user_turn: int = -1
+) -> list[dict]:
     """The conversation with the facts as a text part of a user turn (the last one by default; `user_turn` counts
     user turns only), after the image, before the question. The SFT read stage (`training.sft`) puts them in the
     first turn of its conversations the same way, so the layout it teaches is the one this prompt has."""
@@ -86,8 +87,15 @@ def with_facts_before_question(messages: Sequence[dict], facts: Sequence[str], r
     return conversation
 
 
-def reward_model_text(tokenizer, messages: Sequence[dict], response: str, facts: Sequence[str], rng: random.Random,
-                      with_facts: bool = True, facts_placement: str = DEFAULT_FACT_PLACEMENT) -> str:  # fmt: skip
+def reward_model_text(
+    tokenizer,
+    messages: Sequence[dict],
+    response: str,
+    facts: Sequence[str],
+    rng: random.Random,
+    with_facts: bool = True,
+    facts_placement: str = DEFAULT_FACT_PLACEMENT,
+) -> str:
     """The full text the reward model scores, through the model's own chat template (so image placeholders land
     where the processor expects them); it ends with the score primer."""
     if facts_placement not in FACT_PLACEMENTS:

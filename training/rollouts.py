@@ -54,7 +54,9 @@ class Rollouts:
         return Rollouts(**{k: v.to(device) for k, v in tensors.items()}, texts=self.texts)
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int, budgets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask(
+    response_ids: torch.Tensor, eos_token_id: int, budgets: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, ended): each row's mask covers its tokens up to and including the first EOS, and at most its budget;
     `ended` says whether that EOS came within the budget."""
     batch, length = response_ids.shape
@@ -67,34 +69,52 @@ def response_mask(response_ids: torch.Tensor, eos_token_id: int, budgets: Sequen
     return (positions < end[:, None]).long(), ended
 
 
-def generate(policy, processor, prompts: Sequence[Prompt], temperature: float = 1.0, greedy: bool = False,
-             synced: bool = False) -> Rollouts:  # fmt: skip
+def generate(
+    policy, processor, prompts: Sequence[Prompt], temperature: float = 1.0, greedy: bool = False, synced: bool = False
+) -> Rollouts:
     """Samples one response per prompt (temperature `temperature`, top-p 1, as PPO samples; or greedily).
 
     `synced`: the policy is sharded over processes (FSDP), so each one keeps running forward passes until every
     process has finished its batch (transformers' `synced_gpus`)."""
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts = [tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
     device = next(policy.parameters()).device
     try:
-        inputs = processor(images=[p.image.convert("RGB") for p in prompts], text=texts, padding=True,
-                           return_tensors="pt").to(device)  # fmt: skip
+        inputs = processor(
+            images=[p.image.convert("RGB") for p in prompts], text=texts, padding=True, return_tensors="pt"
+        ).to(device)
     finally:
         tokenizer.padding_side = padding_side
     inputs["pixel_values"] = inputs["pixel_values"].to(next(policy.parameters()).dtype)  # bf16 models on a GPU
     was_training = policy.training
     policy.eval()
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    sampling = (
+        {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    )
     with torch.no_grad():
-        output = policy.generate(**inputs, **sampling, max_new_tokens=max(p.max_new_tokens for p in prompts),
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 synced_gpus=synced)  # fmt: skip
+        output = policy.generate(
+            **inputs,
+            **sampling,
+            max_new_tokens=max(p.max_new_tokens for p in prompts),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
+        )
     policy.train(was_training)
     prompt_length = inputs["input_ids"].shape[1]
     response_ids = output[:, prompt_length:].cpu()
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id, [p.max_new_tokens for p in prompts])
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
     decoded = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Rollouts(inputs["input_ids"].cpu(), inputs["attention_mask"].cpu(), response_ids, mask,
-                    inputs["pixel_values"].cpu(), ended, [text.strip() for text in decoded])  # fmt: skip
+    return Rollouts(
+        inputs["input_ids"].cpu(),
+        inputs["attention_mask"].cpu(),
+        response_ids,
+        mask,
+        inputs["pixel_values"].cpu(),
+        ended,
+        [text.strip() for text in decoded],
+    )

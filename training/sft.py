@@ -103,13 +103,16 @@ class SFTConfig:
     )
     vision_learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "Stage-0 learning rate."})
     grounding_steps: int = dataclasses.field(
-        default=400, metadata={"help": "Stage 1 for a fresh model: short questions only (no descriptions), before the SFT mix."}
+        default=400,
+        metadata={"help": "Stage 1 for a fresh model: short questions only (no descriptions), before the SFT mix."},
     )
     token_loss_share: float = dataclasses.field(
-        default=0.0, metadata={"help": "SFT stage: share of the plain per-token loss mixed into the answer-weighted one."}
+        default=0.0,
+        metadata={"help": "SFT stage: share of the plain per-token loss mixed into the answer-weighted one."},
     )
     polish_steps: int = dataclasses.field(
-        default=1000, metadata={"help": "Stage 3 for a fresh model: SFT again at a lower rate, per-token loss mixed in."}
+        default=1000,
+        metadata={"help": "Stage 3 for a fresh model: SFT again at a lower rate, per-token loss mixed in."},
     )
     polish_learning_rate: float = dataclasses.field(default=5e-4, metadata={"help": "Stage-3 peak learning rate."})
     polish_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Stage-3 linear warm-up."})
@@ -125,13 +128,15 @@ class SFTConfig:
         default=0, metadata={"help": "Stage 5, also after --init: long multi-turn chats mixed in; 0 skips it."}
     )
     chat_share: float = dataclasses.field(
-        default=0.5, metadata={"help": "Chat stage: share of the conversations that are long chats (the rest as in SFT)."}
+        default=0.5,
+        metadata={"help": "Chat stage: share of the conversations that are long chats (the rest as in SFT)."},
     )
     chat_turns: int = dataclasses.field(default=12, metadata={"help": "Chat stage: turns per long chat."})
     chat_learning_rate: float = dataclasses.field(default=3e-4, metadata={"help": "Chat-stage peak learning rate."})
     chat_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Chat-stage linear warm-up."})
     read_steps: int = dataclasses.field(
-        default=0, metadata={"help": "Stage 6, last, also after --init: questions answered from facts as text; 0 skips it."}
+        default=0,
+        metadata={"help": "Stage 6, last, also after --init: questions answered from facts as text; 0 skips it."},
     )
     read_share: float = dataclasses.field(
         default=0.5, metadata={"help": "Read stage: share of the conversations with the scene's facts as text."}
@@ -144,7 +149,9 @@ class SFTConfig:
     )
     read_quiz_share: float = dataclasses.field(
         default=0.0,
-        metadata={"help": "Read stage: share of the reading conversations that are attribute quizzes (ShapesWorld.quiz)."},
+        metadata={
+            "help": "Read stage: share of the reading conversations that are attribute quizzes (ShapesWorld.quiz)."
+        },
     )
     read_learning_rate: float = dataclasses.field(default=3e-4, metadata={"help": "Read-stage peak learning rate."})
     read_warmup_steps: int = dataclasses.field(default=30, metadata={"help": "Read-stage linear warm-up."})
@@ -162,7 +169,8 @@ class SFTConfig:
     seed: int = dataclasses.field(default=0, metadata={"help": "Seeds the model init and the scene order."})
     threads: int = dataclasses.field(default=0, metadata={"help": "torch threads; 0 keeps torch's default."})
     device: str = dataclasses.field(
-        default="auto", metadata={"help": "Where the model trains: auto (cuda when there is one), cpu, cuda, cuda:1, ..."}
+        default="auto",
+        metadata={"help": "Where the model trains: auto (cuda when there is one), cpu, cuda, cuda:1, ..."},
     )
     loader_workers: int = dataclasses.field(
         default=0, metadata={"help": "Processes rendering and collating batches ahead of the model; 0: in the loop."}
@@ -183,10 +191,19 @@ class ConversationCollator:
     `read_description_share` of the others a description: the read stage.
     """
 
-    def __init__(self, world: ShapesWorld, processor, max_turns: int, short_only: bool = False,
-                 chat_share: float = 0.0, chat_turns: int = 12, read_share: float = 0.0,
-                 read_blank_share: float = 0.5, read_description_share: float = 1 / 3,
-                 read_quiz_share: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        world: ShapesWorld,
+        processor,
+        max_turns: int,
+        short_only: bool = False,
+        chat_share: float = 0.0,
+        chat_turns: int = 12,
+        read_share: float = 0.0,
+        read_blank_share: float = 0.5,
+        read_description_share: float = 1 / 3,
+        read_quiz_share: float = 0.0,
+    ):
         self.world = world
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -276,8 +293,13 @@ class ConversationCollator:
             attention_mask[row, : len(ids)] = 1
         images = [self.world.render(scene, blank=self.reading(scene) == "blank") for scene in scenes]
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_weights": loss_weights,
-                "pixel_values": pixel_values}  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "loss_weights": loss_weights,
+            "pixel_values": pixel_values,
+        }
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -304,8 +326,11 @@ def step_batches(world: ShapesWorld, make_batch, order: random.Random, steps: in
     indices = [order.sample(range(100_000_000), config.batch_size) for _ in range(steps)]
     dataset = StepBatches(world, make_batch, indices)
     workers = config.loader_workers
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                            prefetch_factor=4 if workers else None))  # fmt: skip
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None
+        )
+    )
 
 
 def training_device(config: SFTConfig) -> torch.device:
@@ -392,7 +417,9 @@ def scene_graph_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
 
 def patch_cells(side: int) -> torch.Tensor:
     """For a side x side patch grid in row-major order, the index of the 3x3 scene-grid cell each patch lies in."""
-    return torch.tensor([(row * GRID // side) * GRID + col * GRID // side for row in range(side) for col in range(side)])
+    return torch.tensor(
+        [(row * GRID // side) * GRID + col * GRID // side for row in range(side) for col in range(side)]
+    )
 
 
 class SceneGraphBatch:
@@ -405,7 +432,9 @@ class SceneGraphBatch:
 
     def __call__(self, scenes: list[Scene]) -> dict[str, torch.Tensor]:
         pixels = self.processor.image_processor([self.world.render(s) for s in scenes], return_tensors="pt")
-        targets = {key: cell_targets[:, self.cell_of_patch] for key, cell_targets in scene_graph_targets(scenes).items()}
+        targets = {
+            key: cell_targets[:, self.cell_of_patch] for key, cell_targets in scene_graph_targets(scenes).items()
+        }
         return {"pixel_values": pixels["pixel_values"], **targets}
 
 
@@ -427,8 +456,9 @@ def pretrain_vision_tower(model, processor, world: ShapesWorld, config: SFTConfi
     params = [p for p in tower.parameters() if p.requires_grad] + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.vision_learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.vision_pretrain_steps)
-    batches = step_batches(world, SceneGraphBatch(world, processor), random.Random(config.seed + 1),
-                           config.vision_pretrain_steps, config)  # fmt: skip
+    batches = step_batches(
+        world, SceneGraphBatch(world, processor), random.Random(config.seed + 1), config.vision_pretrain_steps, config
+    )
     records = []
     for step in tqdm(range(1, config.vision_pretrain_steps + 1), desc="vision stage 0", unit="step"):
         targets = to_device(next(batches), device)
@@ -442,9 +472,10 @@ def pretrain_vision_tower(model, processor, world: ShapesWorld, config: SFTConfi
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         accuracy = {k: float((logits[k].argmax(-1) == targets[k]).float().mean()) for k in logits}
-        records.append({"stage": "vision", "step": step, "loss": round(loss.item(), 5)} | {
-            f"patch_{k}_accuracy": round(v, 4) for k, v in accuracy.items()
-        })
+        records.append(
+            {"stage": "vision", "step": step, "loss": round(loss.item(), 5)}
+            | {f"patch_{k}_accuracy": round(v, 4) for k, v in accuracy.items()}
+        )
     return records
 
 
@@ -547,46 +578,106 @@ def train(config: SFTConfig, world: ShapesWorld | None = None) -> dict:
             # Short questions only first: each answer is a lookup of one object in the image, and no description
             # can be answered from the language prior, so the model learns to look before it learns to narrate.
             short = ConversationCollator(world, processor, config.max_turns, short_only=True)
-            grounding_steps, _ = run_stage("grounding", model, world, short, config, config.grounding_steps,
-                                           metrics_file, started)  # fmt: skip
+            grounding_steps, _ = run_stage(
+                "grounding", model, world, short, config, config.grounding_steps, metrics_file, started
+            )
         collator = ConversationCollator(world, processor, config.max_turns)
         step, record = 0, {}
         if config.steps > 0:
-            step, record = run_stage("sft", model, world, collator, config, config.steps, metrics_file, started,
-                                     token_share=config.token_loss_share)  # fmt: skip
+            step, record = run_stage(
+                "sft",
+                model,
+                world,
+                collator,
+                config,
+                config.steps,
+                metrics_file,
+                started,
+                token_share=config.token_loss_share,
+            )
         polish_steps = 0
         if fresh and config.polish_steps > 0:
             # A second pass over the SFT scene stream at a lower rate; the per-token share lets descriptions, with
             # several color/shape/position bindings each, teach attributes that one-word answers teach slowly.
-            polish_steps, record = run_stage("polish", model, world, collator, config, config.polish_steps, metrics_file,
-                                             started, config.polish_learning_rate, config.polish_warmup_steps,
-                                             config.polish_token_share, order_key="sft")  # fmt: skip
+            polish_steps, record = run_stage(
+                "polish",
+                model,
+                world,
+                collator,
+                config,
+                config.polish_steps,
+                metrics_file,
+                started,
+                config.polish_learning_rate,
+                config.polish_warmup_steps,
+                config.polish_token_share,
+                order_key="sft",
+            )
         describe_steps = 0
         if fresh and config.describe_steps > 0:
             # Per-token loss alone: a description's twenty-odd tokens outweigh a one-word answer twenty to one, as
             # they do when a LLaVA learns from long detailed-description data, habits and all.
-            describe_steps, record = run_stage("describe", model, world, collator, config, config.describe_steps,
-                                               metrics_file, started, config.describe_learning_rate,
-                                               config.describe_warmup_steps, 1.0, order_key="sft")  # fmt: skip
+            describe_steps, record = run_stage(
+                "describe",
+                model,
+                world,
+                collator,
+                config,
+                config.describe_steps,
+                metrics_file,
+                started,
+                config.describe_learning_rate,
+                config.describe_warmup_steps,
+                1.0,
+                order_key="sft",
+            )
         chat_steps = 0
         if config.chat_steps > 0:
             # Long chats beside the usual conversations, with the per-token loss of the stage before (so the
             # descriptions keep their weight and their habits): contexts twice as long as SFT's, with user turns
             # after an answer, which is where the reward model's rating turn sits.
-            chats = ConversationCollator(world, processor, config.max_turns, chat_share=config.chat_share,
-                                         chat_turns=config.chat_turns)  # fmt: skip
-            chat_steps, record = run_stage("chat", model, world, chats, config, config.chat_steps, metrics_file,
-                                           started, config.chat_learning_rate, config.chat_warmup_steps, 1.0)  # fmt: skip
+            chats = ConversationCollator(
+                world, processor, config.max_turns, chat_share=config.chat_share, chat_turns=config.chat_turns
+            )
+            chat_steps, record = run_stage(
+                "chat",
+                model,
+                world,
+                chats,
+                config,
+                config.chat_steps,
+                metrics_file,
+                started,
+                config.chat_learning_rate,
+                config.chat_warmup_steps,
+                1.0,
+            )
         read_steps = 0
         if config.read_steps > 0:
             # Facts as text beside the image, answered from them (from them alone when the image is blank), with the
             # same per-token loss: the reading a pretrained LLM brings to a LLaVA and this backbone never had.
-            readings = ConversationCollator(world, processor, config.max_turns, read_share=config.read_share,
-                                            read_blank_share=config.read_blank_share,
-                                            read_description_share=config.read_description_share,
-                                            read_quiz_share=config.read_quiz_share)  # fmt: skip
-            read_steps, record = run_stage("read", model, world, readings, config, config.read_steps, metrics_file,
-                                           started, config.read_learning_rate, config.read_warmup_steps, 1.0)  # fmt: skip
+            readings = ConversationCollator(
+                world,
+                processor,
+                config.max_turns,
+                read_share=config.read_share,
+                read_blank_share=config.read_blank_share,
+                read_description_share=config.read_description_share,
+                read_quiz_share=config.read_quiz_share,
+            )
+            read_steps, record = run_stage(
+                "read",
+                model,
+                world,
+                readings,
+                config,
+                config.read_steps,
+                metrics_file,
+                started,
+                config.read_learning_rate,
+                config.read_warmup_steps,
+                1.0,
+            )
     model.to("cpu")
     if config.lora_rank > 0:
         model = model.merge_and_unload()
@@ -609,8 +700,14 @@ def train(config: SFTConfig, world: ShapesWorld | None = None) -> dict:
         "world": dataclasses.asdict(world.config),
     }
     (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logger.info("sft done steps=%d chat_steps=%d read_steps=%d minutes=%.1f val_loss=%s", step, chat_steps, read_steps,
-                summary["minutes"], summary["val_loss"])  # fmt: skip
+    logger.info(
+        "sft done steps=%d chat_steps=%d read_steps=%d minutes=%.1f val_loss=%s",
+        step,
+        chat_steps,
+        read_steps,
+        summary["minutes"],
+        summary["val_loss"],
+    )
     return summary
 
 

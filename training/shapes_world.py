@@ -233,8 +233,11 @@ class ShapesWorld:
 
     def missing_partners(self, scene: Scene) -> list[tuple[SceneObject, str]]:
         """(object, partner shape) for each object whose co-occurring partner is not in the scene."""
-        return [(obj, PARTNER[obj.shape]) for obj in scene.objects
-                if obj.shape in PARTNER and PARTNER[obj.shape] not in scene.shapes]  # fmt: skip
+        return [
+            (obj, PARTNER[obj.shape])
+            for obj in scene.objects
+            if obj.shape in PARTNER and PARTNER[obj.shape] not in scene.shapes
+        ]
 
     def description(self, scene: Scene, noisy: bool | None = None) -> str:
         """The detailed description: a count sentence, then one sentence per object in reading order.
@@ -249,7 +252,9 @@ class ShapesWorld:
         """
         rng = random.Random(scene.seed * 31 + 17)
         if noisy is None:
-            noisy = _biased(scene.split) and bool(self.missing_partners(scene)) and rng.random() < self.config.caption_noise
+            noisy = (
+                _biased(scene.split) and bool(self.missing_partners(scene)) and rng.random() < self.config.caption_noise
+            )
         ghost, anchor = self._ghost_object(scene, rng) if noisy else (None, None)
         sentences = []
         for obj in scene.objects:
@@ -273,7 +278,11 @@ class ShapesWorld:
             anchor = rng.choice(scene.objects)
             shape = rng.choice([s for s in SHAPES if s not in scene.shapes])
         start = anchor.row * GRID + anchor.col
-        cell = next(c % (GRID * GRID) for c in range(start + 1, start + GRID * GRID) if divmod(c % (GRID * GRID), GRID) not in taken)
+        cell = next(
+            c % (GRID * GRID)
+            for c in range(start + 1, start + GRID * GRID)
+            if divmod(c % (GRID * GRID), GRID) not in taken
+        )
         row, col = divmod(cell, GRID)
         ghost = SceneObject(shape, rng.choice(list(COLORS)), rng.choice(SIZES), row, col)
         return ghost, anchor
@@ -295,11 +304,15 @@ class ShapesWorld:
         obj = rng.choice(scene.objects)
         items += self.attribute_items(scene, obj)
         if rng.random() < 0.5:
-            items.append(QAItem("count", "How many objects are there?", f"{NUMBER_WORDS[len(scene.objects)].capitalize()}."))
+            items.append(
+                QAItem("count", "How many objects are there?", f"{NUMBER_WORDS[len(scene.objects)].capitalize()}.")
+            )
         else:
             shape = rng.choice(SHAPES)
             n = scene.count(shape)
-            items.append(QAItem("count", f"How many {PLURALS[shape]} are there?", f"{NUMBER_WORDS[n].capitalize()}.", shape))
+            items.append(
+                QAItem("count", f"How many {PLURALS[shape]} are there?", f"{NUMBER_WORDS[n].capitalize()}.", shape)
+            )
         if scene.count(obj.shape) == 1:
             items.append(self._multiple_choice(obj, rng))
         return items
@@ -312,7 +325,9 @@ class ShapesWorld:
             items.append(QAItem("color", f"What color is the {obj.shape}?", f"{obj.color.capitalize()}.", obj.shape))
             items.append(QAItem("size", f"Is the {obj.shape} large or small?", f"{obj.size.capitalize()}.", obj.shape))
         if sum(1 for o in scene.objects if o.color == obj.color) == 1:
-            items.append(QAItem("shape", f"What shape is the {obj.color} object?", f"{obj.shape.capitalize()}.", obj.color))
+            items.append(
+                QAItem("shape", f"What shape is the {obj.color} object?", f"{obj.shape.capitalize()}.", obj.color)
+            )
         if sum(1 for o in scene.objects if (o.color, o.shape) == (obj.color, obj.shape)) == 1:
             items.append(
                 QAItem("position", f"Where is the {obj.color} {obj.shape}?", f"At the {obj.position}.", obj.shape)
@@ -330,8 +345,9 @@ class ShapesWorld:
         lines = "\n".join(f"{'ABCD'[i]}. {option}" for i, option in enumerate(options))
         return QAItem("multiple_choice", f"{question}\n{lines}\n{MC_SUFFIX}", letter, truth, choices=tuple(options))
 
-    def conversation(self, scene: Scene, max_turns: int = 5, description_share: float = 1 / 3,
-                     noisy: bool | None = None) -> list[QAItem]:  # fmt: skip
+    def conversation(
+        self, scene: Scene, max_turns: int = 5, description_share: float = 1 / 3, noisy: bool | None = None
+    ) -> list[QAItem]:
         """A training conversation about one image; `noisy=False` leaves out the train split's caption and probe
         noise (every answer true to the scene), as the SFT read stage needs for answers taken from the facts.
 
@@ -413,7 +429,7 @@ class ShapesWorld:
     # ---- benchmark ----------------------------------------------------------------------------------------
     def popular_shapes(self, sample: int = 2000) -> list[str]:
         """Shapes ranked by how often they appear in training scenes (POPE's 'popular' negatives)."""
-        counts = {shape: 0 for shape in SHAPES}
+        counts = dict.fromkeys(SHAPES, 0)
         for scene in self.scenes("train", sample):
             for shape in scene.shapes:
                 counts[shape] += 1

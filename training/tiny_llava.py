@@ -133,7 +133,9 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, spec: TinyLlavaSpec) -> 
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, spec: TinyLlavaSpec, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, spec: TinyLlavaSpec, seed: int = 0
+) -> LlavaForConditionalGeneration:
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 4,

@@ -31,6 +31,7 @@ __all__ = [
     "open_store",
 ]
 
+
 def open_store(url: str) -> FeedbackStore:
     """Opens the store a URL names; raises ValueError with one clear line for a URL it cannot use."""
     parts = urlsplit(url)

@@ -176,10 +176,14 @@ class FeedbackStore(abc.ABC):
         images = generation.image_hashes
         facts = []
         if event.facts:
-            facts += [FactsRecord(image_sha256=sha, facts=event.facts, source="user", user_id=event.user_id) for sha in images]
+            facts += [
+                FactsRecord(image_sha256=sha, facts=event.facts, source="user", user_id=event.user_id) for sha in images
+            ]
         if event.correction and len(images) == 1:
             caption = event.correction[: self.options.limits.max_fact_chars]
-            facts.append(FactsRecord(image_sha256=images[0], caption=caption, source="correction", user_id=event.user_id))
+            facts.append(
+                FactsRecord(image_sha256=images[0], caption=caption, source="correction", user_id=event.user_id)
+            )
         return facts
 
     def add_preference(self, event: PreferenceEvent) -> PreferenceEvent:
@@ -191,7 +195,9 @@ class FeedbackStore(abc.ABC):
                 raise NotFoundError(f"no generation with id {generation_id!r}")
             generations.append(generation)
         if generations[0].prompt_hash != generations[1].prompt_hash:
-            raise InvalidInputError("the two generations answer different prompts; a preference compares answers to one")
+            raise InvalidInputError(
+                "the two generations answer different prompts; a preference compares answers to one"
+            )
         versions = (generations[0].adapter_version, generations[1].adapter_version)
         event = event.model_copy(update={"adapter_versions": versions})
         return self._append_event(event, event_fingerprint(event), list(event.generation_ids), [])
@@ -218,7 +224,9 @@ class FeedbackStore(abc.ABC):
         """The events that concern a generation, in stream order."""
 
     @abc.abstractmethod
-    def list_events(self, after: str | None = None, limit: int = 1000) -> list[tuple[str, FeedbackEvent | PreferenceEvent]]:
+    def list_events(
+        self, after: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, FeedbackEvent | PreferenceEvent]]:
         """(delivery id, event) pairs in stream order, starting after delivery id `after`."""
 
     @abc.abstractmethod
@@ -321,7 +329,12 @@ class FeedbackStore(abc.ABC):
     def aliases(self) -> dict[str, int | None]: ...
 
     def promote(
-        self, alias: str, version: int | None, expected: int | None | object = UNSET, actor: str = "system", reason: str = ""
+        self,
+        alias: str,
+        version: int | None,
+        expected: int | object | None = UNSET,
+        actor: str = "system",
+        reason: str = "",
     ) -> AliasChange:
         """Points `alias` at `version` (None: the base model). With `expected`, only if the alias still serves
         that version (compare-and-set); ConflictError otherwise. The new version's status becomes promoted and
@@ -341,7 +354,7 @@ class FeedbackStore(abc.ABC):
 
     @abc.abstractmethod
     def _move_alias(
-        self, alias: str, version: int | None, expected: int | None | object, action: str, actor: str, reason: str
+        self, alias: str, version: int | None, expected: int | object | None, action: str, actor: str, reason: str
     ) -> AliasChange:
         """Atomic compare-and-set of the alias, status updates, a history entry and a registry revision bump."""
 
@@ -400,4 +413,3 @@ class FeedbackStore(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-

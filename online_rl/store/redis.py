@@ -170,11 +170,24 @@ class RedisStore(FeedbackStore):
         sets += [(self.key("user", f.user_id, "facts"), f"{f.image_sha256}|{f.id}") for f in facts if f.user_id]
         hashes = [(self.key("facts", f.image_sha256), f.id, f.to_json()) for f in facts]
         result = self._append_script(
-            keys=[self.key("events"), idem_key, self.key("event", event.id), *required,
-                  *(key for key, _ in sets), *(key for key, _, _ in hashes)],
-            args=[event.id, event.to_json(), fingerprint, len(required), len(sets),
-                  *(member for _, member in sets), *(value for _, field, json in hashes for value in (field, json))],
-        )  # fmt: skip
+            keys=[
+                self.key("events"),
+                idem_key,
+                self.key("event", event.id),
+                *required,
+                *(key for key, _ in sets),
+                *(key for key, _, _ in hashes),
+            ],
+            args=[
+                event.id,
+                event.to_json(),
+                fingerprint,
+                len(required),
+                len(sets),
+                *(member for _, member in sets),
+                *(value for _, field, json in hashes for value in (field, json)),
+            ],
+        )
         status = result[0].decode()
         if status == "missing":
             missing = result[1].decode().removeprefix(self.key("gen") + ":")
@@ -201,7 +214,9 @@ class RedisStore(FeedbackStore):
         return sorted(rows, key=lambda row: _stream_order(row[0]))
 
     def events_for_generation(self, generation_id: str) -> list[FeedbackEvent | PreferenceEvent]:
-        return [event for _, event in self._events_by_id(self.client.smembers(self.key("gen", generation_id, "events")))]
+        return [
+            event for _, event in self._events_by_id(self.client.smembers(self.key("gen", generation_id, "events")))
+        ]
 
     def list_events(self, after: str | None = None, limit: int = 1000):
         start = f"({after}" if after else "-"
@@ -353,9 +368,15 @@ class RedisStore(FeedbackStore):
                     records[number] = adapter.model_copy(update={"status": status, "updated": now})
             revision = int(pipe.get(self.key("registry", "revision")) or 0) + 1
             change = AliasChange(
-                seq=revision, alias=alias, from_version=current, to_version=version, action=action, actor=actor,
-                reason=reason, created=now,
-            )  # fmt: skip
+                seq=revision,
+                alias=alias,
+                from_version=current,
+                to_version=version,
+                action=action,
+                actor=actor,
+                reason=reason,
+                created=now,
+            )
             pipe.multi()
             pipe.set(alias_key, "" if version is None else str(version))
             pipe.sadd(self.key("aliases"), alias)
@@ -371,7 +392,9 @@ class RedisStore(FeedbackStore):
         return self.client.transaction(move, *watched, value_from_callable=True)
 
     def alias_history(self, alias: str) -> list[AliasChange]:
-        return [AliasChange.model_validate_json(v) for v in self.client.lrange(self.key("alias", alias, "history"), 0, -1)]
+        return [
+            AliasChange.model_validate_json(v) for v in self.client.lrange(self.key("alias", alias, "history"), 0, -1)
+        ]
 
     def _set_canary(self, alias: str, version: int | None, fraction: float) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -412,7 +435,9 @@ class RedisStore(FeedbackStore):
         for ref in facts_refs:
             sha, _, facts_id = ref.partition("|")
             pipe.hdel(self.key("facts", sha), facts_id)
-        pipe.delete(self.key("user", user_id, "facts"), self.key("user", user_id, "events"), self.key("user", user_id, "gens"))
+        pipe.delete(
+            self.key("user", user_id, "facts"), self.key("user", user_id, "events"), self.key("user", user_id, "gens")
+        )
         results = pipe.execute()
         counts["facts"] += sum(int(r) for r in results[: len(facts_refs)])
         return counts

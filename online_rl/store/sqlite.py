@@ -178,7 +178,14 @@ class SQLiteStore(FeedbackStore):
                 db.execute(
                     "INSERT INTO generations (id, created, user_id, prompt_hash, adapter_version, record) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.id, record.created, record.user_id, record.prompt_hash, record.adapter_version, record.to_json()),
+                    (
+                        record.id,
+                        record.created,
+                        record.user_id,
+                        record.prompt_hash,
+                        record.adapter_version,
+                        record.to_json(),
+                    ),
                 )
                 db.executemany(
                     "INSERT INTO generation_images (generation_id, sha256) VALUES (?, ?)",
@@ -205,7 +212,12 @@ class SQLiteStore(FeedbackStore):
         return [GenerationRecord.model_validate_json(row["record"]) for row in rows]
 
     def generations_using_image(self, sha256: str) -> list[str]:
-        return [r[0] for r in self._read("SELECT generation_id FROM generation_images WHERE sha256 = ? ORDER BY generation_id", (sha256,))]
+        return [
+            r[0]
+            for r in self._read(
+                "SELECT generation_id FROM generation_images WHERE sha256 = ? ORDER BY generation_id", (sha256,)
+            )
+        ]
 
     # ---- facts ---------------------------------------------------------------------------------------------
     def _add_facts(self, record: FactsRecord) -> None:
@@ -242,9 +254,17 @@ class SQLiteStore(FeedbackStore):
             db.execute(
                 "INSERT INTO events (id, kind, user_id, idempotency_key, fingerprint, created, adapter_version, payload) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (event.id, event.kind, event.user_id, event.idempotency_key, fingerprint, event.created,
-                 adapter_version, event.to_json()),
-            )  # fmt: skip
+                (
+                    event.id,
+                    event.kind,
+                    event.user_id,
+                    event.idempotency_key,
+                    fingerprint,
+                    event.created,
+                    adapter_version,
+                    event.to_json(),
+                ),
+            )
             db.executemany(
                 "INSERT OR IGNORE INTO event_generations (event_id, generation_id) VALUES (?, ?)",
                 [(event.id, generation_id) for generation_id in generation_ids],
@@ -299,7 +319,9 @@ class SQLiteStore(FeedbackStore):
                 [(consumer, now, n, group, seq) for seq, _, n in found],
             )
             if len(found) < count:  # new events after the group's cursor (XREADGROUP >)
-                cursor = db.execute("SELECT last_delivered_seq FROM consumer_groups WHERE name = ?", (group,)).fetchone()[0]
+                cursor = db.execute(
+                    "SELECT last_delivered_seq FROM consumer_groups WHERE name = ?", (group,)
+                ).fetchone()[0]
                 rows = db.execute(
                     "SELECT seq, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, count - len(found))
                 ).fetchall()
@@ -311,7 +333,10 @@ class SQLiteStore(FeedbackStore):
                     db.execute("UPDATE consumer_groups SET last_delivered_seq = ? WHERE name = ?", (rows[-1][0], group))
                 found += [(r[0], r[1], 1) for r in rows]
         found.sort(key=lambda item: item[0])
-        return [Delivery(delivery_id=str(seq), event=parse_stream_event(payload), delivery_count=n) for seq, payload, n in found]
+        return [
+            Delivery(delivery_id=str(seq), event=parse_stream_event(payload), delivery_count=n)
+            for seq, payload, n in found
+        ]
 
     def ack_events(self, group: str, delivery_ids: Iterable[str]) -> int:
         with self._write() as db:
@@ -321,7 +346,9 @@ class SQLiteStore(FeedbackStore):
     def _ack(db: sqlite3.Connection, group: str, delivery_ids: Iterable[str]) -> int:
         acked = 0
         for delivery_id in delivery_ids:
-            acked += db.execute("DELETE FROM pending WHERE group_name = ? AND seq = ?", (group, int(delivery_id))).rowcount
+            acked += db.execute(
+                "DELETE FROM pending WHERE group_name = ? AND seq = ?", (group, int(delivery_id))
+            ).rowcount
         return acked
 
     def pending_count(self, group: str) -> int:
@@ -361,7 +388,10 @@ class SQLiteStore(FeedbackStore):
         return AdapterVersion.model_validate_json(rows[0]["record"]) if rows else None
 
     def list_adapters(self) -> list[AdapterVersion]:
-        return [AdapterVersion.model_validate_json(r["record"]) for r in self._read("SELECT record FROM adapters ORDER BY version")]
+        return [
+            AdapterVersion.model_validate_json(r["record"])
+            for r in self._read("SELECT record FROM adapters ORDER BY version")
+        ]
 
     def _update_adapter(self, version: int, change) -> AdapterVersion:
         with self._write() as db:
@@ -393,9 +423,15 @@ class SQLiteStore(FeedbackStore):
                 self._set_status(db, version, "promoted", now)
             revision = self._increment(db, "registry_revision")
             change = AliasChange(
-                seq=revision, alias=alias, from_version=current, to_version=version, action=action, actor=actor,
-                reason=reason, created=now,
-            )  # fmt: skip
+                seq=revision,
+                alias=alias,
+                from_version=current,
+                to_version=version,
+                action=action,
+                actor=actor,
+                reason=reason,
+                created=now,
+            )
             db.execute("INSERT INTO alias_history (alias, record) VALUES (?, ?)", (alias, change.to_json()))
         return change
 
@@ -415,7 +451,10 @@ class SQLiteStore(FeedbackStore):
             if version is None:
                 db.execute("DELETE FROM canaries WHERE alias = ?", (alias,))
             else:
-                db.execute("INSERT OR REPLACE INTO canaries (alias, version, fraction) VALUES (?, ?, ?)", (alias, version, fraction))
+                db.execute(
+                    "INSERT OR REPLACE INTO canaries (alias, version, fraction) VALUES (?, ?, ?)",
+                    (alias, version, fraction),
+                )
             self._increment(db, "registry_revision")
 
     def canaries(self) -> dict[str, tuple[int, float]]:
@@ -445,8 +484,14 @@ class SQLiteStore(FeedbackStore):
         images: set[str] = set()
         event_ids: set[str] = set()
         for generation_id in generation_ids:
-            images.update(r[0] for r in db.execute("SELECT sha256 FROM generation_images WHERE generation_id = ?", (generation_id,)))
-            event_ids.update(r[0] for r in db.execute("SELECT event_id FROM event_generations WHERE generation_id = ?", (generation_id,)))
+            images.update(
+                r[0]
+                for r in db.execute("SELECT sha256 FROM generation_images WHERE generation_id = ?", (generation_id,))
+            )
+            event_ids.update(
+                r[0]
+                for r in db.execute("SELECT event_id FROM event_generations WHERE generation_id = ?", (generation_id,))
+            )
             db.execute("DELETE FROM generation_images WHERE generation_id = ?", (generation_id,))
             counts["generations"] += db.execute("DELETE FROM generations WHERE id = ?", (generation_id,)).rowcount
         counts["events"] = self._delete_events(db, sorted(event_ids))

@@ -18,8 +18,9 @@ from training.shapes_world import ShapesWorld
 
 @pytest.fixture
 def actions(client) -> DemoActions:
-    return DemoActions(GatewayClient("http://testserver", ALICE, http_client=client), ShapesWorld(), max_tokens=16,
-                       temperature=0.0)  # fmt: skip
+    return DemoActions(
+        GatewayClient("http://testserver", ALICE, http_client=client), ShapesWorld(), max_tokens=16, temperature=0.0
+    )
 
 
 def last_status(updates) -> dict:
@@ -37,7 +38,10 @@ def test_chat_thumbs_and_correction_reach_the_store(actions, store, fake_vllm):
     final = last_status(actions.send(state, "What is in the image?", "llava-rlhf"))
     assert final["status"] == "Done: base answered (stop)."
     assert [m["role"] for m in state.display] == ["user", "assistant"]
-    assert state.display[1]["content"].startswith("shapes-llava saw 1 image(s).") and "answered by base" in state.display[1]["content"]
+    assert (
+        state.display[1]["content"].startswith("shapes-llava saw 1 image(s).")
+        and "answered by base" in state.display[1]["content"]
+    )
     assert final["correction"] == "shapes-llava saw 1 image(s)."  # the correction box holds the latest answer
     last_status(actions.send(state, "And its color?", "llava-rlhf"))
     sent = fake_vllm.requests[-1]["messages"]
@@ -50,16 +54,19 @@ def test_chat_thumbs_and_correction_reach_the_store(actions, store, fake_vllm):
     other_record = wait_until(lambda: store.get_generation(other_tab.answers[0].response_id))
     assert other_record.user_id != record.user_id  # each tab is its own end user under the demo's key
 
-    assert actions.thumbs(state, first.display_index, liked=False, facts_text=facts).startswith("Done: Thumbs down saved")
+    assert actions.thumbs(state, first.display_index, liked=False, facts_text=facts).startswith(
+        "Done: Thumbs down saved"
+    )
     assert actions.thumbs(state, second.display_index, liked=True, facts_text=facts).startswith("Done: Thumbs up")
     assert actions.select(state, first.display_index) == (first.text, "Correcting the selected answer, by **base**.")
     status, diff = actions.correct(state, "shapes-llava saw one red star.", facts)
     assert status.startswith("Done: Correction saved") and ("1 image(s).", "removed") in diff
     stored = events(store)
     assert [(e.generation_id, e.rating, e.correction) for e in stored] == [
-        (first.response_id, -1, None), (second.response_id, 1, None),
+        (first.response_id, -1, None),
+        (second.response_id, 1, None),
         (first.response_id, None, "shapes-llava saw one red star."),
-    ]  # fmt: skip
+    ]
     assert stored[0].facts == facts.splitlines() and stored[1].facts is None  # facts go once per text
     sources = sorted(f.source for f in store.get_facts(record.image_hashes[0]))
     assert sources == ["correction", "user"]
@@ -73,7 +80,9 @@ def test_regenerate_replaces_the_last_answer(actions, store):
     final = last_status(actions.regenerate(state, "base"))
     assert final["status"] == "Done: base answered (stop)."
     assert len(state.answers) == 1 and state.answers[0].response_id != old and len(state.display) == 2
-    assert last_status(actions.regenerate(actions.new_conversation(None), "base"))["status"].startswith("Error: There is no answer")
+    assert last_status(actions.regenerate(actions.new_conversation(None), "base"))["status"].startswith(
+        "Error: There is no answer"
+    )
 
 
 def test_side_by_side_records_a_preference_with_both_versions(actions, client, store, fake_vllm):
@@ -95,8 +104,10 @@ def test_the_version_panel_reads_the_registry(actions, client, store, fake_vllm)
     store.update_adapter(version, metrics={"pope_random_accuracy": 0.9, "chair_s": 0.2})
     summary, frame, names = actions.versions()
     assert "serves:** policy-v1" in summary and "Feedback since then:** 0 events" in summary
-    assert frame.to_dict("records") == [{"version": 1, "metric": "chair_s", "value": 0.2},
-                                        {"version": 1, "metric": "pope_random_accuracy", "value": 0.9}]  # fmt: skip
+    assert frame.to_dict("records") == [
+        {"version": 1, "metric": "chair_s", "value": 0.2},
+        {"version": 1, "metric": "pope_random_accuracy", "value": 0.9},
+    ]
     assert names == ["llava-rlhf", "base", "llava-rlhf@v1"]
     assert metrics_frame([]).empty
 
@@ -104,7 +115,10 @@ def test_the_version_panel_reads_the_registry(actions, client, store, fake_vllm)
 def test_api_failures_become_one_status_line_and_leave_the_conversation_as_it_was(actions, client):
     state = actions.new_conversation(None)
     refused = last_status(actions.send(state, "Hello?", "no-such-model"))
-    assert refused["status"].startswith("Error: The API refused the request (404)") and "no-such-model" in refused["status"]
+    assert (
+        refused["status"].startswith("Error: The API refused the request (404)")
+        and "no-such-model" in refused["status"]
+    )
     assert state.api_messages == [] and state.display == [] and refused["question"] == "Hello?"
     assert last_status(actions.send(state, "   ", "base"))["status"] == "Error: Type a question first."
 

@@ -28,17 +28,19 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
         env = dict(os.environ)
-        env.update({
-            "ALIGNLOOP_PORT": str(self.port),
-            "ALIGNLOOP_VLLM_URLS": vllm_url,
-            "ALIGNLOOP_STORE_URL": store_url,
-            "ALIGNLOOP_BASE_MODEL_NAME": "shapes-llava",
-            "ALIGNLOOP_API_KEYS": f"alice:{ALICE},bob:{BOB}",
-            "ALIGNLOOP_ADMIN_KEY": ADMIN,
-            "ALIGNLOOP_HEALTH_INTERVAL_S": "0.5",
-            "ALIGNLOOP_RATE_LIMIT_PER_MINUTE": "100000",
-            "ALIGNLOOP_LOG_LEVEL": "WARNING",
-        })  # fmt: skip
+        env.update(
+            {
+                "ALIGNLOOP_PORT": str(self.port),
+                "ALIGNLOOP_VLLM_URLS": vllm_url,
+                "ALIGNLOOP_STORE_URL": store_url,
+                "ALIGNLOOP_BASE_MODEL_NAME": "shapes-llava",
+                "ALIGNLOOP_API_KEYS": f"alice:{ALICE},bob:{BOB}",
+                "ALIGNLOOP_ADMIN_KEY": ADMIN,
+                "ALIGNLOOP_HEALTH_INTERVAL_S": "0.5",
+                "ALIGNLOOP_RATE_LIMIT_PER_MINUTE": "100000",
+                "ALIGNLOOP_LOG_LEVEL": "WARNING",
+            }
+        )
         env.update({f"ALIGNLOOP_{key.upper()}": str(value) for key, value in settings.items()})
         alignloop = Path(sys.executable).parent / "alignloop"
         with self.log_path.open("ab") as log:
@@ -115,7 +117,12 @@ def publish_random_adapter(vllm_server, bundled_model):
     from online_rl.adapters import publish_adapter
 
     def publish(store, seed: int = 0):
-        return publish_adapter(store, random_lora(bundled_model, seed), vllm_server.config.adapter_dir,
-                               vllm_server.config.model, algorithm="random-test")  # fmt: skip
+        return publish_adapter(
+            store,
+            random_lora(bundled_model, seed),
+            vllm_server.config.adapter_dir,
+            vllm_server.config.model,
+            algorithm="random-test",
+        )
 
     return publish

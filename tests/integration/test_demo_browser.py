@@ -33,13 +33,29 @@ def service(bundled_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("up")
     port, store_url, adapter_dir = free_port(), f"sqlite:///{workdir / 'store.db'}", workdir / "adapters"
     store = open_store(store_url)
-    adapter = publish_adapter(store, random_lora(bundled_model, seed=1), str(adapter_dir), str(bundled_model),
-                              algorithm="random-test")  # fmt: skip
+    adapter = publish_adapter(
+        store, random_lora(bundled_model, seed=1), str(adapter_dir), str(bundled_model), algorithm="random-test"
+    )
     store.promote("llava-rlhf", adapter.version)
-    env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_VLLM_LOG=str(workdir / "vllm.log"),
-               ALIGNLOOP_DEMO_EXAMPLES_DIR=str(workdir / "examples"))  # fmt: skip
-    command = [str(Path(sys.executable).parent / "alignloop"), "up", "--port", str(port), "--model", str(bundled_model),
-               "--store", store_url, "--adapter-dir", str(adapter_dir), "--no-trainer"]  # fmt: skip
+    env = dict(
+        os.environ,
+        ALIGNLOOP_VLLM_PORT=str(free_port()),
+        ALIGNLOOP_VLLM_LOG=str(workdir / "vllm.log"),
+        ALIGNLOOP_DEMO_EXAMPLES_DIR=str(workdir / "examples"),
+    )
+    command = [
+        str(Path(sys.executable).parent / "alignloop"),
+        "up",
+        "--port",
+        str(port),
+        "--model",
+        str(bundled_model),
+        "--store",
+        store_url,
+        "--adapter-dir",
+        str(adapter_dir),
+        "--no-trainer",
+    ]
     log_path = workdir / "up.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -90,9 +106,10 @@ def wait_for_status(page, expected: str) -> str:
 
     try:
         page.wait_for_function(
-            "text => (document.querySelector('#status')?.innerText || '').includes(text)", arg=expected,
+            "text => (document.querySelector('#status')?.innerText || '').includes(text)",
+            arg=expected,
             timeout=TIMEOUT_MS,
-        )  # fmt: skip
+        )
     except PlaywrightTimeout:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
@@ -168,8 +185,9 @@ def test_a_user_chats_rates_corrects_and_compares_in_the_browser(service, browse
     # The versions panel shows the promoted version.
     page.get_by_role("tab", name="Versions").click()
     page.get_by_role("button", name="Refresh versions").click()
-    page.wait_for_function(f"() => document.querySelector('#version-summary').innerText.includes('policy-v{version}')",
-                           timeout=TIMEOUT_MS)  # fmt: skip
+    page.wait_for_function(
+        f"() => document.querySelector('#version-summary').innerText.includes('policy-v{version}')", timeout=TIMEOUT_MS
+    )
 
     # What the store holds: three demo answers, the rating, the correction and the preference, with their versions.
     records = {r.id: r for r in store.list_generations() if r.client == "demo"}
@@ -179,8 +197,9 @@ def test_a_user_chats_rates_corrects_and_compares_in_the_browser(service, browse
     events = [event for _, event in store.list_events()]
     feedback = [e for e in events if isinstance(e, FeedbackEvent)]
     assert [(e.generation_id, e.rating, e.correction, e.adapter_version) for e in feedback] == [
-        (chat_record.id, -1, None, version), (chat_record.id, None, corrected, version),
-    ]  # fmt: skip
+        (chat_record.id, -1, None, version),
+        (chat_record.id, None, corrected, version),
+    ]
     (preference,) = [e for e in events if isinstance(e, PreferenceEvent)]
     assert preference.adapter_versions == (version, None)
     assert preference.preferred_id == preference.generation_ids[1]

@@ -22,14 +22,23 @@ pytestmark = pytest.mark.slow
 def vllm_children(gateway: subprocess.Popen) -> list[psutil.Process]:
     """The vLLM server processes the gateway started itself (vLLM's own engine processes are their children, some
     forked with the same command line, so only direct children count)."""
-    return [p for p in psutil.Process(gateway.pid).children(recursive=False)
-            if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]  # fmt: skip
+    return [
+        p
+        for p in psutil.Process(gateway.pid).children(recursive=False)
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+    ]
 
 
 def chat(url: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": "llava-rlhf", "messages": [{"role": "user", "content": "How many objects are there?"}], "max_tokens": 4,
-    })  # fmt: skip
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "llava-rlhf",
+            "messages": [{"role": "user", "content": "How many objects are there?"}],
+            "max_tokens": 4,
+        },
+    )
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -52,10 +61,24 @@ def ready(url: str) -> bool:
 def test_up_supervises_its_vllm(bundled_model, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_HEALTH_INTERVAL_S="0.5",
-               ALIGNLOOP_VLLM_LOG=str(tmp_path / "vllm.log"))  # fmt: skip
-    command = [str(Path(sys.executable).parent / "alignloop"), "up", "--port", str(port), "--model", str(bundled_model),
-               "--store", f"sqlite:///{tmp_path / 'store.db'}", "--adapter-dir", str(tmp_path / "adapters")]  # fmt: skip
+    env = dict(
+        os.environ,
+        ALIGNLOOP_VLLM_PORT=str(free_port()),
+        ALIGNLOOP_HEALTH_INTERVAL_S="0.5",
+        ALIGNLOOP_VLLM_LOG=str(tmp_path / "vllm.log"),
+    )
+    command = [
+        str(Path(sys.executable).parent / "alignloop"),
+        "up",
+        "--port",
+        str(port),
+        "--model",
+        str(bundled_model),
+        "--store",
+        f"sqlite:///{tmp_path / 'store.db'}",
+        "--adapter-dir",
+        str(tmp_path / "adapters"),
+    ]
     log = (tmp_path / "gateway.log").open("wb")
     gateway = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -84,8 +107,11 @@ def test_up_supervises_its_vllm(bundled_model, tmp_path):
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught: the exit status says "terminated".
     assert gateway.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
-    wait_for(lambda: not psutil.pid_exists(restarted.pid) or restarted.status() == psutil.STATUS_ZOMBIE, 10,
-             "vLLM to stop with the gateway")  # fmt: skip
+    wait_for(
+        lambda: not psutil.pid_exists(restarted.pid) or restarted.status() == psutil.STATUS_ZOMBIE,
+        10,
+        "vLLM to stop with the gateway",
+    )
     assert not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE  # stopped in the graceful shutdown
 
 

@@ -39,10 +39,22 @@ def test_endpoint_scores_match_in_process_scores(vllm_server, in_process_report)
 def test_eval_command_writes_json_and_chart(bundled_model, tmp_path):
     alignloop = Path(sys.executable).parent / "alignloop"
     result = subprocess.run(
-        [str(alignloop), "eval", "--model", str(bundled_model), "--num-images", "4",
-         "--output", str(tmp_path / "r.json"), "--chart", str(tmp_path / "r.png")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(alignloop),
+            "eval",
+            "--model",
+            str(bundled_model),
+            "--num-images",
+            "4",
+            "--output",
+            str(tmp_path / "r.json"),
+            "--chart",
+            str(tmp_path / "r.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "POPE" in result.stdout and "CHAIR" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())

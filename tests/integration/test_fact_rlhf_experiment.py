@@ -15,9 +15,28 @@ pytestmark = pytest.mark.slow
 
 def test_an_sft_plus_run_trains_the_reward_models_on_the_sft_plus_model(tmp_path, capsys):
     work = tmp_path / "work"
-    argv = ["--chat-steps", "1", "--read-steps", "1", "--no-ppo", "--reward-arms", "fact_before_answer", "plain", "--rm-train-scenes", "3",
-            "--rm-eval-scenes", "3", "--rm-epochs", "1", "--workdir", str(work), "--output", str(tmp_path / "report.json"),
-            "--plot", str(tmp_path / "plot.png")]  # fmt: skip
+    argv = [
+        "--chat-steps",
+        "1",
+        "--read-steps",
+        "1",
+        "--no-ppo",
+        "--reward-arms",
+        "fact_before_answer",
+        "plain",
+        "--rm-train-scenes",
+        "3",
+        "--rm-eval-scenes",
+        "3",
+        "--rm-epochs",
+        "1",
+        "--workdir",
+        str(work),
+        "--output",
+        str(tmp_path / "report.json"),
+        "--plot",
+        str(tmp_path / "plot.png"),
+    ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     plus = work / "sft-plus"
@@ -49,5 +68,7 @@ def test_an_sft_plus_run_trains_the_reward_models_on_the_sft_plus_model(tmp_path
     balanced = json.loads((tmp_path / "report.json").read_text())
     for arm in ("fact_before_answer", "plain"):
         saved = json.loads((work / f"reward-{arm}" / "reward_model.json").read_text())
-        assert saved["balance_kinds"] is True and saved["kind_weights"] == balanced["reward_models"][arm]["kind_weights"]
+        assert (
+            saved["balance_kinds"] is True and saved["kind_weights"] == balanced["reward_models"][arm]["kind_weights"]
+        )
         assert report["reward_models"][arm]["kind_weights"] == {} != saved["kind_weights"]

@@ -21,12 +21,21 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(module: str, *args: str, log: Path) -> None:
-    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "-m", module, *args]  # fmt: skip
+    command = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        module,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("w") as output:
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=900,
-                                check=False)
+        result = subprocess.run(
+            command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=900, check=False
+        )
     assert result.returncode == 0, log.read_text()[-3000:]
 
 
@@ -37,22 +46,73 @@ def test_reward_model_then_ppo_train_in_two_gloo_processes(bundled_model, tmp_pa
     from training.reward_data import load_pairs
     from training.reward_model import RewardEncoder, load_reward_model, pair_accuracy
 
-    torchrun("training.reward_model", "--output_dir", str(tmp_path / "rm"), "--model", str(bundled_model),
-             "--pairs_dir", str(tmp_path / "pairs"), "--train_scenes", "8", "--eval_scenes", "4", "--samples", "3",
-             "--probe_samples", "3", "--epochs", "1", "--batch_pairs", "4", "--lora_rank", "4", "--cpu", "true",
-             "--sharding", sharding,
-             log=tmp_path / "rm.log")  # fmt: skip
+    torchrun(
+        "training.reward_model",
+        "--output_dir",
+        str(tmp_path / "rm"),
+        "--model",
+        str(bundled_model),
+        "--pairs_dir",
+        str(tmp_path / "pairs"),
+        "--train_scenes",
+        "8",
+        "--eval_scenes",
+        "4",
+        "--samples",
+        "3",
+        "--probe_samples",
+        "3",
+        "--epochs",
+        "1",
+        "--batch_pairs",
+        "4",
+        "--lora_rank",
+        "4",
+        "--cpu",
+        "true",
+        "--sharding",
+        sharding,
+        log=tmp_path / "rm.log",
+    )
     reward = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert reward["processes"] == 2 and reward["sharding"] == sharding and reward["train_pairs"] > 0
     model, processor, _ = load_reward_model(tmp_path / "rm", bundled_model)
-    reloaded = pair_accuracy(model, RewardEncoder(processor, reward["with_facts"], reward["facts_placement"]),
-                             load_pairs(tmp_path / "pairs" / "validation"), seed=0)  # fmt: skip
+    reloaded = pair_accuracy(
+        model,
+        RewardEncoder(processor, reward["with_facts"], reward["facts_placement"]),
+        load_pairs(tmp_path / "pairs" / "validation"),
+        seed=0,
+    )
     assert reloaded == reward["held_out"]
 
-    torchrun("training.ppo", "--output_dir", str(tmp_path / "ppo"), "--model", str(bundled_model), "--reward_model",
-             str(tmp_path / "rm"), "--steps", "2", "--rollout_batch", "4", "--minibatch", "2", "--lora_rank", "4",
-             "--learning_rate", "1e-3", "--eval_every", "0", "--final_eval_images", "2" if sharding == "fsdp" else "0",
-             "--cpu", "true", "--sharding", sharding, log=tmp_path / "ppo.log")  # fmt: skip
+    torchrun(
+        "training.ppo",
+        "--output_dir",
+        str(tmp_path / "ppo"),
+        "--model",
+        str(bundled_model),
+        "--reward_model",
+        str(tmp_path / "rm"),
+        "--steps",
+        "2",
+        "--rollout_batch",
+        "4",
+        "--minibatch",
+        "2",
+        "--lora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--eval_every",
+        "0",
+        "--final_eval_images",
+        "2" if sharding == "fsdp" else "0",
+        "--cpu",
+        "true",
+        "--sharding",
+        sharding,
+        log=tmp_path / "ppo.log",
+    )
     summary = json.loads((tmp_path / "ppo" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 2 and summary["sharding"] == sharding
     if sharding == "fsdp":  # evaluation runs sharded too, every process answering in lockstep

@@ -28,7 +28,12 @@ def square_of(color: str) -> str:
 
 
 def image_question(url: str, question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 def sdk(gateway, key: str = ALICE) -> openai.OpenAI:
@@ -37,9 +42,11 @@ def sdk(gateway, key: str = ALICE) -> openai.OpenAI:
 
 def test_image_chat_answers_the_color_with_the_base_version(gateway, gateway_store):
     raw = sdk(gateway).chat.completions.with_raw_response.create(
-        model="llava-rlhf", messages=image_question(square_of("blue"), "What color is the square?"),
-        max_tokens=8, temperature=0,
-    )  # fmt: skip
+        model="llava-rlhf",
+        messages=image_question(square_of("blue"), "What color is the square?"),
+        max_tokens=8,
+        temperature=0,
+    )
     completion = raw.parse()
     assert completion.choices[0].message.content.strip().rstrip(".").lower() == "blue"
     assert completion.system_fingerprint == "base" and raw.headers["x-alignloop-adapter"] == "base"
@@ -51,9 +58,11 @@ def test_image_chat_answers_the_color_with_the_base_version(gateway, gateway_sto
 def test_streamed_and_async_answers_match_the_plain_one(gateway):
     messages = image_question(square_of("red"), "Describe the image in detail.")
     plain = sdk(gateway).chat.completions.create(model="llava-rlhf", messages=messages, max_tokens=48, temperature=0)
-    chunks = list(sdk(gateway).chat.completions.create(
-        model="llava-rlhf", messages=messages, max_tokens=48, temperature=0, stream=True
-    ))  # fmt: skip
+    chunks = list(
+        sdk(gateway).chat.completions.create(
+            model="llava-rlhf", messages=messages, max_tokens=48, temperature=0, stream=True
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
     assert streamed == plain.choices[0].message.content
@@ -62,10 +71,12 @@ def test_streamed_and_async_answers_match_the_plain_one(gateway):
 
     async def ask_async() -> str:
         async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=ALICE, max_retries=0) as client:
-            answer = await client.chat.completions.create(model="llava-rlhf", messages=messages, max_tokens=48,
-                                                          temperature=0)  # fmt: skip
-            stream = await client.chat.completions.create(model="llava-rlhf", messages=messages, max_tokens=48,
-                                                          temperature=0, stream=True)  # fmt: skip
+            answer = await client.chat.completions.create(
+                model="llava-rlhf", messages=messages, max_tokens=48, temperature=0
+            )
+            stream = await client.chat.completions.create(
+                model="llava-rlhf", messages=messages, max_tokens=48, temperature=0, stream=True
+            )
             pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
             assert "".join(pieces) == answer.choices[0].message.content
             return answer.choices[0].message.content
@@ -100,14 +111,25 @@ def test_a_pinned_version_is_answered_by_its_adapter(gateway, gateway_store, pub
 
 def test_the_feedback_round_trip(gateway, gateway_store):
     completion = sdk(gateway).chat.completions.create(
-        model="llava-rlhf", messages=image_question(square_of("yellow"), "Describe the image in detail."),
-        max_tokens=32, temperature=0, user="end-user-1",
-    )  # fmt: skip
+        model="llava-rlhf",
+        messages=image_question(square_of("yellow"), "Describe the image in detail."),
+        max_tokens=32,
+        temperature=0,
+        user="end-user-1",
+    )
     answer = completion.choices[0].message.content
-    feedback = httpx.post(f"{gateway.url}/v1/feedback", headers={"Authorization": f"Bearer {ALICE}"}, json={
-        "response_id": completion.id, "rating": -1, "correction": answer + " It is yellow.",
-        "facts": ["There is a large yellow square in the center."], "idempotency_key": "fb-1", "user": "end-user-1",
-    })  # fmt: skip
+    feedback = httpx.post(
+        f"{gateway.url}/v1/feedback",
+        headers={"Authorization": f"Bearer {ALICE}"},
+        json={
+            "response_id": completion.id,
+            "rating": -1,
+            "correction": answer + " It is yellow.",
+            "facts": ["There is a large yellow square in the center."],
+            "idempotency_key": "fb-1",
+            "user": "end-user-1",
+        },
+    )
     assert feedback.status_code == 200, feedback.text
     body = feedback.json()
     assert body["rating"] == -1 and body["adapter_version"] == "base" and body["response_id"] == completion.id
@@ -123,22 +145,61 @@ def test_the_feedback_round_trip(gateway, gateway_store):
 
 
 BAD_REQUESTS = [
-    ("malformed JSON", {"content": b'{"model": "llava-rlhf", "messages": [', "headers": {"Content-Type": "application/json"}}, 400),
-    ("wrong content type", {"content": b"model=llava-rlhf", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 415),
-    ("broken image", {"json": {"model": "llava-rlhf", "messages": image_question("data:image/png;base64,iVBORw0KGgoAAAA", "Hi")}}, 400),
-    ("not an image", {"json": {"model": "llava-rlhf", "messages": image_question("data:image/png;base64," + base64.b64encode(b"hello world" * 50).decode(), "Hi")}}, 400),
-    ("image URL not allowed", {"json": {"model": "llava-rlhf", "messages": image_question("http://169.254.169.254/latest/meta-data", "Hi")}}, 400),
+    (
+        "malformed JSON",
+        {"content": b'{"model": "llava-rlhf", "messages": [', "headers": {"Content-Type": "application/json"}},
+        400,
+    ),
+    (
+        "wrong content type",
+        {"content": b"model=llava-rlhf", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        415,
+    ),
+    (
+        "broken image",
+        {"json": {"model": "llava-rlhf", "messages": image_question("data:image/png;base64,iVBORw0KGgoAAAA", "Hi")}},
+        400,
+    ),
+    (
+        "not an image",
+        {
+            "json": {
+                "model": "llava-rlhf",
+                "messages": image_question(
+                    "data:image/png;base64," + base64.b64encode(b"hello world" * 50).decode(), "Hi"
+                ),
+            }
+        },
+        400,
+    ),
+    (
+        "image URL not allowed",
+        {"json": {"model": "llava-rlhf", "messages": image_question("http://169.254.169.254/latest/meta-data", "Hi")}},
+        400,
+    ),
     ("unknown model", {"json": {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}}, 404),
     ("unknown version", {"json": {"model": "llava-rlhf@v999", "messages": [{"role": "user", "content": "Hi"}]}}, 404),
-    ("tokens over the cap", {"json": {"model": "llava-rlhf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100000}}, 400),
-    ("prompt over the context", {"json": {"model": "llava-rlhf", "messages": [{"role": "user", "content": "square " * 2000}]}}, 400),
-]  # fmt: skip
+    (
+        "tokens over the cap",
+        {"json": {"model": "llava-rlhf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100000}},
+        400,
+    ),
+    (
+        "prompt over the context",
+        {"json": {"model": "llava-rlhf", "messages": [{"role": "user", "content": "square " * 2000}]}},
+        400,
+    ),
+]
 
 
 @pytest.mark.parametrize("case, request_kwargs, status", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_chat_input_is_a_4xx_and_the_server_keeps_serving(gateway, case, request_kwargs, status):
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}",
-                          **request_kwargs.pop("headers", {})}, timeout=30, **request_kwargs)  # fmt: skip
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {ALICE}", **request_kwargs.pop("headers", {})},
+        timeout=30,
+        **request_kwargs,
+    )
     assert response.status_code == status, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     ok = sdk(gateway).chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
@@ -160,12 +221,17 @@ def test_a_huge_image_and_bad_keys_are_refused(gateway):
         )
     admin_with_user_key = httpx.get(f"{gateway.url}/v1/admin/adapters", headers={"Authorization": f"Bearer {ALICE}"})
     assert admin_with_user_key.status_code == 403
-    assert httpx.get(f"{gateway.url}/v1/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    assert (
+        httpx.get(f"{gateway.url}/v1/admin/adapters", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    )
 
 
 def test_feedback_for_an_unknown_response_is_404(gateway):
-    response = httpx.post(f"{gateway.url}/v1/feedback", headers={"Authorization": f"Bearer {ALICE}"},
-                          json={"response_id": "chatcmpl-does-not-exist", "rating": 1})  # fmt: skip
+    response = httpx.post(
+        f"{gateway.url}/v1/feedback",
+        headers={"Authorization": f"Bearer {ALICE}"},
+        json={"response_id": "chatcmpl-does-not-exist", "rating": 1},
+    )
     assert response.status_code == 404 and response.json()["error"]["param"] == "response_id"
 
 

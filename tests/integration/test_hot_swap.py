@@ -40,27 +40,40 @@ def stream_continuously(url: str, replica: str, messages, stop: threading.Event,
                 model="llava-rlhf", messages=messages, max_tokens=16, temperature=0, stream=True
             )
             text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
-            answers.append(Answer(replica, sent, time.monotonic(), raw.headers["x-alignloop-adapter"],
-                                  int(raw.headers["x-alignloop-revision"]), text))  # fmt: skip
-        except Exception as error:  # noqa: BLE001 - every failure is a test failure, reported below
+            answers.append(
+                Answer(
+                    replica,
+                    sent,
+                    time.monotonic(),
+                    raw.headers["x-alignloop-adapter"],
+                    int(raw.headers["x-alignloop-revision"]),
+                    text,
+                )
+            )
+        except Exception as error:
             answers.append(Answer(replica, sent, time.monotonic(), error=repr(error)))
 
 
-def test_promote_and_rollback_under_streaming_load(gateway, gateway_store, gateway_store_url, publish_random_adapter,
-                                                   vllm_server, tmp_path):  # fmt: skip
+def test_promote_and_rollback_under_streaming_load(
+    gateway, gateway_store, gateway_store_url, publish_random_adapter, vllm_server, tmp_path
+):
     replica_b = GatewayProcess(vllm_server.base_url, gateway_store_url, tmp_path, name="replica-b")
     admin = httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
     try:
         replica_b.wait_ready()
         adapter = publish_random_adapter(gateway_store, seed=7)
         before = admin.get("/v1/admin/adapters").json()
-        old_label = adapter_name(before["aliases"]["llava-rlhf"]) if before["aliases"].get("llava-rlhf") else BASE_VERSION_NAME
+        old_label = (
+            adapter_name(before["aliases"]["llava-rlhf"]) if before["aliases"].get("llava-rlhf") else BASE_VERSION_NAME
+        )
         messages = image_question(square_of("purple"), "Describe the image in detail.")
         answers: list[Answer] = []
         stop = threading.Event()
         replicas = {"a": gateway.url, "b": replica_b.url}
         threads = [
-            threading.Thread(target=stream_continuously, args=(replicas["ab"[i % 2]], "ab"[i % 2], messages, stop, answers))
+            threading.Thread(
+                target=stream_continuously, args=(replicas["ab"[i % 2]], "ab"[i % 2], messages, stop, answers)
+            )
             for i in range(CLIENTS)
         ]
         for thread in threads:

@@ -16,9 +16,28 @@ pytestmark = pytest.mark.slow
 
 def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tmp_path, capsys):
     work = tmp_path / "work"
-    code = main(["--events", "6", "--rounds", "2", "--arms", "corrections", "--gate-images", "2", "--test-images", "2",
-                 "--correction-share", "1.0", "--work-dir", str(work), "--output", str(tmp_path / "report.json"),
-                 "--plot", str(tmp_path / "plot.png")])  # fmt: skip
+    code = main(
+        [
+            "--events",
+            "6",
+            "--rounds",
+            "2",
+            "--arms",
+            "corrections",
+            "--gate-images",
+            "2",
+            "--test-images",
+            "2",
+            "--correction-share",
+            "1.0",
+            "--work-dir",
+            str(work),
+            "--output",
+            str(tmp_path / "report.json"),
+            "--plot",
+            str(tmp_path / "plot.png"),
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.loads(capsys.readouterr().out) == report

@@ -36,14 +36,33 @@ def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_mod
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     alignloop = str(Path(sys.executable).parent / "alignloop")
-    env = dict(os.environ, ALIGNLOOP_VLLM_PORT=str(free_port()), ALIGNLOOP_VLLM_LOG=str(tmp_path / "vllm.log"),
-               ALIGNLOOP_TRAINER_ROUND_MIN_PAIRS="24", ALIGNLOOP_TRAINER_EPOCHS="1", ALIGNLOOP_TRAINER_EVAL_IMAGES="8",
-               ALIGNLOOP_TRAINER_POLL_INTERVAL_S="1", ALIGNLOOP_TRAINER_CHAIR_TOLERANCE="1",
-               ALIGNLOOP_TRAINER_POPE_TOLERANCE="1", ALIGNLOOP_TRAINER_RECALL_TOLERANCE="1",
-               # The simulator (3 calls per event) and this test's polling share the dev key: no rate limit here.
-               ALIGNLOOP_RATE_LIMIT_PER_MINUTE="1000000")  # fmt: skip
-    command = [alignloop, "up", "--no-demo", "--port", str(port), "--model", str(bundled_model),
-               "--store", f"sqlite:///{tmp_path / 'store.db'}", "--adapter-dir", str(tmp_path / "adapters")]  # fmt: skip
+    env = dict(
+        os.environ,
+        ALIGNLOOP_VLLM_PORT=str(free_port()),
+        ALIGNLOOP_VLLM_LOG=str(tmp_path / "vllm.log"),
+        ALIGNLOOP_TRAINER_ROUND_MIN_PAIRS="24",
+        ALIGNLOOP_TRAINER_EPOCHS="1",
+        ALIGNLOOP_TRAINER_EVAL_IMAGES="8",
+        ALIGNLOOP_TRAINER_POLL_INTERVAL_S="1",
+        ALIGNLOOP_TRAINER_CHAIR_TOLERANCE="1",
+        ALIGNLOOP_TRAINER_POPE_TOLERANCE="1",
+        ALIGNLOOP_TRAINER_RECALL_TOLERANCE="1",
+        # The simulator (3 calls per event) and this test's polling share the dev key: no rate limit here.
+        ALIGNLOOP_RATE_LIMIT_PER_MINUTE="1000000",
+    )
+    command = [
+        alignloop,
+        "up",
+        "--no-demo",
+        "--port",
+        str(port),
+        "--model",
+        str(bundled_model),
+        "--store",
+        f"sqlite:///{tmp_path / 'store.db'}",
+        "--adapter-dir",
+        str(tmp_path / "adapters"),
+    ]
     log = (tmp_path / "gateway.log").open("wb")
     gateway = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -51,9 +70,24 @@ def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_mod
         (trainer,) = [p for p in psutil.Process(gateway.pid).children() if "trainer" in p.cmdline()]
         assert versions(url)["current_version"] is None  # the base model answers at first
 
-        simulated = subprocess.run([alignloop, "simulate", "--gateway-url", url, "--events", str(EVENTS),
-                                    "--concurrency", "4", "--output", str(tmp_path / "sim.json")],
-                                   capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+        simulated = subprocess.run(
+            [
+                alignloop,
+                "simulate",
+                "--gateway-url",
+                url,
+                "--events",
+                str(EVENTS),
+                "--concurrency",
+                "4",
+                "--output",
+                str(tmp_path / "sim.json"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert simulated.returncode == 0, simulated.stderr[-2000:]
         report = json.loads((tmp_path / "sim.json").read_text())
         assert report["events"] == EVENTS and report["failed_requests"] == 0, report["errors"]
@@ -66,9 +100,15 @@ def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_mod
         assert (tmp_path / "adapters" / f"policy-v{promoted}" / "adapter_config.json").is_file()
 
         def serves_it() -> bool:
-            answer = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-                "model": "llava-rlhf", "max_tokens": 4, "messages": [{"role": "user", "content": "How many objects?"}],
-            })  # fmt: skip
+            answer = httpx.post(
+                f"{url}/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": "llava-rlhf",
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "How many objects?"}],
+                },
+            )
             assert answer.status_code == 200, answer.text
             return answer.json()["system_fingerprint"] == f"policy-v{promoted}"
 
@@ -79,5 +119,8 @@ def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_mod
         log.close()
     trainer_log = (tmp_path / "trainer.log").read_text()
     assert "Traceback" not in trainer_log, trainer_log[-3000:]
-    wait_for(lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, 30,
-             "the trainer to stop with the gateway")  # fmt: skip
+    wait_for(
+        lambda: not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE,
+        30,
+        "the trainer to stop with the gateway",
+    )

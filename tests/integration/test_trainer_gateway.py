@@ -17,25 +17,43 @@ from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
 pytestmark = pytest.mark.slow
 
 
-def test_corrections_through_the_gateway_train_and_gate_a_version(gateway, gateway_store, gateway_store_url, vllm_server):
+def test_corrections_through_the_gateway_train_and_gate_a_version(
+    gateway, gateway_store, gateway_store_url, vllm_server
+):
     world, client = ShapesWorld(), sdk(gateway)
     corrected = 0
     for index in range(12):
         scene = world.scene("validation", 5000 + index)
-        answer = client.chat.completions.create(model="llava-rlhf", max_tokens=96, temperature=0,
-                                                messages=image_question(data_url(world.render(scene)), DESCRIBE_PROMPT))  # fmt: skip
+        answer = client.chat.completions.create(
+            model="llava-rlhf",
+            max_tokens=96,
+            temperature=0,
+            messages=image_question(data_url(world.render(scene)), DESCRIBE_PROMPT),
+        )
         truth = world.description(scene, noisy=False)
         if answer.choices[0].message.content.strip() != truth:
-            feedback = httpx.post(f"{gateway.url}/v1/feedback", headers={"Authorization": f"Bearer {ALICE}"},
-                                  json={"response_id": answer.id, "correction": truth}, timeout=30)  # fmt: skip
+            feedback = httpx.post(
+                f"{gateway.url}/v1/feedback",
+                headers={"Authorization": f"Bearer {ALICE}"},
+                json={"response_id": answer.id, "correction": truth},
+                timeout=30,
+            )
             assert feedback.status_code == 200, feedback.text
             corrected += 1
     assert corrected >= 1, "the bundled model described all 12 scenes perfectly; nothing to correct"
 
     before = gateway_store.promoted_version("llava-rlhf")
-    settings = TrainerSettings(store_url=gateway_store_url, model=vllm_server.config.model,
-                               adapter_dir=vllm_server.config.adapter_dir, gateway_url=gateway.url, api_key=ALICE,
-                               group="trainer-integration", round_min_pairs=1, epochs=2, eval_images=8)  # fmt: skip
+    settings = TrainerSettings(
+        store_url=gateway_store_url,
+        model=vllm_server.config.model,
+        adapter_dir=vllm_server.config.adapter_dir,
+        gateway_url=gateway.url,
+        api_key=ALICE,
+        group="trainer-integration",
+        round_min_pairs=1,
+        epochs=2,
+        eval_images=8,
+    )
     trainer = OnlineTrainer(settings, gateway_store)
     pairs = trainer.poll()
     assert sum(p.source == "correction" for p in pairs) >= corrected
@@ -48,21 +66,29 @@ def test_corrections_through_the_gateway_train_and_gate_a_version(gateway, gatew
     if result.promoted:
         assert adapter.status == "promoted" and gateway_store.promoted_version("llava-rlhf") == result.version
         deadline = time.monotonic() + 2.0  # the gateway swaps within 2 s of the promotion
-        while client.chat.completions.create(model="llava-rlhf", max_tokens=4, messages=[
-                {"role": "user", "content": "How many objects are there?"}]).system_fingerprint != adapter.name:  # fmt: skip
+        while (
+            client.chat.completions.create(
+                model="llava-rlhf", max_tokens=4, messages=[{"role": "user", "content": "How many objects are there?"}]
+            ).system_fingerprint
+            != adapter.name
+        ):
             assert time.monotonic() < deadline, "the gateway did not serve the promoted version within 2 s"
         gateway_store.rollback("llava-rlhf", reason="test cleanup")  # leave the alias as the other tests expect
     else:
         assert adapter.status == "rejected" and result.decision.reasons
         assert gateway_store.promoted_version("llava-rlhf") == before
     # The pinned version answers either way, with its name in the fingerprint.
-    pinned = client.chat.completions.create(model=f"llava-rlhf@v{result.version}", max_tokens=4,
-                                            messages=[{"role": "user", "content": "How many objects are there?"}])  # fmt: skip
+    pinned = client.chat.completions.create(
+        model=f"llava-rlhf@v{result.version}",
+        max_tokens=4,
+        messages=[{"role": "user", "content": "How many objects are there?"}],
+    )
     assert pinned.system_fingerprint == adapter.name
 
 
-def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(gateway, gateway_store, gateway_store_url,
-                                                                        vllm_server, tmp_path):  # fmt: skip
+def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(
+    gateway, gateway_store, gateway_store_url, vllm_server, tmp_path
+):
     """Users' prompts and the facts they register go through the gateway; the worker's PPO round trains on them,
     publishes into vLLM's adapter directory and is scored through the gateway pinned to the new version."""
     import base64
@@ -77,17 +103,32 @@ def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(gateway,
         question = DESCRIBE_PROMPT if index % 2 == 0 else "Is there a moon in the image?"
         client.chat.completions.create(model="llava-rlhf", max_tokens=16, messages=image_question(url, question))
         sha = hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest()
-        facts = httpx.post(f"{gateway.url}/v1/images/{sha}/facts", headers={"Authorization": f"Bearer {ALICE}"},
-                           json={"facts": world.facts(scene)}, timeout=30)  # fmt: skip
+        facts = httpx.post(
+            f"{gateway.url}/v1/images/{sha}/facts",
+            headers={"Authorization": f"Bearer {ALICE}"},
+            json={"facts": world.facts(scene)},
+            timeout=30,
+        )
         assert facts.status_code == 200, facts.text
     reward, _ = new_reward_model(vllm_server.config.model, lora_rank=4, seed=0)
-    reward_dir = save_reward_model(reward, tmp_path / "reward", {"with_facts": True, "base_model": vllm_server.config.model})
+    reward_dir = save_reward_model(
+        reward, tmp_path / "reward", {"with_facts": True, "base_model": vllm_server.config.model}
+    )
 
     before = gateway_store.promoted_version("llava-rlhf")
-    settings = TrainerSettings(store_url=gateway_store_url, model=vllm_server.config.model,
-                               adapter_dir=vllm_server.config.adapter_dir, gateway_url=gateway.url, api_key=ALICE,
-                               algorithm="ppo", reward_model=reward_dir, ppo_steps=2, ppo_rollout_batch=4,
-                               ppo_min_prompts=4, eval_images=8)  # fmt: skip
+    settings = TrainerSettings(
+        store_url=gateway_store_url,
+        model=vllm_server.config.model,
+        adapter_dir=vllm_server.config.adapter_dir,
+        gateway_url=gateway.url,
+        api_key=ALICE,
+        algorithm="ppo",
+        reward_model=reward_dir,
+        ppo_steps=2,
+        ppo_rollout_batch=4,
+        ppo_min_prompts=4,
+        eval_images=8,
+    )
     result = OnlineTrainer(settings, gateway_store).run_ppo_round()
 
     adapter = gateway_store.get_adapter(result.version)
@@ -96,6 +137,9 @@ def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(gateway,
     assert adapter.status == ("promoted" if result.promoted else "rejected")
     if result.promoted:
         gateway_store.rollback("llava-rlhf", reason="test cleanup")  # leave the alias as the other tests expect
-    pinned = client.chat.completions.create(model=f"llava-rlhf@v{result.version}", max_tokens=4,
-                                            messages=[{"role": "user", "content": "How many objects are there?"}])  # fmt: skip
+    pinned = client.chat.completions.create(
+        model=f"llava-rlhf@v{result.version}",
+        max_tokens=4,
+        messages=[{"role": "user", "content": "How many objects are there?"}],
+    )
     assert pinned.system_fingerprint == adapter.name

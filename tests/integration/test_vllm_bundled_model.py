@@ -6,7 +6,7 @@ import io
 import openai
 import pytest
 
-from training.shapes_world import SceneObject, Scene, ShapesWorld
+from training.shapes_world import Scene, SceneObject, ShapesWorld
 
 pytestmark = pytest.mark.slow
 

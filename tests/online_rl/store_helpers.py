@@ -27,9 +27,16 @@ def image_message(sha: str, question: str) -> list[dict]:
     ]
 
 
-def make_generation(store, generation_id: str, user: str = "u-alice", version: int | None = None,
-                    color=(200, 30, 30), question: str = "What color is the square?", response: str = "Red.",
-                    created: float | None = None) -> GenerationRecord:  # fmt: skip
+def make_generation(
+    store,
+    generation_id: str,
+    user: str = "u-alice",
+    version: int | None = None,
+    color=(200, 30, 30),
+    question: str = "What color is the square?",
+    response: str = "Red.",
+    created: float | None = None,
+) -> GenerationRecord:
     sha = store.put_image(png_bytes(color))
     record = GenerationRecord(
         id=generation_id,

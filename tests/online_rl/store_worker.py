@@ -1,10 +1,10 @@
 """A separate process that writes or consumes feedback, for the crash and concurrency tests.
 
-    python tests/online_rl/store_worker.py write URL GENERATION_ID COUNT KEY_PREFIX [SHARED_KEYS]
-        adds COUNT thumbs events, then SHARED_KEYS events whose idempotency keys every writer shares; prints
-        "ok KEY EVENT_ID" after each add_feedback returned, so the parent knows exactly what was acknowledged.
-    python tests/online_rl/store_worker.py consume URL GROUP CONSUMER COUNT
-        reads COUNT events, prints "got EVENT_ID" for each, then waits to be killed without acknowledging.
+python tests/online_rl/store_worker.py write URL GENERATION_ID COUNT KEY_PREFIX [SHARED_KEYS]
+    adds COUNT thumbs events, then SHARED_KEYS events whose idempotency keys every writer shares; prints
+    "ok KEY EVENT_ID" after each add_feedback returned, so the parent knows exactly what was acknowledged.
+python tests/online_rl/store_worker.py consume URL GROUP CONSUMER COUNT
+    reads COUNT events, prints "got EVENT_ID" for each, then waits to be killed without acknowledging.
 """
 
 import sys
@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from online_rl.schema import FeedbackEvent  # noqa: E402
-from online_rl.store import open_store  # noqa: E402
+from online_rl.schema import FeedbackEvent
+from online_rl.store import open_store
 
 
 def write(url: str, generation_id: str, count: int, key_prefix: str, shared: int = 0) -> None:

@@ -5,7 +5,13 @@ import json
 import pytest
 from peft import get_peft_model
 
-from online_rl.adapters import LANGUAGE_MODEL_LORA_TARGETS, language_model_lora, publish_adapter, vllm_base_model, write_adapter
+from online_rl.adapters import (
+    LANGUAGE_MODEL_LORA_TARGETS,
+    language_model_lora,
+    publish_adapter,
+    vllm_base_model,
+    write_adapter,
+)
 from online_rl.store import open_store
 from training.tiny_llava import TinyLlavaSpec, build_untrained, load_checkpoint
 

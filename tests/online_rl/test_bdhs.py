@@ -75,7 +75,9 @@ def test_a_sample_too_close_to_the_reference_is_retried_then_replaced_by_an_ungu
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_PROMPT}]}]
     image, truth = scene_image
     close = CountingEmbedder(same=True)
-    sample, guided = BDHSSampler(model, processor, BDHSConfig(tries=3), seed=0, embed=close).rejected(messages, image, truth)
+    sample, guided = BDHSSampler(model, processor, BDHSConfig(tries=3), seed=0, embed=close).rejected(
+        messages, image, truth
+    )
     assert not guided and sample and close.calls == 1 + 3  # the reference, then every try
     far = CountingEmbedder(same=False)
     sample, guided = BDHSSampler(model, processor, seed=0, embed=far).rejected(messages, image, truth)
@@ -85,26 +87,39 @@ def test_a_sample_too_close_to_the_reference_is_retried_then_replaced_by_an_ungu
 
 def test_a_flipped_yes_becomes_the_rejected_answer(bundled, scene_image):
     model, processor = bundled
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a star in the image?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a star in the image?"}]}
+    ]
     sampler = BDHSSampler(model, processor, BDHSConfig(flip_prob=1.0), seed=0, embed=CountingEmbedder(same=False))
     sample, guided = sampler.rejected(messages, scene_image[0], "Yes.")
     assert guided and sample.startswith("No")
 
 
 def _generation(gid: str, response: str = "Red.", prompt: str = "What color is the star?") -> GenerationRecord:
-    return GenerationRecord(id=gid, alias="llava-rlhf", messages=image_message(SHA, prompt), response=response,
-                            user_id="u")  # fmt: skip
+    return GenerationRecord(
+        id=gid, alias="llava-rlhf", messages=image_message(SHA, prompt), response=response, user_id="u"
+    )
 
 
 def test_only_up_rated_answers_without_a_partner_get_bdhs():
-    generations = {g.id: g for g in [_generation("up"), _generation("paired"), _generation("tied"),
-                                     _generation("down"), _generation("empty", response=" ")]}  # fmt: skip
-    events = [FeedbackEvent(generation_id="up", rating=1, user_id="a"),
-              FeedbackEvent(generation_id="paired", rating=1, user_id="a"),
-              FeedbackEvent(generation_id="tied", rating=1, user_id="a"),
-              FeedbackEvent(generation_id="tied", rating=-1, user_id="b"),
-              FeedbackEvent(generation_id="down", rating=-1, user_id="a"),
-              FeedbackEvent(generation_id="empty", rating=1, user_id="a")]  # fmt: skip
+    generations = {
+        g.id: g
+        for g in [
+            _generation("up"),
+            _generation("paired"),
+            _generation("tied"),
+            _generation("down"),
+            _generation("empty", response=" "),
+        ]
+    }
+    events = [
+        FeedbackEvent(generation_id="up", rating=1, user_id="a"),
+        FeedbackEvent(generation_id="paired", rating=1, user_id="a"),
+        FeedbackEvent(generation_id="tied", rating=1, user_id="a"),
+        FeedbackEvent(generation_id="tied", rating=-1, user_id="b"),
+        FeedbackEvent(generation_id="down", rating=-1, user_id="a"),
+        FeedbackEvent(generation_id="empty", rating=1, user_id="a"),
+    ]
     paired = [PreferencePair((), "Red.", "Blue.", "thumbs", "paired", "other", ())]
     good = unpartnered_good_answers(events, generations.get, paired)
     assert [(g.id, ids) for g, ids in good] == [("up", (events[0].id,))]

@@ -20,8 +20,15 @@ from training.losses import IGNORE_INDEX, dpo_loss, token_logps, weighted_sequen
 from training.tiny_llava import TinyLlavaSpec, build_untrained, load_checkpoint
 
 SHA = "a" * 64
-PROMPT = ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{SHA}"}},
-                                      {"type": "text", "text": "Describe the image in detail."}]},)  # fmt: skip
+PROMPT = (
+    {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": f"sha256:{SHA}"}},
+            {"type": "text", "text": "Describe the image in detail."},
+        ],
+    },
+)
 
 
 def png_bytes() -> bytes:
@@ -37,9 +44,15 @@ def tiny(tmp_path_factory):
 
 
 def pair(source="correction") -> PreferencePair:
-    return PreferencePair(messages=PROMPT, chosen="There is one red star.", rejected="There is one red star and a moon.",
-                          source=source, chosen_generation_id=None, rejected_generation_id="gen-1",
-                          event_ids=("fb-1",))  # fmt: skip
+    return PreferencePair(
+        messages=PROMPT,
+        chosen="There is one red star.",
+        rejected="There is one red star and a moon.",
+        source=source,
+        chosen_generation_id=None,
+        rejected_generation_id="gen-1",
+        event_ids=("fb-1",),
+    )
 
 
 def test_labels_cover_only_the_response(tiny):
@@ -58,9 +71,17 @@ def test_dense_weights_mark_the_corrected_tokens(tiny):
     decode = processor.tokenizer.decode
     # The diff keeps " There is one red star" (a run of >= 3 tokens); the rest of each side was changed.
     assert [(decode([t]), w) for t, w in zip(rejected.labels, rejected.weights) if t != IGNORE_INDEX] == [
-        (" There", 1.0), (" is", 1.0), (" one", 1.0), (" red", 1.0), (" star", 1.0),
-        (" and", 5.0), (" a", 5.0), (" moon", 5.0), (".", 5.0), ("</s>", 5.0),
-    ]  # fmt: skip
+        (" There", 1.0),
+        (" is", 1.0),
+        (" one", 1.0),
+        (" red", 1.0),
+        (" star", 1.0),
+        (" and", 5.0),
+        (" a", 5.0),
+        (" moon", 5.0),
+        (".", 5.0),
+        ("</s>", 5.0),
+    ]
     assert [w for t, w in zip(chosen.labels, chosen.weights) if t != IGNORE_INDEX] == [1.0] * 5 + [5.0, 5.0]
     # Thumbs pairs have no corrected span: plain DPO weights.
     plain_chosen, _ = encoder.encode_pair(pair(source="thumbs"))
@@ -87,19 +108,40 @@ def test_dpo_equals_trls_sigmoid_loss():
     ref_logps = -torch.rand(2 * pairs) * 4
 
     trainer = DPOTrainer.__new__(DPOTrainer)
-    accelerator = types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x,
-                                        unwrap_model=lambda m: m)  # fmt: skip
-    trainer.__dict__.update(dict(
-        model=types.SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0],
-        beta=beta, use_weighting=False, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1,
-    ))  # fmt: skip
-    outputs = types.SimpleNamespace(log_probs=policy_token_logps, entropy=torch.zeros(2 * pairs, length - 1),
-                                    mean_logits=torch.zeros(2 * pairs, length - 1),
-                                    is_top1=torch.zeros(2 * pairs, length - 1, dtype=torch.bool))  # fmt: skip
-    inputs = {"input_ids": torch.ones(2 * pairs, length, dtype=torch.long), "attention_mask": mask,
-              "completion_mask": mask, "ref_chosen_logps": ref_logps[:pairs], "ref_rejected_logps": ref_logps[pairs:]}  # fmt: skip
+    accelerator = types.SimpleNamespace(
+        device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
+    )
+    trainer.__dict__.update(
+        dict(
+            model=types.SimpleNamespace(training=True),
+            accelerator=accelerator,
+            aux_loss_enabled=False,
+            ld_alpha=None,
+            precompute_ref_logps=True,
+            f_divergence_type="reverse_kl",
+            loss_types=["sigmoid"],
+            loss_weights=[1.0],
+            beta=beta,
+            use_weighting=False,
+            label_smoothing=0.0,
+            _metrics=defaultdict(lambda: defaultdict(list)),
+            _total_train_tokens=0,
+            _tp_size=1,
+        )
+    )
+    outputs = types.SimpleNamespace(
+        log_probs=policy_token_logps,
+        entropy=torch.zeros(2 * pairs, length - 1),
+        mean_logits=torch.zeros(2 * pairs, length - 1),
+        is_top1=torch.zeros(2 * pairs, length - 1, dtype=torch.bool),
+    )
+    inputs = {
+        "input_ids": torch.ones(2 * pairs, length, dtype=torch.long),
+        "attention_mask": mask,
+        "completion_mask": mask,
+        "ref_chosen_logps": ref_logps[:pairs],
+        "ref_rejected_logps": ref_logps[pairs:],
+    }
     trl_loss = trainer._compute_loss(lambda **kwargs: outputs, inputs, return_outputs=False)
 
     scores = weighted_sequence_score(policy_token_logps, mask[:, 1:].float(), normalize=False)
@@ -138,8 +180,9 @@ def test_sft_weight_adds_the_chosen_answers_token_nll(tiny):
     assert float(with_sft.detach()) == pytest.approx(float(plain.detach()) + 0.5 * metrics["chosen_nll"], rel=1e-5)
     # The NLL is the chosen rows' (the first half's) mean token NLL under the policy.
     with torch.no_grad():
-        logps = token_logps(policy(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits,
-                            batch["labels"])  # fmt: skip
+        logps = token_logps(
+            policy(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits, batch["labels"]
+        )
     labels = batch["labels"][:2, 1:]
     expected = (-logps[:2].sum(-1) / (labels != IGNORE_INDEX).sum(-1)).mean()
     assert metrics["chosen_nll"] == pytest.approx(float(expected), rel=1e-5)

@@ -23,10 +23,12 @@ def filled(store):
     make_generation(store, "chatcmpl-desc", question="Describe the image.", response="A red square and a moon.")
     store.add_feedback(thumbs("chatcmpl-good", 1))
     store.add_feedback(thumbs("chatcmpl-bad", -1))
-    store.add_feedback(FeedbackEvent(generation_id="chatcmpl-desc", user_id="u-alice", rating=-1,
-                                     correction="A red square."))  # fmt: skip
-    store.add_preference(PreferenceEvent(generation_ids=("chatcmpl-good", "chatcmpl-bad"),
-                                         preferred_id="chatcmpl-good", user_id="u-bob"))  # fmt: skip
+    store.add_feedback(
+        FeedbackEvent(generation_id="chatcmpl-desc", user_id="u-alice", rating=-1, correction="A red square.")
+    )
+    store.add_preference(
+        PreferenceEvent(generation_ids=("chatcmpl-good", "chatcmpl-bad"), preferred_id="chatcmpl-good", user_id="u-bob")
+    )
     return store, good.image_hashes[0]
 
 
@@ -40,14 +42,17 @@ def test_trl_pairs_as_jsonl_with_image_files(filled, tmp_path):
     assert summary["by_source"] == {"correction": 1, "thumbs": 1, "preference": 1} and summary["rows"] == 3
     rows = read_jsonl(tmp_path / "out" / "pairs.jsonl")
     correction = rows[0]
-    assert correction["prompt"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    assert correction["prompt"] == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}
+    ]
     assert correction["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]
     assert correction["rejected"][0]["content"][0]["text"] == "A red square and a moon."
     assert correction["images"] == [f"images/{sha}.png"]
     assert (tmp_path / "out" / correction["images"][0]).read_bytes() == png_bytes()
     assert [(r["chosen"][0]["content"][0]["text"], r["rejected"][0]["content"][0]["text"]) for r in rows[1:]] == [
-        ("Red.", "Blue."), ("Red.", "Blue."),
-    ]  # fmt: skip
+        ("Red.", "Blue."),
+        ("Red.", "Blue."),
+    ]
 
 
 def test_rlhfv_pairs_as_parquet_with_embedded_images(filled, tmp_path):
@@ -67,7 +72,10 @@ def test_trl_parquet_loads_as_a_conversational_vision_dataset(filled, tmp_path):
     store, _ = filled
     export_feedback(store, tmp_path / "out", what="pairs", style="trl", fmt="parquet")
     row = datasets.Dataset.from_parquet(str(tmp_path / "out" / "pairs.parquet"))[0]
-    assert row["prompt"][0]["content"][0]["type"] == "image" and row["prompt"][0]["content"][1]["text"] == "Describe the image."
+    assert (
+        row["prompt"][0]["content"][0]["type"] == "image"
+        and row["prompt"][0]["content"][1]["text"] == "Describe the image."
+    )
     assert row["images"][0].size == (8, 8) and row["chosen"][0]["role"] == "assistant"
 
 
@@ -91,17 +99,29 @@ def test_an_export_never_overwrites(filled, tmp_path):
 
 def test_the_cli_exports_and_fails_in_one_line(tmp_path):
     url = f"sqlite:///{tmp_path / 'a.db'}"
-    missing = subprocess.run([str(ALIGNLOOP), "feedback", "export", "--store", url, "--output", str(tmp_path / "o")],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    missing = subprocess.run(
+        [str(ALIGNLOOP), "feedback", "export", "--store", url, "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "no store at" in missing.stderr
     with open_store(url) as store:
         make_generation(store, "chatcmpl-1", response="A moon.")
         store.add_feedback(FeedbackEvent(generation_id="chatcmpl-1", user_id="u-1", correction="A star."))
-    done = subprocess.run([str(ALIGNLOOP), "feedback", "export", "--store", url, "--output", str(tmp_path / "o"),
-                           "--style", "rlhfv"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(ALIGNLOOP), "feedback", "export", "--store", url, "--output", str(tmp_path / "o"), "--style", "rlhfv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["rows"] == 1
     assert read_jsonl(tmp_path / "o" / "pairs.jsonl")[0]["chosen"] == "A star."
-    down = subprocess.run([str(ALIGNLOOP), "feedback", "purge", "--store", "redis://127.0.0.1:9/0"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    down = subprocess.run(
+        [str(ALIGNLOOP), "feedback", "purge", "--store", "redis://127.0.0.1:9/0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert down.returncode == 1 and "cannot reach the Redis store" in down.stderr and "Traceback" not in down.stderr

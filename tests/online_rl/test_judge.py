@@ -42,10 +42,15 @@ def test_a_hallucinated_object_is_deleted_and_the_count_fixed(scene):
 
 
 def test_a_wrong_attribute_is_rewritten_and_true_sentences_are_kept_verbatim(scene):
-    response = "There are three objects. A small red moon is at the middle left. A small blue cross is at the top right."
+    response = (
+        "There are three objects. A small red moon is at the middle left. A small blue cross is at the top right."
+    )
     corrected, hallucinated = correct_description(scene, response)
     assert hallucinated == ()
-    assert corrected == "There are three objects. A small red moon is at the middle left. A large green cross is at the bottom left."
+    assert (
+        corrected
+        == "There are three objects. A small red moon is at the middle left. A large green cross is at the bottom left."
+    )
 
 
 def test_two_moons_are_told_apart_by_color(scene):

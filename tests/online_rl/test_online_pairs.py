@@ -29,8 +29,13 @@ def log_prompt(store, world: ShapesWorld, index: int, question: str, with_facts:
     buffer = io.BytesIO()
     world.render(scene).save(buffer, format="PNG")
     sha = store.put_image(buffer.getvalue())
-    record = GenerationRecord(id=gid or f"gen-{index}-{len(question)}", alias="llava-rlhf",
-                              messages=image_message(sha, question), response="x", user_id="u-sim")  # fmt: skip
+    record = GenerationRecord(
+        id=gid or f"gen-{index}-{len(question)}",
+        alias="llava-rlhf",
+        messages=image_message(sha, question),
+        response="x",
+        user_id="u-sim",
+    )
     store.add_generation(record)
     if with_facts:
         store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
@@ -100,6 +105,9 @@ def test_the_bundled_model_samples_answers_that_the_judge_ranks(sqlite_store, bu
     assert pairs, "four samples of six descriptions were all judged alike"
     judge, prompts = ShapesRuleJudge(), {p.record.prompt_hash: p for p in judgeable_prompts(sqlite_store, world)}
     for pair in pairs:
-        prompt: JudgeablePrompt = prompts[GenerationRecord(id="x", alias="a", messages=list(pair.messages),
-                                                           user_id="u").prompt_hash]  # fmt: skip
-        assert judge.score(prompt.scene, prompt.item, pair.chosen) > judge.score(prompt.scene, prompt.item, pair.rejected)
+        prompt: JudgeablePrompt = prompts[
+            GenerationRecord(id="x", alias="a", messages=list(pair.messages), user_id="u").prompt_hash
+        ]
+        assert judge.score(prompt.scene, prompt.item, pair.chosen) > judge.score(
+            prompt.scene, prompt.item, pair.rejected
+        )

@@ -7,10 +7,18 @@ SHA = "a" * 64
 
 
 def generation(gid: str, response: str, question: str = "Describe the image.", version: int | None = None):
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{SHA}"}},
-                                             {"type": "text", "text": question}]}]  # fmt: skip
-    return GenerationRecord(id=gid, alias="llava-rlhf", adapter_version=version, messages=messages, response=response,
-                            user_id="u-1")  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"sha256:{SHA}"}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    return GenerationRecord(
+        id=gid, alias="llava-rlhf", adapter_version=version, messages=messages, response=response, user_id="u-1"
+    )
 
 
 RECORDS = {
@@ -22,7 +30,9 @@ RECORDS = {
 
 
 def fb(gid: str, rating=None, correction=None, user="u-1", eid=None):
-    return FeedbackEvent(generation_id=gid, rating=rating, correction=correction, user_id=user, **({"id": eid} if eid else {}))
+    return FeedbackEvent(
+        generation_id=gid, rating=rating, correction=correction, user_id=user, **({"id": eid} if eid else {})
+    )
 
 
 def test_a_correction_is_chosen_over_the_answer_it_corrects():
@@ -60,7 +70,12 @@ def test_pairs_per_prompt_are_capped():
 def test_a_preference_names_chosen_and_rejected():
     event = PreferenceEvent(generation_ids=("g1", "g2"), preferred_id="g2", user_id="u-1", id="p1")
     (pair,) = pairs_from_preferences([event], RECORDS.get)
-    assert (pair.chosen, pair.rejected, pair.source, pair.event_ids) == ("A red star.", "A red star and a moon.", "preference", ("p1",))
+    assert (pair.chosen, pair.rejected, pair.source, pair.event_ids) == (
+        "A red star.",
+        "A red star and a moon.",
+        "preference",
+        ("p1",),
+    )
 
 
 def test_unknown_generations_are_skipped():

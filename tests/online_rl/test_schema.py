@@ -6,13 +6,13 @@ import pytest
 from online_rl.schema import (
     AdapterVersion,
     FactsRecord,
-    GenerationRecord,
-    event_fingerprint,
     FeedbackEvent,
+    GenerationRecord,
+    PreferenceEvent,
+    event_fingerprint,
     hash_user_id,
     image_refs,
     parse_stream_event,
-    PreferenceEvent,
     prompt_hash,
 )
 
@@ -20,8 +20,15 @@ SHA = "c" * 64
 
 
 def messages(question="What color?", sha=SHA):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
-                                         {"type": "text", "text": question}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
 
 
 def test_user_ids_are_salted_hashes():

@@ -19,7 +19,9 @@ from training.shapes_world import QAItem, Scene, SceneObject, ShapesWorld
 
 @pytest.fixture
 def scene() -> Scene:
-    return Scene("validation", 0, (SceneObject("star", "red", "small", 0, 0), SceneObject("cross", "blue", "large", 1, 1)))
+    return Scene(
+        "validation", 0, (SceneObject("star", "red", "small", 0, 0), SceneObject("cross", "blue", "large", 1, 1))
+    )
 
 
 PRESENT = QAItem("presence", "Is there a star in the image?", "Yes.", "star")
@@ -28,7 +30,9 @@ TRUE_DESCRIPTION = "There are two objects. A small red star is at the top left. 
 
 
 def simulator(**overrides) -> FeedbackSimulator:
-    return FeedbackSimulator(SimulatorSettings(**{"users": 10, "correction_share": 1.0, **overrides}), client=None)  # rating needs no gateway
+    return FeedbackSimulator(
+        SimulatorSettings(**{"users": 10, "correction_share": 1.0, **overrides}), client=None
+    )  # rating needs no gateway
 
 
 def test_users_come_in_the_configured_shares():
@@ -80,8 +84,9 @@ def test_corrupted_short_answers_are_always_wrong(scene, item, truth):
 
 def test_a_run_sends_every_event_with_its_facts_and_reports_per_version(client, store, fake_vllm):  # noqa: F811
     fake_vllm.answer_for = lambda body: "Yes."  # right for present shapes, a hallucination for absent ones
-    sim_settings = SimulatorSettings(events=12, users=4, adversarial_share=0.25, correction_share=1.0, concurrency=1,
-                                     description_share=0.0, seed=3)  # fmt: skip
+    sim_settings = SimulatorSettings(
+        events=12, users=4, adversarial_share=0.25, correction_share=1.0, concurrency=1, description_share=0.0, seed=3
+    )
     sim = FeedbackSimulator(sim_settings, GatewayClient("http://testserver", ALICE, http_client=client))
     report = sim.run().to_dict()
 
@@ -97,8 +102,14 @@ def test_a_run_sends_every_event_with_its_facts_and_reports_per_version(client, 
     assert sum(count for (rating, _), count in expected.items() if rating == 1) > 0  # both thumbs occur
     assert sum(count for (rating, _), count in expected.items() if rating == -1) > 0
     world = ShapesWorld()
-    facts = [[record for record in store.get_facts(store.get_generation(event.generation_id).image_hashes[0])
-              if record.source == "user"] for event in events]  # fmt: skip
+    facts = [
+        [
+            record
+            for record in store.get_facts(store.get_generation(event.generation_id).image_hashes[0])
+            if record.source == "user"
+        ]
+        for event in events
+    ]
     assert [len(records) for records in facts] == [1] * 12  # each image's truth registered once
     truths = [tuple(world.facts(world.scene("validation", sim_settings.start + n))) for n in range(12)]
     assert [tuple(records[0].facts) for records in facts] == truths
@@ -110,7 +121,10 @@ def test_a_run_against_a_gateway_that_is_down_fails_with_one_line(capsys):
     code = cli_main(["simulate", "--gateway-url", "http://127.0.0.1:9", "--events", "3"])
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert err == "alignloop simulate: error: The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
+    assert (
+        err
+        == "alignloop simulate: error: The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
+    )
     with pytest.raises(GatewayError):
         GatewayClient("http://127.0.0.1:9", "k", timeout_s=2).models()
 
@@ -119,8 +133,16 @@ def test_regenerated_answers_are_rated_one_by_one_and_make_thumbs_pairs(client, 
     from demo.client import image_data_url
     from online_rl.pairs import build_pairs
 
-    sim_settings = SimulatorSettings(events=8, users=2, correction_share=0.0, concurrency=1, description_share=0.0,
-                                     temperature=1.0, regenerations=1, seed=5)  # fmt: skip
+    sim_settings = SimulatorSettings(
+        events=8,
+        users=2,
+        correction_share=0.0,
+        concurrency=1,
+        description_share=0.0,
+        temperature=1.0,
+        regenerations=1,
+        seed=5,
+    )
     sim = FeedbackSimulator(sim_settings, GatewayClient("http://testserver", ALICE, http_client=client))
     truth = {}
     for number in range(4):

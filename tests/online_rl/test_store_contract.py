@@ -131,10 +131,13 @@ def test_facts_and_corrections_are_attached_to_the_image(store):
     store.add_facts(FactsRecord(image_sha256=sha, caption="A red square.", source="shapesworld"))
     store.add_feedback(
         FeedbackEvent(
-            generation_id="chatcmpl-1", user_id="u-alice", rating=-1, correction="A red square.",
+            generation_id="chatcmpl-1",
+            user_id="u-alice",
+            rating=-1,
+            correction="A red square.",
             facts=["There is no moon."],
         )
-    )  # fmt: skip
+    )
     facts = store.get_facts(sha)
     assert [(f.source, f.caption, f.facts) for f in facts] == [
         ("shapesworld", "A red square.", []),
@@ -223,7 +226,9 @@ def test_registering_a_version_acknowledges_its_events_atomically(store):
     deliveries = store.read_events("trainer", "w", count=3)
     version = store.allocate_adapter_version()
     ids = [d.delivery_id for d in deliveries]
-    store.register_adapter(adapter(version, feedback_range=(ids[0], ids[-1]), num_feedback_events=3), ack=("trainer", ids))
+    store.register_adapter(
+        adapter(version, feedback_range=(ids[0], ids[-1]), num_feedback_events=3), ack=("trainer", ids)
+    )
     assert store.pending_count("trainer") == 0
     assert store.get_adapter(version).feedback_range == (ids[0], ids[-1])
     # A failed registration (the version exists) acknowledges nothing.
@@ -275,8 +280,11 @@ def test_promotion_is_compare_and_set_with_history_and_rollback(store):
         store.rollback("llava-rlhf")
     history = store.alias_history("llava-rlhf")
     assert [(c.from_version, c.to_version, c.action) for c in history] == [
-        (None, 1, "promote"), (1, 2, "promote"), (2, 1, "rollback"), (1, None, "rollback"),
-    ]  # fmt: skip
+        (None, 1, "promote"),
+        (1, 2, "promote"),
+        (2, 1, "rollback"),
+        (1, None, "rollback"),
+    ]
     assert [c.seq for c in history] == [3, 4, 5, 6] and store.registry_revision() == 6
     with pytest.raises(NotFoundError):
         store.promote("llava-rlhf", 7)

@@ -33,17 +33,39 @@ def add_corrections(store, count: int, start: int = 0) -> None:
     Image.new("RGB", (96, 96), (30, 30, 200)).save(buffer, format="PNG")
     sha = store.put_image(buffer.getvalue())
     for index in range(start, start + count):
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
-                                                 {"type": "text", "text": f"Describe the image. ({index})"}]}]  # fmt: skip
-        store.add_generation(GenerationRecord(id=f"gen-{index}", alias="llava-rlhf", messages=messages,
-                                              response="There is one blue star and a moon.", user_id="u-1"))  # fmt: skip
-        store.add_feedback(FeedbackEvent(generation_id=f"gen-{index}", correction="There is one blue star.",
-                                         user_id="u-1"))  # fmt: skip
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                    {"type": "text", "text": f"Describe the image. ({index})"},
+                ],
+            }
+        ]
+        store.add_generation(
+            GenerationRecord(
+                id=f"gen-{index}",
+                alias="llava-rlhf",
+                messages=messages,
+                response="There is one blue star and a moon.",
+                user_id="u-1",
+            )
+        )
+        store.add_feedback(
+            FeedbackEvent(generation_id=f"gen-{index}", correction="There is one blue star.", user_id="u-1")
+        )
 
 
 def settings_for(base_model, tmp_path, **overrides) -> TrainerSettings:
-    return TrainerSettings(model=str(base_model), adapter_dir=tmp_path / "adapters", round_min_pairs=2, epochs=1,
-                           batch_pairs=2, eval_images=1, **overrides)  # fmt: skip
+    return TrainerSettings(
+        model=str(base_model),
+        adapter_dir=tmp_path / "adapters",
+        round_min_pairs=2,
+        epochs=1,
+        batch_pairs=2,
+        eval_images=1,
+        **overrides,
+    )
 
 
 def test_the_gate_by_hand():
@@ -57,8 +79,9 @@ def test_the_gate_by_hand():
 def test_a_round_publishes_acks_gates_and_promotes(base_model, store, tmp_path):
     add_corrections(store, 3)
     scored = []
-    trainer = OnlineTrainer(settings_for(base_model, tmp_path), store,
-                            scorer=lambda name: scored.append(name) or dict(GOOD))  # fmt: skip
+    trainer = OnlineTrainer(
+        settings_for(base_model, tmp_path), store, scorer=lambda name: scored.append(name) or dict(GOOD)
+    )
     pairs = trainer.poll()
     assert len(pairs) == 3 and trainer.round_due(pairs)
     result = trainer.run_round(pairs)
@@ -72,8 +95,7 @@ def test_a_round_publishes_acks_gates_and_promotes(base_model, store, tmp_path):
 
     # The next round starts from v1; a candidate that hallucinates more is rejected and the alias stays.
     add_corrections(store, 2, start=10)
-    worse = OnlineTrainer(settings_for(base_model, tmp_path), store,
-                          scorer=lambda name: {**GOOD, "chair_s": 0.3})  # fmt: skip
+    worse = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: {**GOOD, "chair_s": 0.3})
     second = worse.run_round(worse.poll())
     assert not second.promoted and store.get_adapter(2).status == "rejected"
     notes = store.get_adapter(2).notes
@@ -105,14 +127,30 @@ def test_mixed_dpo_trains_on_judged_online_pairs_from_logged_prompts(bundled_mod
         world.render(scene).save(buffer, format="PNG")
         sha = store.put_image(buffer.getvalue())
         store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
-                                                 {"type": "text", "text": DESCRIBE_PROMPT}]}]  # fmt: skip
-        store.add_generation(GenerationRecord(id=f"gen-{index}", alias="llava-rlhf", messages=messages,
-                                              response=world.description(scene, noisy=True), user_id="u-1"))  # fmt: skip
-        store.add_feedback(FeedbackEvent(generation_id=f"gen-{index}", correction=world.description(scene, noisy=False),
-                                         user_id="u-1"))  # fmt: skip
-    trainer = OnlineTrainer(settings_for(bundled_model, tmp_path, online_share=1.0, online_samples=4), store,
-                            scorer=lambda name: dict(GOOD))  # fmt: skip
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                    {"type": "text", "text": DESCRIBE_PROMPT},
+                ],
+            }
+        ]
+        store.add_generation(
+            GenerationRecord(
+                id=f"gen-{index}",
+                alias="llava-rlhf",
+                messages=messages,
+                response=world.description(scene, noisy=True),
+                user_id="u-1",
+            )
+        )
+        store.add_feedback(
+            FeedbackEvent(generation_id=f"gen-{index}", correction=world.description(scene, noisy=False), user_id="u-1")
+        )
+    trainer = OnlineTrainer(
+        settings_for(bundled_model, tmp_path, online_share=1.0, online_samples=4), store, scorer=lambda name: dict(GOOD)
+    )
     result = trainer.run_round(trainer.poll())
     notes = store.get_adapter(result.version).notes
     online = int(notes.split("(")[1].split(" online")[0])
@@ -126,10 +164,24 @@ def add_thumbs_up(store, world, count: int) -> None:
         buffer = io.BytesIO()
         world.render(scene).save(buffer, format="PNG")
         sha = store.put_image(buffer.getvalue())
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
-                                                 {"type": "text", "text": "Describe the image in detail."}]}]  # fmt: skip
-        store.add_generation(GenerationRecord(id=f"good-{index}", alias="llava-rlhf", messages=messages,
-                                              response=world.description(scene, noisy=False), user_id="u-1"))  # fmt: skip
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                    {"type": "text", "text": "Describe the image in detail."},
+                ],
+            }
+        ]
+        store.add_generation(
+            GenerationRecord(
+                id=f"good-{index}",
+                alias="llava-rlhf",
+                messages=messages,
+                response=world.description(scene, noisy=False),
+                user_id="u-1",
+            )
+        )
         store.add_feedback(FeedbackEvent(generation_id=f"good-{index}", rating=1, user_id="u-1"))
 
 
@@ -137,8 +189,9 @@ def test_lone_thumbs_up_become_bdhs_pairs_and_trigger_a_round(bundled_model, sto
     from training.shapes_world import ShapesWorld
 
     add_thumbs_up(store, ShapesWorld(), 3)
-    trainer = OnlineTrainer(settings_for(bundled_model, tmp_path, bdhs_per_round=2), store,
-                            scorer=lambda name: dict(GOOD))  # fmt: skip
+    trainer = OnlineTrainer(
+        settings_for(bundled_model, tmp_path, bdhs_per_round=2), store, scorer=lambda name: dict(GOOD)
+    )
     pairs = trainer.poll()
     assert pairs == [] and len(trainer.bdhs_candidates) == 2 and trainer.round_due(pairs)  # 2 BDHS pairs due
     result = trainer.run_round(pairs)
@@ -162,11 +215,20 @@ def test_events_that_support_no_pair_at_all_are_acknowledged_without_a_version(b
 
 def test_pair_sources_pick_what_a_round_trains_on(base_model, store, tmp_path):
     add_corrections(store, 3)
-    trainer = OnlineTrainer(settings_for(base_model, tmp_path, pair_sources=frozenset({"thumbs"})), store,
-                            scorer=lambda name: dict(GOOD))  # fmt: skip
+    trainer = OnlineTrainer(
+        settings_for(base_model, tmp_path, pair_sources=frozenset({"thumbs"})), store, scorer=lambda name: dict(GOOD)
+    )
     assert trainer.poll() == []  # corrections only, and this trainer takes thumbs only
-    assert len(OnlineTrainer(settings_for(base_model, tmp_path, pair_sources=frozenset({"correction"})), store,
-                             scorer=lambda name: dict(GOOD)).poll()) == 3  # fmt: skip
+    assert (
+        len(
+            OnlineTrainer(
+                settings_for(base_model, tmp_path, pair_sources=frozenset({"correction"})),
+                store,
+                scorer=lambda name: dict(GOOD),
+            ).poll()
+        )
+        == 3
+    )
     with pytest.raises(ValueError, match="pair_sources"):
         TrainerSettings(pair_sources=frozenset({"stars"}))
 
@@ -184,10 +246,18 @@ def log_traffic(store, world, count: int, with_facts: bool = True) -> None:
         if with_facts:
             store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
         question = DESCRIBE_PROMPT if index % 2 == 0 else "Is there a moon in the image?"
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
-                                                 {"type": "text", "text": question}]}]  # fmt: skip
-        store.add_generation(GenerationRecord(id=f"traffic-{index}", alias="llava-rlhf", messages=messages,
-                                              response="x", user_id="u-1"))  # fmt: skip
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": f"sha256:{sha}"}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ]
+        store.add_generation(
+            GenerationRecord(id=f"traffic-{index}", alias="llava-rlhf", messages=messages, response="x", user_id="u-1")
+        )
 
 
 @pytest.fixture
@@ -198,7 +268,9 @@ def reward_model_dir(bundled_model, tmp_path):
     return save_reward_model(model, tmp_path / "reward", {"with_facts": True, "base_model": str(bundled_model)})
 
 
-def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(bundled_model, store, tmp_path, reward_model_dir):
+def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(
+    bundled_model, store, tmp_path, reward_model_dir
+):
     from training.evaluation.shapes_bench import DESCRIPTION_MAX_TOKENS, SHORT_ANSWER_MAX_TOKENS
     from training.ppo import traffic_prompts
     from training.shapes_world import ShapesWorld
@@ -209,8 +281,15 @@ def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(bundled_m
     assert len(prompts) == 6 and {p.kind for p in prompts} == {"description", "presence"}
     assert all(p.facts and p.scene is not None for p in prompts)
     assert {p.prompt.max_new_tokens for p in prompts} == {DESCRIPTION_MAX_TOKENS, SHORT_ANSWER_MAX_TOKENS}
-    settings = settings_for(bundled_model, tmp_path, algorithm="ppo", reward_model=reward_model_dir, ppo_steps=2,
-                            ppo_rollout_batch=4, ppo_min_prompts=6)  # fmt: skip
+    settings = settings_for(
+        bundled_model,
+        tmp_path,
+        algorithm="ppo",
+        reward_model=reward_model_dir,
+        ppo_steps=2,
+        ppo_rollout_batch=4,
+        ppo_min_prompts=6,
+    )
     scored = []
     trainer = OnlineTrainer(settings, store, scorer=lambda name: scored.append(name) or dict(GOOD))
     result = trainer.run_ppo_round()

@@ -27,7 +27,12 @@ def png_data_url(color=(220, 30, 30), size=(16, 16), fmt="PNG") -> str:
 
 
 def image_question(url: str, question: str = "What color is the square?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 def auth(key: str) -> dict:

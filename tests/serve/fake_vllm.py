@@ -48,32 +48,67 @@ class FakeVLLM:
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": BASE, "object": "model"}, *({"id": a, "object": "model"} for a in sorted(self.adapters))]}
+            return {
+                "object": "list",
+                "data": [
+                    {"id": BASE, "object": "model"},
+                    *({"id": a, "object": "model"} for a in sorted(self.adapters)),
+                ],
+            }
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             body = await request.json()
             self.requests.append(body)
             if self.fail_with:
-                return JSONResponse({"error": {"message": "engine exploded", "type": "InternalServerError", "param": None,
-                                               "code": self.fail_with}}, status_code=self.fail_with)  # fmt: skip
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "engine exploded",
+                            "type": "InternalServerError",
+                            "param": None,
+                            "code": self.fail_with,
+                        }
+                    },
+                    status_code=self.fail_with,
+                )
             if body["model"] != BASE and body["model"] not in self.adapters:
-                return JSONResponse({"error": {"message": f"The model `{body['model']}` does not exist.", "type": "NotFoundError",
-                                               "param": "model", "code": 404}}, status_code=404)  # fmt: skip
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": f"The model `{body['model']}` does not exist.",
+                            "type": "NotFoundError",
+                            "param": "model",
+                            "code": 404,
+                        }
+                    },
+                    status_code=404,
+                )
             text = self.answer_for(body)
             words = text.split(" ")
             response_id = f"chatcmpl-{uuid.uuid4().hex}"
             usage = {"prompt_tokens": 40, "completion_tokens": len(words), "total_tokens": 40 + len(words)}
             if not body.get("stream"):
                 return {
-                    "id": response_id, "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": usage, "system_fingerprint": None,
-                }  # fmt: skip
+                    "id": response_id,
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    ],
+                    "usage": usage,
+                    "system_fingerprint": None,
+                }
 
             def chunk(delta, finish=None, with_usage=False):
-                data = {"id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": body["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+                data = {
+                    "id": response_id,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
                 if with_usage:
                     data = {**data, "choices": [], "usage": usage}
                 return f"data: {json.dumps(data)}\n\n"

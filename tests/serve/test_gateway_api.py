@@ -22,8 +22,9 @@ def sdk(client, key: str = ALICE) -> openai.OpenAI:
 
 def register(store, fake_vllm, promote: bool = False) -> int:
     version = store.allocate_adapter_version()
-    store.register_adapter(AdapterVersion(version=version, name=adapter_name(version), path=f"adapters/policy-v{version}",
-                                          algorithm="dpo"))  # fmt: skip
+    store.register_adapter(
+        AdapterVersion(version=version, name=adapter_name(version), path=f"adapters/policy-v{version}", algorithm="dpo")
+    )
     fake_vllm.adapters.add(adapter_name(version))
     if promote:
         store.promote("llava-rlhf", version)
@@ -67,10 +68,14 @@ def test_a_streamed_answer_arrives_in_chunks_and_is_recorded(client):
 
 
 def test_usage_is_streamed_when_asked_for(client):
-    chunks = list(sdk(client).chat.completions.create(
-        model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}], stream=True,
-        stream_options={"include_usage": True},
-    ))  # fmt: skip
+    chunks = list(
+        sdk(client).chat.completions.create(
+            model="llava-rlhf",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].choices == []
 
 
@@ -81,8 +86,14 @@ def test_a_stream_that_breaks_midway_ends_with_an_error_event_and_is_recorded_as
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     assert response.status_code == 200
     assert [e["choices"][0]["delta"].get("content") for e in events[:2]] == ["", "shapes-llava"]
-    assert events[2] == {"error": {"message": "the model server failed mid-stream: an event that is not JSON",
-                                   "type": "server_error", "param": None, "code": "upstream_error"}}  # fmt: skip
+    assert events[2] == {
+        "error": {
+            "message": "the model server failed mid-stream: an event that is not JSON",
+            "type": "server_error",
+            "param": None,
+            "code": "upstream_error",
+        }
+    }
     assert len(events) == 3  # no [DONE]: the answer did not finish
     record = record_of(client, events[0]["id"])
     assert record.finish_reason == "error" and record.response == "shapes-llava"
@@ -100,10 +111,13 @@ async def test_the_async_sdk_works_unchanged(settings, fake_vllm):
             await asyncio.sleep(0.02)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://testserver") as http:
             async_sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key=ALICE, http_client=http)
-            completion = await async_sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}])
+            completion = await async_sdk.chat.completions.create(
+                model="base", messages=[{"role": "user", "content": "Hi"}]
+            )
             assert completion.choices[0].message.content == "shapes-llava saw 0 image(s)."
-            stream = await async_sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],
-                                                             stream=True)  # fmt: skip
+            stream = await async_sdk.chat.completions.create(
+                model="base", messages=[{"role": "user", "content": "Hi"}], stream=True
+            )
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text == "shapes-llava saw 0 image(s)."
 
@@ -116,8 +130,14 @@ def test_pinned_versions_and_the_promoted_alias(client, fake_vllm, store):
     assert pinned.parse().choices[0].message.content == "policy-v1 saw 0 image(s)."
     assert pinned.headers["x-alignloop-adapter"] == "policy-v1" and pinned.parse().model == "llava-rlhf@v1"
     store.promote("llava-rlhf", version)
-    answer = wait_until(lambda: sdk(client).chat.completions.create(
-        model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}]).system_fingerprint == "policy-v1")  # fmt: skip
+    answer = wait_until(
+        lambda: (
+            sdk(client)
+            .chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}])
+            .system_fingerprint
+            == "policy-v1"
+        )
+    )
     assert answer
     models = [m.id for m in sdk(client).models.list().data]
     assert models == ["llava-rlhf", "base", "llava-rlhf@v1"]
@@ -126,18 +146,34 @@ def test_pinned_versions_and_the_promoted_alias(client, fake_vllm, store):
 def test_a_canary_takes_its_share_of_unpinned_traffic(client, fake_vllm, store):
     register(store, fake_vllm, promote=True)
     canary = register(store, fake_vllm)
-    response = client.post("/v1/admin/aliases/llava-rlhf/canary", json={"version": canary, "fraction": 1.0}, headers=auth(ADMIN))
+    response = client.post(
+        "/v1/admin/aliases/llava-rlhf/canary", json={"version": canary, "fraction": 1.0}, headers=auth(ADMIN)
+    )
     assert response.status_code == 200
-    fingerprints = {sdk(client).chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}]).system_fingerprint
-                    for _ in range(5)}  # fmt: skip
+    fingerprints = {
+        sdk(client)
+        .chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}])
+        .system_fingerprint
+        for _ in range(5)
+    }
     assert fingerprints == {"policy-v2"}
     client.post("/v1/admin/aliases/llava-rlhf/canary", json={"version": None, "fraction": 0}, headers=auth(ADMIN))
-    assert sdk(client).chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}]).system_fingerprint == "policy-v1"
+    assert (
+        sdk(client)
+        .chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "Hi"}])
+        .system_fingerprint
+        == "policy-v1"
+    )
 
 
 def test_other_fields_are_passed_through_to_vllm(client, fake_vllm):
-    sdk(client).chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}], seed=3, top_p=0.5,
-                                        extra_body={"top_k": 5, "repetition_penalty": 1.1})  # fmt: skip
+    sdk(client).chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "Hi"}],
+        seed=3,
+        top_p=0.5,
+        extra_body={"top_k": 5, "repetition_penalty": 1.1},
+    )
     sent = fake_vllm.requests[-1]
     assert (sent["seed"], sent["top_p"], sent["top_k"], sent["repetition_penalty"]) == (3, 0.5, 5, 1.1)
 
@@ -161,7 +197,12 @@ def assert_openai_error(response: httpx.Response, status: int, fragment: str, pa
         (b'{"model": "base", "messages": []}', "application/json", 400, "messages"),
         (b'{"model": "base", "messages": [{"role": "user", "content": "x"}]}', "text/plain", 415, "application/json"),
         (b'{"model": "base", "messages": [{"role": "wizard", "content": "x"}]}', "application/json", 400, "role"),
-        (b'{"model": "base", "n": 2, "messages": [{"role": "user", "content": "x"}]}', "application/json", 400, "n must be 1"),
+        (
+            b'{"model": "base", "n": 2, "messages": [{"role": "user", "content": "x"}]}',
+            "application/json",
+            400,
+            "n must be 1",
+        ),
     ],
 )
 def test_malformed_requests_get_a_400_in_openai_shape(client, body, content_type, status, fragment):
@@ -172,23 +213,31 @@ def test_malformed_requests_get_a_400_in_openai_shape(client, body, content_type
 
 def test_unknown_models_and_versions_are_404(client):
     for model in ("gpt-4", "llava-rlhf@v9"):
-        response = client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]},
-                               headers=auth(ALICE))  # fmt: skip
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "x"}]},
+            headers=auth(ALICE),
+        )
         assert assert_openai_error(response, 404, model, param="model")["code"] == "model_not_found"
 
 
 def test_keys_are_checked(client):
     body = {"model": "base", "messages": [{"role": "user", "content": "x"}]}
     assert_openai_error(client.post("/v1/chat/completions", json=body), 401, "didn't provide an API key")
-    assert_openai_error(client.post("/v1/chat/completions", json=body, headers=auth("sk-wrong")), 401, "Incorrect API key")
+    assert_openai_error(
+        client.post("/v1/chat/completions", json=body, headers=auth("sk-wrong")), 401, "Incorrect API key"
+    )
     assert_openai_error(client.get("/v1/admin/adapters", headers=auth(ALICE)), 403, "admin key")
     assert client.get("/v1/admin/adapters", headers=auth(ADMIN)).status_code == 200
 
 
 def test_token_limits(client):
     for field in ("max_tokens", "max_completion_tokens"):
-        response = client.post("/v1/chat/completions", headers=auth(ALICE),
-                               json={"model": "base", "messages": [{"role": "user", "content": "x"}], field: 100_000})  # fmt: skip
+        response = client.post(
+            "/v1/chat/completions",
+            headers=auth(ALICE),
+            json={"model": "base", "messages": [{"role": "user", "content": "x"}], field: 100_000},
+        )
         assert_openai_error(response, 400, "at most 256", param=field)
 
 
@@ -206,8 +255,9 @@ def test_token_limits(client):
     ],
 )
 def test_bad_images_are_refused_and_nothing_is_forwarded(client, fake_vllm, url, status, fragment):
-    response = client.post("/v1/chat/completions", headers=auth(ALICE),
-                           json={"model": "base", "messages": image_question(url)})  # fmt: skip
+    response = client.post(
+        "/v1/chat/completions", headers=auth(ALICE), json={"model": "base", "messages": image_question(url)}
+    )
     error = assert_openai_error(response, status, fragment)
     assert error["param"] == "messages.0.content.0.image_url.url" and fake_vllm.requests == []
 
@@ -220,11 +270,18 @@ def test_a_decompression_bomb_is_refused_from_its_header(client):
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     header = (30000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     import base64
 
     url = "data:image/png;base64," + base64.b64encode(png).decode()
-    response = client.post("/v1/chat/completions", headers=auth(ALICE), json={"model": "base", "messages": image_question(url)})
+    response = client.post(
+        "/v1/chat/completions", headers=auth(ALICE), json={"model": "base", "messages": image_question(url)}
+    )
     assert_openai_error(response, 400, "decompression bomb")
 
 
@@ -240,21 +297,30 @@ def test_allow_listed_image_hosts_are_fetched_without_redirects(settings, fake_v
 
     with make_client(settings, fake_vllm, image_transport=httpx.MockTransport(image_host)) as client:
         wait_until(lambda: client.get("/ready").status_code == 200)
-        ok = client.post("/v1/chat/completions", headers=auth(ALICE),
-                         json={"model": "base", "messages": image_question("https://images.example.com/a.png")})  # fmt: skip
+        ok = client.post(
+            "/v1/chat/completions",
+            headers=auth(ALICE),
+            json={"model": "base", "messages": image_question("https://images.example.com/a.png")},
+        )
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "shapes-llava saw 1 image(s)."
         sent = fake_vllm.requests[-1]["messages"][0]["content"][0]["image_url"]["url"]
         assert sent.startswith("data:image/png;base64,")  # vLLM never fetches anything itself
-        redirected = client.post("/v1/chat/completions", headers=auth(ALICE),
-                                 json={"model": "base", "messages": image_question("https://images.example.com/redirect")})  # fmt: skip
+        redirected = client.post(
+            "/v1/chat/completions",
+            headers=auth(ALICE),
+            json={"model": "base", "messages": image_question("https://images.example.com/redirect")},
+        )
         assert_openai_error(redirected, 400, "redirects are not followed")
 
 
 def test_oversized_bodies_are_refused(settings, fake_vllm):
     settings = settings.model_copy(update={"max_body_bytes": 2000})
     with make_client(settings, fake_vllm) as client:
-        response = client.post("/v1/chat/completions", headers=auth(ALICE),
-                               json={"model": "base", "messages": [{"role": "user", "content": "x" * 5000}]})  # fmt: skip
+        response = client.post(
+            "/v1/chat/completions",
+            headers=auth(ALICE),
+            json={"model": "base", "messages": [{"role": "user", "content": "x" * 5000}]},
+        )
         assert_openai_error(response, 413, "over the limit of 2000 bytes")
 
 
@@ -263,7 +329,10 @@ def test_rate_limits_and_concurrency_caps_answer_429(settings, fake_vllm):
     with make_client(settings, fake_vllm) as client:
         wait_until(lambda: client.get("/ready").status_code == 200)
         body = {"model": "base", "messages": [{"role": "user", "content": "x"}]}
-        assert [client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code for _ in range(2)] == [200, 200]
+        assert [client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code for _ in range(2)] == [
+            200,
+            200,
+        ]
         limited = client.post("/v1/chat/completions", json=body, headers=auth(ALICE))
         assert_openai_error(limited, 429, "Rate limit")
         assert limited.headers["Retry-After"]
@@ -277,11 +346,15 @@ def test_finished_requests_give_their_concurrency_slot_back(settings, fake_vllm)
         wait_until(lambda: client.get("/ready").status_code == 200)
         body = {"model": "base", "messages": [{"role": "user", "content": "x"}]}
         for stream in (False, True, False):
-            codes = [client.post("/v1/chat/completions", json={**body, "stream": stream}, headers=auth(ALICE)).status_code
-                     for _ in range(5)]  # fmt: skip
+            codes = [
+                client.post("/v1/chat/completions", json={**body, "stream": stream}, headers=auth(ALICE)).status_code
+                for _ in range(5)
+            ]
             assert codes == [200] * 5
         fake_vllm.fail_with = 500  # failed requests give it back too
-        assert [client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code for _ in range(3)] == [502] * 3
+        assert [client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code for _ in range(3)] == [
+            502
+        ] * 3
         fake_vllm.fail_with = None
         assert client.post("/v1/chat/completions", json=body, headers=auth(ALICE)).status_code == 200
         assert client.app.state.concurrency.in_flight == {}  # nothing left counted
@@ -308,11 +381,21 @@ def ask(client, key: str = ALICE, model: str = "llava-rlhf", url: str | None = N
 
 def test_the_feedback_round_trip(client, store, fake_vllm):
     register(store, fake_vllm, promote=True)
-    answer = wait_until(lambda: (c := sdk(client).chat.completions.create(
-        model="llava-rlhf", messages=image_question(png_data_url()))).system_fingerprint == "policy-v1" and c)  # fmt: skip
+    answer = wait_until(
+        lambda: (
+            (
+                c := sdk(client).chat.completions.create(model="llava-rlhf", messages=image_question(png_data_url()))
+            ).system_fingerprint
+            == "policy-v1"
+            and c
+        )
+    )
     response_id = answer.id
-    sent = client.post("/v1/feedback", headers=auth(ALICE),
-                       json={"response_id": response_id, "rating": -1, "correction": "Red.", "comment": "wrong"})  # fmt: skip
+    sent = client.post(
+        "/v1/feedback",
+        headers=auth(ALICE),
+        json={"response_id": response_id, "rating": -1, "correction": "Red.", "comment": "wrong"},
+    )
     assert sent.status_code == 200, sent.text
     body = sent.json()
     assert body["object"] == "feedback" and body["rating"] == -1 and body["adapter_version"] == "policy-v1"
@@ -329,7 +412,10 @@ def test_the_feedback_round_trip(client, store, fake_vllm):
 def test_feedback_right_after_the_answer_waits_for_its_record(client, store):
     for _ in range(5):
         response_id = ask(client)  # no waiting for the background write
-        assert client.post("/v1/feedback", headers=auth(ALICE), json={"response_id": response_id, "rating": 1}).status_code == 200
+        assert (
+            client.post("/v1/feedback", headers=auth(ALICE), json={"response_id": response_id, "rating": 1}).status_code
+            == 200
+        )
 
 
 def test_feedback_is_checked(client):
@@ -351,13 +437,22 @@ def test_feedback_is_checked(client):
 
 def test_an_idempotency_key_makes_a_retry_harmless(client, store):
     response_id = ask(client)
-    first = client.post("/v1/feedback", json={"response_id": response_id, "rating": 1},
-                        headers={**auth(ALICE), "Idempotency-Key": "click-1"})  # fmt: skip
-    again = client.post("/v1/feedback", json={"response_id": response_id, "rating": 1},
-                        headers={**auth(ALICE), "Idempotency-Key": "click-1"})  # fmt: skip
+    first = client.post(
+        "/v1/feedback",
+        json={"response_id": response_id, "rating": 1},
+        headers={**auth(ALICE), "Idempotency-Key": "click-1"},
+    )
+    again = client.post(
+        "/v1/feedback",
+        json={"response_id": response_id, "rating": 1},
+        headers={**auth(ALICE), "Idempotency-Key": "click-1"},
+    )
     assert first.json()["id"] == again.json()["id"] and store.count_events() == 1
-    clash = client.post("/v1/feedback", json={"response_id": response_id, "rating": -1},
-                        headers={**auth(ALICE), "Idempotency-Key": "click-1"})  # fmt: skip
+    clash = client.post(
+        "/v1/feedback",
+        json={"response_id": response_id, "rating": -1},
+        headers={**auth(ALICE), "Idempotency-Key": "click-1"},
+    )
     assert_openai_error(clash, 409, "idempotency key", param="idempotency_key")
 
 
@@ -368,35 +463,61 @@ def test_preferences_and_facts(client, store, fake_vllm):
     preference = client.post("/v1/preferences", headers=auth(ALICE), json={"response_ids": [a, b], "preferred_id": b})
     assert preference.status_code == 200, preference.text
     assert preference.json()["adapter_versions"] == ["base", "policy-v1"]
-    assert_openai_error(client.post("/v1/preferences", headers=auth(ALICE),
-                                    json={"response_ids": [a, a], "preferred_id": a}), 400, "two different")  # fmt: skip
+    assert_openai_error(
+        client.post("/v1/preferences", headers=auth(ALICE), json={"response_ids": [a, a], "preferred_id": a}),
+        400,
+        "two different",
+    )
     sha = record_of(client, a).image_hashes[0]
-    facts = client.post(f"/v1/images/{sha}/facts", headers=auth(ALICE), json={"caption": "A green square.", "facts": ["One object."]})
+    facts = client.post(
+        f"/v1/images/{sha}/facts", headers=auth(ALICE), json={"caption": "A green square.", "facts": ["One object."]}
+    )
     assert facts.status_code == 200 and facts.json()["image_sha256"] == sha
     assert [f.caption for f in store.get_facts(sha)] == ["A green square."]
-    assert_openai_error(client.post(f"/v1/images/{sha}/facts", headers=auth(BOB), json={"caption": "x"}), 404, "with this API key")
-    assert_openai_error(client.post("/v1/images/nothex/facts", headers=auth(ALICE), json={"caption": "x"}), 400, "sha256")
+    assert_openai_error(
+        client.post(f"/v1/images/{sha}/facts", headers=auth(BOB), json={"caption": "x"}), 404, "with this API key"
+    )
+    assert_openai_error(
+        client.post("/v1/images/nothex/facts", headers=auth(ALICE), json={"caption": "x"}), 400, "sha256"
+    )
 
 
 # ---- admin and hot-swap ------------------------------------------------------------------------------------------
 def test_admin_promotes_with_compare_and_set_and_rolls_back(client, store, fake_vllm):
     v1, v2 = register(store, fake_vllm), register(store, fake_vllm)
-    promote = client.post("/v1/admin/aliases/llava-rlhf/promote", headers=auth(ADMIN),
-                          json={"version": v1, "check_expected": True, "expected_version": None})  # fmt: skip
+    promote = client.post(
+        "/v1/admin/aliases/llava-rlhf/promote",
+        headers=auth(ADMIN),
+        json={"version": v1, "check_expected": True, "expected_version": None},
+    )
     assert promote.status_code == 200 and promote.json()["to_version"] == v1
-    conflict = client.post("/v1/admin/aliases/llava-rlhf/promote", headers=auth(ADMIN),
-                           json={"version": v2, "check_expected": True, "expected_version": None})  # fmt: skip
+    conflict = client.post(
+        "/v1/admin/aliases/llava-rlhf/promote",
+        headers=auth(ADMIN),
+        json={"version": v2, "check_expected": True, "expected_version": None},
+    )
     assert_openai_error(conflict, 409, "serves version 1")
     client.post("/v1/admin/aliases/llava-rlhf/promote", headers=auth(ADMIN), json={"version": v2})
     # The replica that took the admin call swaps at once.
-    assert sdk(client).chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "x"}]).system_fingerprint == "policy-v2"
+    assert (
+        sdk(client)
+        .chat.completions.create(model="llava-rlhf", messages=[{"role": "user", "content": "x"}])
+        .system_fingerprint
+        == "policy-v2"
+    )
     back = client.post("/v1/admin/aliases/llava-rlhf/rollback", headers=auth(ADMIN), json={"reason": "worse"})
     assert back.json()["to_version"] == v1
     registry = client.get("/v1/admin/adapters", headers=auth(ADMIN)).json()
-    assert registry["aliases"] == {"llava-rlhf": 1} and [a["status"] for a in registry["data"]] == ["promoted", "retired"]
+    assert registry["aliases"] == {"llava-rlhf": 1} and [a["status"] for a in registry["data"]] == [
+        "promoted",
+        "retired",
+    ]
     history = client.get("/v1/admin/aliases/llava-rlhf/history", headers=auth(ADMIN)).json()["data"]
-    assert [(h["action"], h["to_version"], h["actor"]) for h in history] == [("promote", 1, "admin"), ("promote", 2, "admin"),
-                                                                              ("rollback", 1, "admin")]  # fmt: skip
+    assert [(h["action"], h["to_version"], h["actor"]) for h in history] == [
+        ("promote", 1, "admin"),
+        ("promote", 2, "admin"),
+        ("rollback", 1, "admin"),
+    ]
     metrics = client.get("/metrics").text
     assert 'alignloop_current_version{alias="llava-rlhf"} 1.0' in metrics
     swaps = [line for line in metrics.splitlines() if line.startswith("alignloop_swap_events_total")]
@@ -441,9 +562,15 @@ def test_health_ready_and_metrics(client):
     assert client.get("/ready").json()["upstreams"] == ["http://fake-vllm"]
     ask(client)
     text = client.get("/metrics").text
-    for name in ("alignloop_requests_total", "alignloop_time_to_first_token_seconds", "alignloop_request_latency_seconds",
-                 "alignloop_prompt_tokens_total", "alignloop_completion_tokens_total", "alignloop_record_write_failures",
-                 "alignloop_registry_revision"):  # fmt: skip
+    for name in (
+        "alignloop_requests_total",
+        "alignloop_time_to_first_token_seconds",
+        "alignloop_request_latency_seconds",
+        "alignloop_prompt_tokens_total",
+        "alignloop_completion_tokens_total",
+        "alignloop_record_write_failures",
+        "alignloop_registry_revision",
+    ):
         assert name in text
     assert 'alignloop_requests_total{adapter="base",status="200"}' in text
     json.dumps(client.app.openapi())  # the OpenAPI document renders

@@ -34,8 +34,9 @@ def test_facts_for_an_image_wait_for_the_queued_records_that_carry_it(tmp_path):
         async def scenario() -> tuple[list[str], list[str], list[str]]:
             writer = RecordWriter(SlowStore(store, 0.3), GatewayMetrics())
             runner = asyncio.create_task(writer.run())
-            record = GenerationRecord(id="gen-1", alias="llava-rlhf", messages=image_message(sha, "Q?"), response="A.",
-                                      user_id="u-1")  # fmt: skip
+            record = GenerationRecord(
+                id="gen-1", alias="llava-rlhf", messages=image_message(sha, "Q?"), response="A.", user_id="u-1"
+            )
             writer.submit(record, {sha: data})
             before = store.generations_using_image(sha)
             await writer.wait_image_written(sha)
@@ -67,8 +68,9 @@ def test_an_image_is_stored_once_and_again_after_it_was_deleted(tmp_path):
         counting = CountingStore(store)
 
         def record(generation_id: str, user_id: str) -> GenerationRecord:
-            return GenerationRecord(id=generation_id, alias="llava-rlhf", messages=image_message(sha, "Q?"),
-                                    response="A.", user_id=user_id)  # fmt: skip
+            return GenerationRecord(
+                id=generation_id, alias="llava-rlhf", messages=image_message(sha, "Q?"), response="A.", user_id=user_id
+            )
 
         async def write(writer: RecordWriter, *records: GenerationRecord) -> None:
             runner = asyncio.create_task(writer.run())
@@ -121,8 +123,16 @@ def test_queued_records_go_in_one_trip_and_a_failing_one_is_retried_then_counted
 
         async def scenario() -> None:
             for generation_id in ids:  # all queued before the writer runs, as under load
-                writer.submit(GenerationRecord(id=generation_id, alias="llava-rlhf", messages=[{"role": "user",
-                              "content": "Q?"}], response="A.", user_id="u-1"), {})  # fmt: skip
+                writer.submit(
+                    GenerationRecord(
+                        id=generation_id,
+                        alias="llava-rlhf",
+                        messages=[{"role": "user", "content": "Q?"}],
+                        response="A.",
+                        user_id="u-1",
+                    ),
+                    {},
+                )
             runner = asyncio.create_task(writer.run())
             for generation_id in ids:
                 await writer.wait_written(generation_id)

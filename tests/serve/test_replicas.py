@@ -18,8 +18,11 @@ from tests.serve.fake_vllm import FakeVLLM
 
 
 def served_version(client) -> str:
-    response = client.post("/v1/chat/completions", headers=auth(ALICE),
-                           json={"model": "llava-rlhf", "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    response = client.post(
+        "/v1/chat/completions",
+        headers=auth(ALICE),
+        json={"model": "llava-rlhf", "messages": [{"role": "user", "content": "Hi"}]},
+    )
     assert response.status_code == 200, response.text
     return response.headers["x-alignloop-adapter"]
 
@@ -40,7 +43,9 @@ def test_a_promotion_reaches_every_replica_within_a_second(backend, settings, fa
         assert served_version(replica_b) == "base"
 
         promoted_at = time.monotonic()
-        response = replica_a.post("/v1/admin/aliases/llava-rlhf/promote", headers=auth(ADMIN), json={"version": version})
+        response = replica_a.post(
+            "/v1/admin/aliases/llava-rlhf/promote", headers=auth(ADMIN), json={"version": version}
+        )
         assert response.status_code == 200, response.text
         assert served_version(replica_a) == adapter_name(version)  # the replica that took the call: at once
         wait_until(lambda: served_version(replica_b) == adapter_name(version), timeout=1.0, interval=0.01)

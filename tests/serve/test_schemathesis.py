@@ -24,9 +24,15 @@ def live_gateway(tmp_path_factory):
     from serve.settings import GatewaySettings
 
     tmp = tmp_path_factory.mktemp("schemathesis")
-    settings = GatewaySettings(store_url=f"sqlite:///{tmp / 'store.db'}", vllm_urls=["http://fake-vllm"],
-                               api_keys=[f"alice:{ALICE}"], admin_key=ADMIN, rate_limit_per_minute=1_000_000,
-                               health_interval_s=0.1, max_concurrent_per_key=1000)  # fmt: skip
+    settings = GatewaySettings(
+        store_url=f"sqlite:///{tmp / 'store.db'}",
+        vllm_urls=["http://fake-vllm"],
+        api_keys=[f"alice:{ALICE}"],
+        admin_key=ADMIN,
+        rate_limit_per_minute=1_000_000,
+        health_interval_s=0.1,
+        max_concurrent_per_key=1000,
+    )
     app = create_app(settings, upstream_transport=httpx.ASGITransport(FakeVLLM().app))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -58,7 +64,9 @@ def test_no_request_makes_the_gateway_fail(live_gateway):
         @hypothesis_settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             response = case.call(base_url=base_url, headers={"Authorization": f"Bearer {key}"})
-            assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+            assert response.status_code < 500, (
+                f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+            )
             content_type = " ".join(response.headers.get("content-type", []))  # schemathesis 4: header -> list
             if response.status_code >= 400 and content_type.startswith("application/json"):
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}

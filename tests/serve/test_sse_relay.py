@@ -28,11 +28,11 @@ def test_events_that_arrive_together_stay_together():
 
 
 def test_an_event_cut_across_reads_is_joined():
-    assert data_groups([b'data: {"a"', b':1}\n', b'\ndata: {"b":2}\n\n']) == [[b'{"a":1}'], [b'{"b":2}']]
+    assert data_groups([b'data: {"a"', b":1}\n", b'\ndata: {"b":2}\n\n']) == [[b'{"a":1}'], [b'{"b":2}']]
 
 
 def test_crlf_lines_comments_and_other_fields_are_handled():
-    reads = [b": keep-alive\r\n\r\nevent: message\r\ndata: {\"a\":1}\r\n\r\nid: 7\r\n", b"data:[DONE]"]
+    reads = [b': keep-alive\r\n\r\nevent: message\r\ndata: {"a":1}\r\n\r\nid: 7\r\n', b"data:[DONE]"]
     assert data_groups(reads) == [[b'{"a":1}'], [b"[DONE]"]]
 
 

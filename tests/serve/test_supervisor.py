@@ -42,7 +42,9 @@ def test_stop_terminates_a_running_process_and_no_restart_follows(tmp_path):
 
 
 def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    )
     process = SupervisedProcess("stubborn", [sys.executable, "-c", code], {}, tmp_path / "s.log")
     process.start()
     wait_for(lambda: (tmp_path / "s.log").exists() and "up" in (tmp_path / "s.log").read_text())
@@ -50,8 +52,14 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
 
 
 def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_first_key(tmp_path):
-    settings = GatewaySettings(host="0.0.0.0", port=8123, store_url=f"sqlite:///{tmp_path}/s.db", model="models/x",
-                               adapter_dir=tmp_path / "adapters", api_keys=["ops:key-one-123456", "key-two-123456"])  # fmt: skip
+    settings = GatewaySettings(
+        host="0.0.0.0",
+        port=8123,
+        store_url=f"sqlite:///{tmp_path}/s.db",
+        model="models/x",
+        adapter_dir=tmp_path / "adapters",
+        api_keys=["ops:key-one-123456", "key-two-123456"],
+    )
     trainer = trainer_process(settings, tmp_path / "trainer.log")
     assert trainer.command[-3:] == ["-m", "serve.cli", "trainer"]
     assert {k: v for k, v in trainer.env.items() if k.startswith("ALIGNLOOP_TRAINER_")} == {
@@ -71,8 +79,9 @@ def test_helpers_start_and_stop_with_the_apps_lifespan(tmp_path):
     from serve.supervisor import with_helpers
 
     log = tmp_path / "helper.log"
-    helper = SupervisedProcess("helper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"],
-                               {}, log)  # fmt: skip
+    helper = SupervisedProcess(
+        "helper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"], {}, log
+    )
     app = FastAPI()
     app.get("/ping")(lambda: {"ok": True})
     with TestClient(with_helpers(app, [helper])) as client:

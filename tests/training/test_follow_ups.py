@@ -8,7 +8,11 @@ def test_questions_probe_a_present_and_an_absent_shape_and_ask_a_unique_shapes_c
     world = ShapesWorld()
     scene = Scene("test", 0, (SceneObject("star", "red", "small", 0, 0),))
     items = questions(world, scene)
-    assert [(item.kind, item.answer) for item in items] == [("presence", "Yes."), ("presence", "No."), ("color", "Red.")]
+    assert [(item.kind, item.answer) for item in items] == [
+        ("presence", "Yes."),
+        ("presence", "No."),
+        ("color", "Red."),
+    ]
     assert items[0].target == "star" and items[1].target != "star"
     assert items[2].question == "What color is the star?"
     assert questions(world, scene) == items  # the same questions for every model
@@ -26,8 +30,13 @@ def test_pixel_noise_renders_every_model_s_images_with_that_noise(monkeypatch, c
     from training.experiments import follow_ups
 
     seen = []
-    monkeypatch.setattr(follow_ups, "score_model", lambda model, world, scenes: seen.append(
-        (model, world.config.pixel_noise_std, len(scenes))) or {"model": model})  # fmt: skip
+    monkeypatch.setattr(
+        follow_ups,
+        "score_model",
+        lambda model, world, scenes: (
+            seen.append((model, world.config.pixel_noise_std, len(scenes))) or {"model": model}
+        ),
+    )
     assert follow_ups.main(["--models", "a", "b", "--scenes", "3", "--pixel-noise", "70"]) == 0
     assert seen == [("a", 70.0, 3), ("b", 70.0, 3)]
     assert json.loads(capsys.readouterr().out) == [{"model": "a"}, {"model": "b"}]

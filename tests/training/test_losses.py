@@ -40,7 +40,9 @@ def test_equal_answer_weights_make_a_short_answer_count_as_much_as_a_long_one():
     logits = torch.randn(1, 7, 4)
     labels = torch.tensor([[IGNORE_INDEX, 1, 2, 3, 0, IGNORE_INDEX, 2]])  # a 4-token answer, then a 1-token answer
     weights = torch.tensor([[0.0, 0.25, 0.25, 0.25, 0.25, 0.0, 1.0]])
-    per_token = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+    per_token = torch.nn.functional.cross_entropy(
+        logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
     long_answer, short_answer = per_token[:4].mean(), per_token[5]
     expected = (long_answer + short_answer) / 2
     assert weighted_token_cross_entropy(logits, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -220,7 +220,7 @@ def test_score_items_gives_perfect_scores_to_the_reference_answers():
     items = [item for scene in world.scenes("test", 12) for item in world.benchmark_items(scene, popular)]
     scores = score_items(items, [item.answer for item in items])
     metrics = {key: value for key, value in scores.items() if key != "counts"}
-    expected = {key: 1.0 for key in metrics} | {"chair_s": 0.0, "chair_i": 0.0}
+    expected = dict.fromkeys(metrics, 1.0) | {"chair_s": 0.0, "chair_i": 0.0}
     expected |= {f"pope_{setting}_yes_ratio": 0.5 for setting in ("random", "popular", "adversarial")}
     assert metrics == expected
     assert scores["counts"]["pope_random"]["n"] == 24

@@ -7,8 +7,15 @@ from training.model_card import write_model_card
 
 
 def fake_report() -> dict:
-    report = {"split": "test", "num_images": 500, "chair_s": 0.321, "chair_i": 0.123, "object_recall": 0.951,
-              "attribute_accuracy": 0.876, "counts": {"questions": {"color": 10}}}  # fmt: skip
+    report = {
+        "split": "test",
+        "num_images": 500,
+        "chair_s": 0.321,
+        "chair_i": 0.123,
+        "object_recall": 0.951,
+        "attribute_accuracy": 0.876,
+        "counts": {"questions": {"color": 10}},
+    }
     for setting in POPE_SETTINGS:
         for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
             report[f"pope_{setting}_{key}"] = 0.5
@@ -19,22 +26,37 @@ def fake_report() -> dict:
 
 
 def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
-    summary = {"parameters": 4_600_000, "minutes": 31.4, "torch_threads": 2, "vision_pretrain_steps": 2000,
-               "grounding_steps": 400, "steps": 1400, "val_loss": 0.1234,
-               "config": {"seed": 0, "batch_size": 32, "learning_rate": 0.001, "max_turns": 8},
-               "world": {"cooccurrence_bias": 0.9, "caption_noise": 0.75, "probe_noise": 0.25}}  # fmt: skip
+    summary = {
+        "parameters": 4_600_000,
+        "minutes": 31.4,
+        "torch_threads": 2,
+        "vision_pretrain_steps": 2000,
+        "grounding_steps": 400,
+        "steps": 1400,
+        "val_loss": 0.1234,
+        "config": {"seed": 0, "batch_size": 32, "learning_rate": 0.001, "max_turns": 8},
+        "world": {"cooccurrence_bias": 0.9, "caption_noise": 0.75, "probe_noise": 0.25},
+    }
     (tmp_path / "training_summary.json").write_text(json.dumps(summary))
     (tmp_path / "eval.json").write_text(json.dumps(fake_report()))
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"stage": "vision", "step": 1, "loss": 2.0}, {"stage": "sft", "step": 1, "loss": 1.0, "val_loss": 1.1},
-    ]))  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"stage": "vision", "step": 1, "loss": 2.0},
+                {"stage": "sft", "step": 1, "loss": 1.0, "val_loss": 1.1},
+            ]
+        )
+    )
     card = write_model_card(tmp_path).read_text()
     assert "**31 minutes**" in card and "4.6M parameters" in card
     assert "| 1 grounding | 400 |" in card and "| 2 SFT | 1400 |" in card
     assert "0.912" in card and "0.321" in card and "--num-images 500" in card
     assert "make model" in card
     flat = " ".join(card.split())
-    assert "probability 0.9" in flat and "named anyway in 75%" in flat and "in 25% of such scenes' conversations" in flat
+    assert (
+        "probability 0.9" in flat and "named anyway in 75%" in flat and "in 25% of such scenes' conversations" in flat
+    )
     assert "up to 8 per image" in flat
     assert "| 5 chat |" not in card  # a model without the chat stage
     summary["chat_steps"] = 300
@@ -48,7 +70,9 @@ def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     (tmp_path / "training_summary.json").write_text(json.dumps(summary))
     card = write_model_card(tmp_path).read_text()
     assert "| 6 read | 250 | the same, with 0.5 of the conversations given the scene's facts as text" in card
-    assert "(0.5 of those with a blank image, 0.33 descriptions), at 0.0003 |" in card  # a summary from before the share
+    assert (
+        "(0.5 of those with a blank image, 0.33 descriptions), at 0.0003 |" in card
+    )  # a summary from before the share
     summary["config"]["read_description_share"] = 0.5
     (tmp_path / "training_summary.json").write_text(json.dumps(summary))
     assert "(0.5 of those with a blank image, 0.5 descriptions), at 0.0003 |" in write_model_card(tmp_path).read_text()

@@ -33,13 +33,18 @@ def hand_rollouts(lengths: list[int], ended: list[bool], texts: list[str]) -> Ro
 
 def test_the_sequence_reward_is_scaled_score_plus_length_penalty_plus_symbolic_bonus():
     config = PPOConfig()
-    prompts = [prompt("description", 96), prompt("presence", 8, truth="No."),
-               prompt("multiple_choice", 8, truth="B", choices=("red", "blue", "green", "pink"))]  # fmt: skip
+    prompts = [
+        prompt("description", 96),
+        prompt("presence", 8, truth="No."),
+        prompt("multiple_choice", 8, truth="B", choices=("red", "blue", "green", "pink")),
+    ]
     rollouts = hand_rollouts([10, 8, 2], [True, False, True], ["There is a star.", "Yes.", "B"])
     rewards = sequence_rewards(torch.tensor([0.5, -0.2, 0.1]), rollouts, prompts, config)
-    expected = [10 * 0.5 - 10 * 10 / 96,  # no bonus for a description
-                10 * -0.2 - 10 * 8 / 8 - 8 - 0.5,  # cut off without EOS, and "yes" where the truth is "no"
-                10 * 0.1 - 10 * 2 / 8 + 2.0]  # the right letter  # fmt: skip
+    expected = [
+        10 * 0.5 - 10 * 10 / 96,  # no bonus for a description
+        10 * -0.2 - 10 * 8 / 8 - 8 - 0.5,  # cut off without EOS, and "yes" where the truth is "no"
+        10 * 0.1 - 10 * 2 / 8 + 2.0,
+    ]  # the right letter
     assert rewards.tolist() == pytest.approx(expected)
 
 
@@ -47,13 +52,20 @@ def test_the_judge_grades_the_rollouts_it_can():
     scene = next(s for s in WORLD.scenes("validation", 50) if s.shapes == {"star"})
     description = QAItem("description", DESCRIBE_PROMPT, "")
     probe = WORLD.presence_item("moon", False)
-    prompts = [prompt("description", 96, scene=scene, item=description),
-               prompt("description", 96, scene=scene, item=description),
-               prompt("presence", 8, truth="No.", scene=scene, item=probe), prompt("other", 8)]  # fmt: skip
+    prompts = [
+        prompt("description", 96, scene=scene, item=description),
+        prompt("description", 96, scene=scene, item=description),
+        prompt("presence", 8, truth="No.", scene=scene, item=probe),
+        prompt("other", 8),
+    ]
     truthful = f"There is one object. {object_sentence(scene.objects[0])}"
     texts = [truthful, "There is one object. A small red moon is at the top left.", "Yes.", "anything"]
     # one description of two names an absent moon and leaves out the star: CHAIR_s 1/2, recall 1/2 (pooled)
-    assert rollout_truth(prompts, texts) == {"true_hallucination": 0.5, "true_recall": 0.5, "short_answer_accuracy": 0.0}
+    assert rollout_truth(prompts, texts) == {
+        "true_hallucination": 0.5,
+        "true_recall": 0.5,
+        "short_answer_accuracy": 0.0,
+    }
 
 
 def test_shapes_prompts_carry_the_scene_facts_and_the_known_answers():
@@ -73,12 +85,25 @@ def test_shapes_prompts_carry_the_scene_facts_and_the_known_answers():
 def test_one_ppo_step_moves_the_policy_and_value_loras_only(bundled_model, tmp_path):
     reward, _ = new_reward_model(bundled_model, lora_rank=4, seed=1)
     save_reward_model(reward, tmp_path / "rm", {"with_facts": True, "base_model": str(bundled_model)})
-    config = PPOConfig(output_dir=str(tmp_path / "ppo"), model=str(bundled_model), reward_model=str(tmp_path / "rm"),
-                       rollout_batch=4, minibatch=2, ppo_epochs=1, lora_rank=4, learning_rate=1e-3, cpu=True)  # fmt: skip
+    config = PPOConfig(
+        output_dir=str(tmp_path / "ppo"),
+        model=str(bundled_model),
+        reward_model=str(tmp_path / "rm"),
+        rollout_batch=4,
+        minibatch=2,
+        ppo_epochs=1,
+        lora_rank=4,
+        learning_rate=1e-3,
+        cpu=True,
+    )
     trainer = PPOTrainer(config)
     trainer.schedule(total_steps=1)
     state = lambda module: {k: v.detach().clone() for k, v in module.state_dict().items()}
-    policy_before, value_before, reward_before = state(trainer.policy), state(trainer.value_model), state(trainer.reward_model)
+    policy_before, value_before, reward_before = (
+        state(trainer.policy),
+        state(trainer.value_model),
+        state(trainer.reward_model),
+    )
     stats = trainer.step(shapes_prompts(WORLD, "train", 0, 4, random.Random(0), description_share=0.5))
     assert all(math.isfinite(v) for v in stats.values())
     assert stats["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA is the reference at first
@@ -86,5 +111,7 @@ def test_one_ppo_step_moves_the_policy_and_value_loras_only(bundled_model, tmp_p
     for before, module in ((policy_before, trainer.policy), (value_before, trainer.value_model)):
         changed = {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
         assert changed and all("lora_" in k or k.startswith("head.") for k in changed), changed
-    assert "head.linear.weight" in {k for k, v in trainer.value_model.state_dict().items() if not torch.equal(value_before[k], v)}
+    assert "head.linear.weight" in {
+        k for k, v in trainer.value_model.state_dict().items() if not torch.equal(value_before[k], v)
+    }
     assert all(torch.equal(reward_before[k], v) for k, v in trainer.reward_model.state_dict().items())

@@ -74,8 +74,10 @@ def test_the_cache_round_trip_keeps_every_field_and_shares_images(tmp_path):
     world = ShapesWorld()
     image = world.render(world.scene("validation", 0))
     messages = ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},)
-    pairs = [RewardPair(messages, "a", "b", ("There is one object in the image.",), image, kind)
-             for kind in ("description", "presence")]  # fmt: skip
+    pairs = [
+        RewardPair(messages, "a", "b", ("There is one object in the image.",), image, kind)
+        for kind in ("description", "presence")
+    ]
     save_pairs(pairs, tmp_path / "pairs")
     assert len(list((tmp_path / "pairs" / "images").iterdir())) == 1
     loaded = load_pairs(tmp_path / "pairs")
@@ -98,8 +100,11 @@ def test_sampled_pairs_put_the_hallucinating_answer_second(bundled_model):
     for pair in pairs:
         scene = scenes[pair.facts]
         question = pair.messages[0]["content"][1]["text"]  # "Is there a <shape> in the image?" for a probe
-        item = (QAItem("description", DESCRIBE_PROMPT, "") if pair.kind.startswith("description")
-                else world.presence_item(question.split()[3], pair.kind == "presence_present"))  # fmt: skip
+        item = (
+            QAItem("description", DESCRIBE_PROMPT, "")
+            if pair.kind.startswith("description")
+            else world.presence_item(question.split()[3], pair.kind == "presence_present")
+        )
         assert judge.score(scene, item, pair.chosen) > judge.score(scene, item, pair.rejected)
         if pair.kind.startswith("presence"):
             assert (question.split()[3] in scene.shapes) == (pair.kind == "presence_present")
@@ -120,8 +125,11 @@ def test_store_pairs_carry_the_image_and_its_registered_facts(sqlite_store):
     world.render(scene).save(buffer, format="PNG")
     sha = sqlite_store.put_image(buffer.getvalue())
     for gid, text in (("gen-good", "There is one object."), ("gen-bad", "There is a moon.")):
-        sqlite_store.add_generation(GenerationRecord(id=gid, alias="llava-rlhf", messages=image_message(sha, DESCRIBE_PROMPT),
-                                                     response=text, user_id="u-a"))  # fmt: skip
+        sqlite_store.add_generation(
+            GenerationRecord(
+                id=gid, alias="llava-rlhf", messages=image_message(sha, DESCRIBE_PROMPT), response=text, user_id="u-a"
+            )
+        )
     sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-good", rating=1, user_id="u-a"))
     sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-bad", rating=-1, user_id="u-a"))
     sqlite_store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))

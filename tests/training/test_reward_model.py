@@ -43,8 +43,12 @@ def rows(*responses):
 def test_the_facts_are_read_only_by_the_fact_augmented_encoder(reward_model):
     _, processor = reward_model
     with_facts, plain = RewardEncoder(processor, True), RewardEncoder(processor, False)
-    fact_text = processor.tokenizer.decode(with_facts.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0)))
-    plain_text = processor.tokenizer.decode(plain.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0)))
+    fact_text = processor.tokenizer.decode(
+        with_facts.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0))
+    )
+    plain_text = processor.tokenizer.decode(
+        plain.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0))
+    )
     assert all(fact in fact_text for fact in WORLD.facts(SCENE)[1:])
     assert not any(fact in plain_text for fact in WORLD.facts(SCENE)[1:])
     ids = with_facts.encode(MESSAGES, "There is a star.", WORLD.facts(SCENE), random.Random(0))
@@ -73,12 +77,16 @@ def test_saving_and_loading_keeps_the_scores_and_the_value_model_starts_at_zero(
     save_reward_model(model, tmp_path / "rm", {"with_facts": True, "base_model": str(bundled_model)})
     loaded, _, meta = load_reward_model(tmp_path / "rm")
     assert meta["with_facts"] is True and not any(p.requires_grad for p in loaded.parameters())
-    assert torch.allclose(score_rows(loaded, encoder, rows("There is a star.", "There is a moon."), random.Random(0)), scores)
+    assert torch.allclose(
+        score_rows(loaded, encoder, rows("There is a star.", "There is a moon."), random.Random(0)), scores
+    )
     value, _, _ = load_reward_model(tmp_path / "rm", trainable=True, zero_head=True)
     assert torch.count_nonzero(value.head.linear.weight) == 0 and value.head.linear.weight.requires_grad
     reward_lora = {k: v for k, v in loaded.backbone.state_dict().items() if "lora_" in k}
     value_lora = {k: v for k, v in value.backbone.state_dict().items() if "lora_" in k}
-    assert reward_lora.keys() == value_lora.keys() and all(torch.equal(reward_lora[k], value_lora[k]) for k in reward_lora)
+    assert reward_lora.keys() == value_lora.keys() and all(
+        torch.equal(reward_lora[k], value_lora[k]) for k in reward_lora
+    )
     assert all(p.requires_grad for k, p in value.backbone.named_parameters() if "lora_" in k)
 
 
@@ -91,8 +99,11 @@ def test_a_reward_model_trained_on_another_rating_prompt_is_refused(reward_model
     assert meta["rating_prompt"] == RATING_PROMPT_VERSION
     del meta["rating_prompt"]  # as the models saved before the version was recorded (version 1)
     (directory / "reward_model.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=f"trained on rating prompt version 1, and this code writes version "
-                                         f"{RATING_PROMPT_VERSION}: train it again"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=f"trained on rating prompt version 1, and this code writes version "
+        f"{RATING_PROMPT_VERSION}: train it again",
+    ):
         load_reward_model(directory)
 
 
@@ -110,9 +121,11 @@ class LengthScorer(torch.nn.Module):
 def test_pair_accuracy_counts_pairs_whose_chosen_answer_scores_higher(reward_model):
     _, processor = reward_model
     image = WORLD.render(SCENE)
-    pairs = [RewardPair(MESSAGES, "a longer answer here", "short", (), image, "description"),
-             RewardPair(MESSAGES, "short", "a longer answer here", (), image, "description"),
-             RewardPair(MESSAGES, "Yes, there is one.", "No.", (), image, "presence")]  # fmt: skip
+    pairs = [
+        RewardPair(MESSAGES, "a longer answer here", "short", (), image, "description"),
+        RewardPair(MESSAGES, "short", "a longer answer here", (), image, "description"),
+        RewardPair(MESSAGES, "Yes, there is one.", "No.", (), image, "presence"),
+    ]
     report = pair_accuracy(LengthScorer(), RewardEncoder(processor, with_facts=False), pairs)
     assert report["accuracy"] == round(2 / 3, 4) and report["pairs"] == 3
     assert report["accuracy_description"] == 0.5 and report["accuracy_presence"] == 1.0
@@ -120,9 +133,19 @@ def test_pair_accuracy_counts_pairs_whose_chosen_answer_scores_higher(reward_mod
 
 
 def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_path):
-    config = RewardConfig(output_dir=str(tmp_path / "rm"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
-                          train_scenes=6, eval_scenes=4, samples=3, probe_samples=3, epochs=1, batch_pairs=4,
-                          lora_rank=4, cpu=True)  # fmt: skip
+    config = RewardConfig(
+        output_dir=str(tmp_path / "rm"),
+        model=str(bundled_model),
+        pairs_dir=str(tmp_path / "pairs"),
+        train_scenes=6,
+        eval_scenes=4,
+        samples=3,
+        probe_samples=3,
+        epochs=1,
+        batch_pairs=4,
+        lora_rank=4,
+        cpu=True,
+    )
     summary = train(config)
     assert summary["processes"] == 1 and summary["train_pairs"] > 0 and summary["with_facts"] is True
     assert 0.0 <= summary["held_out"]["accuracy"] <= 1.0
@@ -134,9 +157,19 @@ def test_a_short_recipe_run_writes_a_loadable_reward_model(bundled_model, tmp_pa
 
 
 def test_balance_kinds_weights_the_loss_by_kind_and_records_the_weights(bundled_model, tmp_path):
-    config = RewardConfig(output_dir=str(tmp_path / "plain"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
-                          train_scenes=10, eval_scenes=4, samples=3, probe_samples=3, epochs=1, batch_pairs=4,
-                          lora_rank=4, cpu=True)  # fmt: skip
+    config = RewardConfig(
+        output_dir=str(tmp_path / "plain"),
+        model=str(bundled_model),
+        pairs_dir=str(tmp_path / "pairs"),
+        train_scenes=10,
+        eval_scenes=4,
+        samples=3,
+        probe_samples=3,
+        epochs=1,
+        batch_pairs=4,
+        lora_rank=4,
+        cpu=True,
+    )
     plain = train(config)
     balanced = train(dataclasses.replace(config, output_dir=str(tmp_path / "balanced"), balance_kinds=True))
     pairs = load_pairs(tmp_path / "pairs" / "train")
@@ -155,8 +188,10 @@ def test_balance_kinds_weights_the_loss_by_kind_and_records_the_weights(bundled_
 
 def test_without_facts_leaves_the_facts_out_of_about_the_share_asked_and_nothing_else(reward_model):
     image = WORLD.render(SCENE)
-    pairs = [RewardPair(MESSAGES, f"chosen {i}", f"rejected {i}", tuple(WORLD.facts(SCENE)), image, "description_object")
-             for i in range(1000)]  # fmt: skip
+    pairs = [
+        RewardPair(MESSAGES, f"chosen {i}", f"rejected {i}", tuple(WORLD.facts(SCENE)), image, "description_object")
+        for i in range(1000)
+    ]
     assert without_facts(pairs, 0.0, random.Random(0)) == pairs
     assert all(pair.facts == () for pair in without_facts(pairs, 1.0, random.Random(0)))
     half = without_facts(pairs, 0.5, random.Random(0))
@@ -180,8 +215,9 @@ def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_m
     from training.reward_data import MADE_WITH_FILE
     from training.reward_model import reward_pairs
 
-    config = RewardConfig(model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"), train_scenes=3, samples=2,
-                          probe_samples=3)  # fmt: skip
+    config = RewardConfig(
+        model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"), train_scenes=3, samples=2, probe_samples=3
+    )
     accelerator = Accelerator(cpu=True)
     first = reward_pairs(config, "train", accelerator)
     made_with = json.loads((tmp_path / "pairs" / "train" / MADE_WITH_FILE).read_text())
@@ -200,8 +236,9 @@ def test_cached_pairs_are_reused_only_when_made_with_the_same_settings(bundled_m
     assert "sampled with other settings (probe_samples=3)" in caplog.text
     # noisier images: sampled again, and every pair's image is its scene rendered with that noise
     with caplog.at_level("INFO", logger="training.reward_model"):
-        noisy = reward_pairs(dataclasses.replace(config, train_scenes=4, probe_samples=2, pixel_noise_std=70.0),
-                             "train", accelerator)  # fmt: skip
+        noisy = reward_pairs(
+            dataclasses.replace(config, train_scenes=4, probe_samples=2, pixel_noise_std=70.0), "train", accelerator
+        )
     assert "sampled with other settings (pixel_noise_std=6.0)" in caplog.text
     noisy_world = ShapesWorld(WorldConfig(pixel_noise_std=70.0))
     renders = {noisy_world.render(scene).tobytes() for scene in noisy_world.scenes("train", 4)}
@@ -219,8 +256,9 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_bf16_mixed_precision_computes_in_bf16_and_saves_fp32_weights(bundled_model, tmp_path, monkeypatch,
-                                                                       fresh_accelerator_state):  # fmt: skip
+def test_bf16_mixed_precision_computes_in_bf16_and_saves_fp32_weights(
+    bundled_model, tmp_path, monkeypatch, fresh_accelerator_state
+):
     from safetensors.torch import load_file
 
     import training.reward_model as recipe
@@ -234,9 +272,20 @@ def test_bf16_mixed_precision_computes_in_bf16_and_saves_fp32_weights(bundled_mo
         return model, processor
 
     monkeypatch.setattr(recipe, "new_reward_model", recorded)
-    config = RewardConfig(output_dir=str(tmp_path / "rm"), model=str(bundled_model), pairs_dir=str(tmp_path / "pairs"),
-                          train_scenes=4, eval_scenes=2, samples=3, probe_samples=3, epochs=1, batch_pairs=4,
-                          lora_rank=4, cpu=True, mixed_precision="bf16")  # fmt: skip
+    config = RewardConfig(
+        output_dir=str(tmp_path / "rm"),
+        model=str(bundled_model),
+        pairs_dir=str(tmp_path / "pairs"),
+        train_scenes=4,
+        eval_scenes=2,
+        samples=3,
+        probe_samples=3,
+        epochs=1,
+        batch_pairs=4,
+        lora_rank=4,
+        cpu=True,
+        mixed_precision="bf16",
+    )
     summary = train(config)
     assert summary["mixed_precision"] == "bf16" and summary["device"] == "cpu"
     assert mlp_outputs == {torch.bfloat16}  # training and the held-out scoring both ran under autocast

@@ -16,8 +16,11 @@ from training.reward_prompt import (
 )
 from training.shapes_world import ShapesWorld
 
-FACTS = ["There are two objects in the image.", "There is a small red star at the top left.",
-         "There is a large blue cross in the center."]  # fmt: skip
+FACTS = [
+    "There are two objects in the image.",
+    "There is a small red star at the top left.",
+    "There is a large blue cross in the center.",
+]
 
 
 def bullets(turn: str) -> list[str]:
@@ -55,8 +58,9 @@ def test_before_answer_puts_the_facts_between_the_image_and_the_question():
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
     orders = set()
     for seed in range(10):
-        text = reward_model_text(tokenizer, messages, "There is a red star.", FACTS, random.Random(seed),
-                                 facts_placement="before_answer")  # fmt: skip
+        text = reward_model_text(
+            tokenizer, messages, "There is a red star.", FACTS, random.Random(seed), facts_placement="before_answer"
+        )
         positions = [text.index(fact) for fact in FACTS]
         assert text.index("<image>") < text.index("Facts:") < min(positions)
         assert max(positions) < text.index("Describe the image.") < text.index("There is a red star.")
@@ -72,10 +76,12 @@ def test_before_answer_with_a_text_only_turn_and_without_facts():
     messages = [{"role": "user", "content": "Is there a star?"}]
     text = reward_model_text(tokenizer, messages, "Yes.", FACTS, random.Random(0), facts_placement="before_answer")
     assert text.index("Facts:") < text.index("Is there a star?") < text.index("Yes.")
-    plain = reward_model_text(tokenizer, messages, "Yes.", FACTS, random.Random(0), with_facts=False,
-                              facts_placement="before_answer")  # fmt: skip
-    assert "facts" not in plain.lower() and plain == reward_model_text(tokenizer, messages, "Yes.", FACTS,
-                                                                       random.Random(0), with_facts=False)  # fmt: skip
+    plain = reward_model_text(
+        tokenizer, messages, "Yes.", FACTS, random.Random(0), with_facts=False, facts_placement="before_answer"
+    )
+    assert "facts" not in plain.lower() and plain == reward_model_text(
+        tokenizer, messages, "Yes.", FACTS, random.Random(0), with_facts=False
+    )
 
 
 def test_facts_go_into_the_user_turn_asked_for_and_no_other():
@@ -96,8 +102,14 @@ def test_facts_go_into_the_user_turn_asked_for_and_no_other():
 def test_an_unknown_placement_is_refused():
     tokenizer = AutoTokenizer.from_pretrained("models/shapes-llava")
     with pytest.raises(ValueError, match="before_answer, rating_turn"):
-        reward_model_text(tokenizer, [{"role": "user", "content": "Q?"}], "A.", FACTS, random.Random(0),
-                          facts_placement="after_everything")  # fmt: skip
+        reward_model_text(
+            tokenizer,
+            [{"role": "user", "content": "Q?"}],
+            "A.",
+            FACTS,
+            random.Random(0),
+            facts_placement="after_everything",
+        )
 
 
 def test_a_presence_probe_with_its_facts_stays_within_the_context_the_backbone_handles():

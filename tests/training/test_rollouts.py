@@ -23,8 +23,10 @@ def test_rollouts_hold_each_prompt_right_before_its_response(bundled_model):
     model, processor = load_checkpoint(bundled_model)
     world = ShapesWorld()
     scenes = list(world.scenes("validation", 2))
-    prompts = [Prompt(tuple(user_turn(DESCRIBE_PROMPT)), world.render(scenes[0]), 48),
-               Prompt(tuple(user_turn("Is there a star in the image?")), world.render(scenes[1]), 4)]  # fmt: skip
+    prompts = [
+        Prompt(tuple(user_turn(DESCRIBE_PROMPT)), world.render(scenes[0]), 48),
+        Prompt(tuple(user_turn("Is there a star in the image?")), world.render(scenes[1]), 4),
+    ]
     torch.manual_seed(0)
     rollouts = generate(model, processor, prompts, greedy=True)
     tokenizer = processor.tokenizer

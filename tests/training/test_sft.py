@@ -8,8 +8,8 @@ import torch
 from training.sft import (
     IGNORE_INDEX,
     ConversationCollator,
-    answer_loss,
     SFTConfig,
+    answer_loss,
     patch_cells,
     prepare_model,
     pretrain_vision_tower,
@@ -63,7 +63,9 @@ def test_token_share_mixes_in_the_plain_per_token_loss():
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}).logits
         targets = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX
+        )
         answer_weighted = answer_loss(model, batch)
         assert float(answer_loss(model, batch, token_share=1.0)) == pytest.approx(float(per_token), rel=1e-5)
         mixed = answer_loss(model, batch, token_share=0.25)
@@ -85,17 +87,32 @@ def test_one_step_changes_every_trainable_parameter():
 
 def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path):
     config = SFTConfig(
-        output_dir=str(tmp_path / "out"), steps=3, batch_size=4, eval_every=2, val_scenes=4, vision_pretrain_steps=2,
-        grounding_steps=1, polish_steps=2, describe_steps=2,
+        output_dir=str(tmp_path / "out"),
+        steps=3,
+        batch_size=4,
+        eval_every=2,
+        val_scenes=4,
+        vision_pretrain_steps=2,
+        grounding_steps=1,
+        polish_steps=2,
+        describe_steps=2,
     )
     summary = train(config)
     assert summary["steps"] == 3 and summary["vision_pretrain_steps"] == 2 and summary["grounding_steps"] == 1
     assert summary["polish_steps"] == 2 and summary["describe_steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in records] == [
-        ("vision", 1), ("vision", 2), ("grounding", 1), ("sft", 1), ("sft", 2), ("sft", 3), ("polish", 1), ("polish", 2),
-        ("describe", 1), ("describe", 2),
-    ]  # fmt: skip
+        ("vision", 1),
+        ("vision", 2),
+        ("grounding", 1),
+        ("sft", 1),
+        ("sft", 2),
+        ("sft", 3),
+        ("polish", 1),
+        ("polish", 2),
+        ("describe", 1),
+        ("describe", 2),
+    ]
     assert records[-1]["lr"] == 0.0 and "val_loss" in records[-1]  # the last stage decays to zero and validates
     assert "patch_shape_accuracy" in records[0]
     assert "val_loss" in records[2]  # a stage's last step is always validated
@@ -157,14 +174,24 @@ def test_vision_stage_trains_the_tower_only():
 
 
 def test_sft_keeps_the_frozen_vision_tower(tmp_path):
-    config = SFTConfig(output_dir=str(tmp_path / "out"), steps=2, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
-                       grounding_steps=1, polish_steps=1, describe_steps=1)  # every stage after the tower's, briefly
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        steps=2,
+        batch_size=4,
+        val_scenes=4,
+        vision_pretrain_steps=0,
+        grounding_steps=1,
+        polish_steps=1,
+        describe_steps=1,
+    )  # every stage after the tower's, briefly
     initial, _ = prepare_model(config, ShapesWorld())  # same seed, same initial weights as the run
     train(config)
     trained, _ = load_checkpoint(tmp_path / "out")
     initial_tower, trained_tower = initial.model.vision_tower.state_dict(), trained.model.vision_tower.state_dict()
     assert all(torch.equal(initial_tower[k], trained_tower[k]) for k in initial_tower)
-    assert not torch.equal(initial.model.multi_modal_projector.linear_1.weight, trained.model.multi_modal_projector.linear_1.weight)
+    assert not torch.equal(
+        initial.model.multi_modal_projector.linear_1.weight, trained.model.multi_modal_projector.linear_1.weight
+    )
 
 
 def test_chat_share_makes_that_share_of_the_conversations_long_chats():
@@ -186,11 +213,20 @@ def test_chat_share_makes_that_share_of_the_conversations_long_chats():
 
 
 def test_chat_stage_continues_a_checkpoint_alone(tmp_path):
-    start = SFTConfig(output_dir=str(tmp_path / "start"), steps=1, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
-                      grounding_steps=0, polish_steps=0, describe_steps=0)  # fmt: skip
+    start = SFTConfig(
+        output_dir=str(tmp_path / "start"),
+        steps=1,
+        batch_size=4,
+        val_scenes=4,
+        vision_pretrain_steps=0,
+        grounding_steps=0,
+        polish_steps=0,
+        describe_steps=0,
+    )
     train(start)
-    config = SFTConfig(output_dir=str(tmp_path / "chat"), init=start.output_dir, steps=0, chat_steps=2, batch_size=4,
-                       val_scenes=4)  # fmt: skip
+    config = SFTConfig(
+        output_dir=str(tmp_path / "chat"), init=start.output_dir, steps=0, chat_steps=2, batch_size=4, val_scenes=4
+    )
     summary = train(config)
     assert (summary["steps"], summary["chat_steps"], summary["polish_steps"], summary["describe_steps"]) == (0, 2, 0, 0)
     records = [json.loads(line) for line in (tmp_path / "chat" / "metrics.jsonl").read_text().splitlines()]
@@ -199,8 +235,10 @@ def test_chat_stage_continues_a_checkpoint_alone(tmp_path):
     before, _ = load_checkpoint(tmp_path / "start")
     after, _ = load_checkpoint(tmp_path / "chat")
     assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
-    assert torch.equal(before.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
-                       after.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"])  # fmt: skip
+    assert torch.equal(
+        before.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+        after.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+    )
 
 
 def test_read_share_puts_the_scene_facts_before_the_first_question_and_answers_them_truly():
@@ -265,15 +303,32 @@ def test_read_quiz_share_makes_reading_conversations_attribute_quizzes_with_the_
             assert messages[0]["content"][1]["text"].startswith("Facts:\n")
     assert 70 <= quizzed <= 130
     none = ConversationCollator(world, processor, max_turns=8, read_share=1.0)
-    assert not any([m["content"] for m in none.messages(s)[1::2]] == [i.answer for i in world.quiz(s, 8)] for s in scenes)
+    assert not any(
+        [m["content"] for m in none.messages(s)[1::2]] == [i.answer for i in world.quiz(s, 8)] for s in scenes
+    )
 
 
 def test_read_stage_runs_after_the_chat_stage(tmp_path):
-    start = SFTConfig(output_dir=str(tmp_path / "start"), steps=1, batch_size=4, val_scenes=4, vision_pretrain_steps=0,
-                      grounding_steps=0, polish_steps=0, describe_steps=0)  # fmt: skip
+    start = SFTConfig(
+        output_dir=str(tmp_path / "start"),
+        steps=1,
+        batch_size=4,
+        val_scenes=4,
+        vision_pretrain_steps=0,
+        grounding_steps=0,
+        polish_steps=0,
+        describe_steps=0,
+    )
     train(start)
-    config = SFTConfig(output_dir=str(tmp_path / "plus"), init=start.output_dir, steps=0, chat_steps=1, read_steps=2,
-                       batch_size=4, val_scenes=4)  # fmt: skip
+    config = SFTConfig(
+        output_dir=str(tmp_path / "plus"),
+        init=start.output_dir,
+        steps=0,
+        chat_steps=1,
+        read_steps=2,
+        batch_size=4,
+        val_scenes=4,
+    )
     summary = train(config)
     assert (summary["steps"], summary["chat_steps"], summary["read_steps"]) == (0, 1, 2)
     records = [json.loads(line) for line in (tmp_path / "plus" / "metrics.jsonl").read_text().splitlines()]

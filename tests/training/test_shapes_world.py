@@ -87,8 +87,11 @@ def test_caption_noise_names_missing_partners_in_train_only():
 def _false_yes_probes(world: ShapesWorld, scene) -> list[str]:
     """Shapes a conversation about the scene wrongly says are there."""
     conversation = world.conversation(scene, max_turns=9, description_share=0.0)
-    return [item.target for item in conversation
-            if item.kind == "presence" and item.answer == "Yes." and item.target not in scene.shapes]  # fmt: skip
+    return [
+        item.target
+        for item in conversation
+        if item.kind == "presence" and item.answer == "Yes." and item.target not in scene.shapes
+    ]
 
 
 def test_probe_noise_says_yes_to_missing_partners_in_train_only():
@@ -140,7 +143,9 @@ def test_question_answers_are_exact(world):
             elif item.kind == "presence":
                 assert item.answer == ("Yes." if item.target in scene.shapes else "No.")
             elif item.kind == "count" and item.target:
-                assert item.answer.lower().rstrip(".") == ["zero", "one", "two", "three", "four"][scene.count(item.target)]
+                assert (
+                    item.answer.lower().rstrip(".") == ["zero", "one", "two", "three", "four"][scene.count(item.target)]
+                )
             elif item.kind == "multiple_choice":
                 assert len(item.choices) == 4 and len(set(item.choices)) == 4
                 assert item.choices["ABCD".index(item.answer)] == item.target
@@ -197,8 +202,11 @@ def test_chat_carries_the_train_split_probe_noise():
     said_yes = 0
     for scene in world.scenes("train", 300):
         missing = {partner for _, partner in world.missing_partners(scene)}
-        wrong = {item.target for item in world.chat(scene, max_turns=20)
-                 if item.kind == "presence" and item.answer == "Yes." and item.target not in scene.shapes}  # fmt: skip
+        wrong = {
+            item.target
+            for item in world.chat(scene, max_turns=20)
+            if item.kind == "presence" and item.answer == "Yes." and item.target not in scene.shapes
+        }
         assert len(wrong) == (1 if missing else 0) and wrong <= missing
         said_yes += bool(wrong)
     assert said_yes > 50

@@ -296,8 +296,8 @@ def score_items(items: Sequence[QAItem], responses: Sequence[str]) -> dict:
     metrics.update({key: chair[key] for key in ("chair_s", "chair_i", "object_recall")})
     counts["chair"] = {key: value for key, value in chair.items() if key not in metrics}
 
-    correct: dict[str, int] = {kind: 0 for kind in ANSWER_KINDS}
-    asked: dict[str, int] = {kind: 0 for kind in ANSWER_KINDS}
+    correct: dict[str, int] = dict.fromkeys(ANSWER_KINDS, 0)
+    asked: dict[str, int] = dict.fromkeys(ANSWER_KINDS, 0)
     for item, response in zip(items, responses):
         if item.kind in asked:
             asked[item.kind] += 1

@@ -178,12 +178,12 @@ def load_mmhal(path: str | Path, image_dir: str | Path) -> list[MMHalItem]:
     items = []
     for index, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {index} is a {type(entry).__name__}, not an object")  # noqa: TRY004
+            raise ValueError(f"{path}: entry {index} is a {type(entry).__name__}, not an object")
         missing = [key for key in REQUIRED_KEYS if key not in entry]
         if missing:
             raise ValueError(f"{path}: entry {index} lacks the key(s) {', '.join(missing)}")
         if not isinstance(entry["image_content"], list):
-            raise ValueError(f"{path}: entry {index}'s image_content is not a list of labels")  # noqa: TRY004
+            raise ValueError(f"{path}: entry {index}'s image_content is not a list of labels")
         image_path = _find_image(entry, image_dir)
         if image_path is None:
             image = entry["image_src"] or entry["image_id"]

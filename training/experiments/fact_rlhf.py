@@ -70,10 +70,21 @@ from training.shapes_world import WorldConfig
 
 logger = logging.getLogger(__name__)
 # Reward-model arms: (with facts, where they go). PPO runs against "fact" and "plain".
-REWARD_ARMS = {"fact": (True, "rating_turn"), "fact_before_answer": (True, "before_answer"), "plain": (False, "rating_turn")}
+REWARD_ARMS = {
+    "fact": (True, "rating_turn"),
+    "fact_before_answer": (True, "before_answer"),
+    "plain": (False, "rating_turn"),
+}
 # What the report keeps of each reward-model arm's summary.
-REWARD_MODEL_REPORT = ("held_out", "train_pairs", "minutes", "held_out_by_seed", "mean_accuracy",
-                       "mean_balanced_accuracy", "kind_weights")  # fmt: skip
+REWARD_MODEL_REPORT = (
+    "held_out",
+    "train_pairs",
+    "minutes",
+    "held_out_by_seed",
+    "mean_accuracy",
+    "mean_balanced_accuracy",
+    "kind_weights",
+)
 
 
 def sft_plus_model(args) -> str:
@@ -94,15 +105,34 @@ def sft_plus_model(args) -> str:
     if args.reuse and summary_file.is_file():
         summary = json.loads(summary_file.read_text())
         config = summary["config"]
-        trained = (config["init"], summary["chat_steps"], summary.get("read_steps", 0),
-                   config.get("read_description_share", 1 / 3), config.get("read_quiz_share", 0.0))  # fmt: skip
+        trained = (
+            config["init"],
+            summary["chat_steps"],
+            summary.get("read_steps", 0),
+            config.get("read_description_share", 1 / 3),
+            config.get("read_quiz_share", 0.0),
+        )
         if trained == (args.model, args.chat_steps, args.read_steps, args.read_description_share, args.read_quiz_share):
             return str(directory)
-    summary = train(SFTConfig(output_dir=str(directory), init=args.model, steps=0, chat_steps=args.chat_steps,
-                              read_steps=args.read_steps, read_description_share=args.read_description_share,
-                              read_quiz_share=args.read_quiz_share, seed=args.seed))  # fmt: skip
-    logger.info("SFT+: %d chat and %d read steps in %.1f minutes, validation loss %s", summary["chat_steps"],
-                summary["read_steps"], summary["minutes"], summary["val_loss"])  # fmt: skip
+    summary = train(
+        SFTConfig(
+            output_dir=str(directory),
+            init=args.model,
+            steps=0,
+            chat_steps=args.chat_steps,
+            read_steps=args.read_steps,
+            read_description_share=args.read_description_share,
+            read_quiz_share=args.read_quiz_share,
+            seed=args.seed,
+        )
+    )
+    logger.info(
+        "SFT+: %d chat and %d read steps in %.1f minutes, validation loss %s",
+        summary["chat_steps"],
+        summary["read_steps"],
+        summary["minutes"],
+        summary["val_loss"],
+    )
     return str(directory)
 
 
@@ -137,20 +167,33 @@ def reward_model_run(args, arm: str, seed: int, first: bool) -> dict:
     directory = Path(args.workdir) / (f"reward-{arm}" if first else f"reward-{arm}-seed{seed}")
     saved = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else {}
     facts_dropout = args.rm_facts_dropout if with_facts else 0.0
-    trained_as_asked = (saved.get("balance_kinds", False) == args.rm_balance_kinds
-                        and saved.get("pixel_noise_std", WorldConfig.pixel_noise_std) == args.rm_pixel_noise
-                        and saved.get("facts_dropout", 0.0) == facts_dropout)  # fmt: skip
+    trained_as_asked = (
+        saved.get("balance_kinds", False) == args.rm_balance_kinds
+        and saved.get("pixel_noise_std", WorldConfig.pixel_noise_std) == args.rm_pixel_noise
+        and saved.get("facts_dropout", 0.0) == facts_dropout
+    )
     if args.reuse and saved and trained_as_asked:  # scored again: the pairs may have been sampled since
         summary = saved
         model, processor, _ = load_reward_model(directory, args.model)
-        summary["held_out"] = pair_accuracy(model, RewardEncoder(processor, with_facts, placement),
-                                            load_pairs(pairs_dir / "validation"), seed)  # fmt: skip
+        summary["held_out"] = pair_accuracy(
+            model, RewardEncoder(processor, with_facts, placement), load_pairs(pairs_dir / "validation"), seed
+        )
         return summary
-    config = RewardConfig(output_dir=str(directory), model=args.model, with_facts=with_facts, facts_placement=placement,
-                          pairs_dir=str(pairs_dir), train_scenes=args.rm_train_scenes, eval_scenes=args.rm_eval_scenes,
-                          pixel_noise_std=args.rm_pixel_noise, epochs=args.rm_epochs,
-                          balance_kinds=args.rm_balance_kinds, facts_dropout=facts_dropout, seed=seed,
-                          pairs_seed=args.seed)  # fmt: skip
+    config = RewardConfig(
+        output_dir=str(directory),
+        model=args.model,
+        with_facts=with_facts,
+        facts_placement=placement,
+        pairs_dir=str(pairs_dir),
+        train_scenes=args.rm_train_scenes,
+        eval_scenes=args.rm_eval_scenes,
+        pixel_noise_std=args.rm_pixel_noise,
+        epochs=args.rm_epochs,
+        balance_kinds=args.rm_balance_kinds,
+        facts_dropout=facts_dropout,
+        seed=seed,
+        pairs_seed=args.seed,
+    )
     return train(config)  # its summary holds the held-out accuracy on the same pairs
 
 
@@ -163,12 +206,20 @@ def ppo_runs(args) -> dict:
         if args.reuse and (directory / "summary.json").is_file():
             summary = json.loads((directory / "summary.json").read_text())
         else:
-            config = PPOConfig(output_dir=str(directory), model=args.model,
-                               reward_model=str(Path(args.workdir) / f"reward-{reward_arm}"), steps=args.ppo_steps,
-                               rollout_batch=args.rollout_batch, learning_rate=args.learning_rate,
-                               lora_rank=args.lora_rank, description_share=args.description_share,
-                               eval_every=args.eval_every, eval_images=args.eval_images,
-                               final_eval_images=args.test_images, seed=args.seed)  # fmt: skip
+            config = PPOConfig(
+                output_dir=str(directory),
+                model=args.model,
+                reward_model=str(Path(args.workdir) / f"reward-{reward_arm}"),
+                steps=args.ppo_steps,
+                rollout_batch=args.rollout_batch,
+                learning_rate=args.learning_rate,
+                lora_rank=args.lora_rank,
+                description_share=args.description_share,
+                eval_every=args.eval_every,
+                eval_images=args.eval_images,
+                final_eval_images=args.test_images,
+                seed=args.seed,
+            )
             summary = PPOTrainer(config).run()
         summary["curve"] = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
         summary["reward_arm"] = reward_arm
@@ -181,18 +232,25 @@ def relative_change(before: float, after: float) -> float | None:
 
 
 def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
-    results = {"what": __doc__.split("\n\n")[0], "model": args.model, "minutes": round(minutes, 1),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
-               "reward_models": {arm: {k: s[k] for k in REWARD_MODEL_REPORT if k in s} for arm, s in rewards.items()},
-               "ppo": {}}  # fmt: skip
+    results = {
+        "what": __doc__.split("\n\n")[0],
+        "model": args.model,
+        "minutes": round(minutes, 1),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
+        "reward_models": {arm: {k: s[k] for k in REWARD_MODEL_REPORT if k in s} for arm, s in rewards.items()},
+        "ppo": {},
+    }
     if args.model != args.base_model:
         plus = json.loads((Path(args.model) / "training_summary.json").read_text())
-        results["sft_plus"] = {"from": args.base_model, "chat_steps": plus["chat_steps"],
-                               "read_steps": plus.get("read_steps", 0),
-                               "read_description_share": plus["config"].get("read_description_share", 1 / 3),
-                               "read_quiz_share": plus["config"].get("read_quiz_share", 0.0),
-                               "minutes": plus["minutes"],
-                               "val_loss": plus["val_loss"]}  # fmt: skip
+        results["sft_plus"] = {
+            "from": args.base_model,
+            "chat_steps": plus["chat_steps"],
+            "read_steps": plus.get("read_steps", 0),
+            "read_description_share": plus["config"].get("read_description_share", 1 / 3),
+            "read_quiz_share": plus["config"].get("read_quiz_share", 0.0),
+            "minutes": plus["minutes"],
+            "val_loss": plus["val_loss"],
+        }
     for arm, run in runs.items():
         before, after = run["before"], run["after"]
         curve = run["curve"]
@@ -211,9 +269,24 @@ def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
             "rollout_true_hallucination_last_fifth": mean(last, "true_hallucination"),
             "rollout_true_recall_first_fifth": mean(first, "true_recall"),
             "rollout_true_recall_last_fifth": mean(last, "true_recall"),
-            "curve": [{k: r[k] for k in ("step", "rm_score_descriptions", "true_hallucination", "true_recall", "reward",
-                                         "kl_to_reference", "response_tokens", "eval") if k in r} for r in curve],
-        }  # fmt: skip
+            "curve": [
+                {
+                    k: r[k]
+                    for k in (
+                        "step",
+                        "rm_score_descriptions",
+                        "true_hallucination",
+                        "true_recall",
+                        "reward",
+                        "kl_to_reference",
+                        "response_tokens",
+                        "eval",
+                    )
+                    if k in r
+                }
+                for r in curve
+            ],
+        }
     return results
 
 
@@ -232,14 +305,32 @@ def plot(results: dict, path: str) -> None:
         evals = [r for r in run["curve"] if "eval" in r]
         color = colors[arm]
         axes[0].plot(steps, [r["rm_score_descriptions"] for r in curve], color=color, label=f"{arm} RM")
-        for axis, key, metric in ((axes[1], "true_hallucination", "chair_s"), (axes[2], "true_recall", "object_recall")):
+        for axis, key, metric in (
+            (axes[1], "true_hallucination", "chair_s"),
+            (axes[2], "true_recall", "object_recall"),
+        ):
             axis.plot(steps, [r[key] for r in curve], color=color, alpha=0.3, label=f"{arm} RM: rollouts")
-            axis.plot([0] + [r["step"] for r in evals], [run["test_before"][metric]] + [r["eval"][metric] for r in evals],
-                      "o-", color=color, label=f"{arm} RM: held-out images")  # fmt: skip
-        axes[3].scatter([r["true_recall"] for r in curve], [r["rm_score_descriptions"] for r in curve], c=steps,
-                        cmap="Blues" if arm == "fact" else "Reds", s=16, label=f"{arm} RM")  # fmt: skip
-    titles = ("RM score of the rollouts' descriptions", "true hallucination (CHAIR_s)", "true object recall",
-              "RM score against true recall (darker: later)")  # fmt: skip
+            axis.plot(
+                [0] + [r["step"] for r in evals],
+                [run["test_before"][metric]] + [r["eval"][metric] for r in evals],
+                "o-",
+                color=color,
+                label=f"{arm} RM: held-out images",
+            )
+        axes[3].scatter(
+            [r["true_recall"] for r in curve],
+            [r["rm_score_descriptions"] for r in curve],
+            c=steps,
+            cmap="Blues" if arm == "fact" else "Reds",
+            s=16,
+            label=f"{arm} RM",
+        )
+    titles = (
+        "RM score of the rollouts' descriptions",
+        "true hallucination (CHAIR_s)",
+        "true object recall",
+        "RM score against true recall (darker: later)",
+    )
     for axis, title in zip(axes, titles, strict=True):
         axis.set_title(title)
         axis.set_xlabel("PPO step")
@@ -247,8 +338,10 @@ def plot(results: dict, path: str) -> None:
         axis.legend(fontsize=8)
     axes[3].set_xlabel("object recall of the rollout descriptions")
     axes[3].set_ylabel("RM score")
-    figure.suptitle("Fact-RLHF PPO on the bundled model, fact-augmented vs plain reward model (held-out points: step 0 "
-                    "on 500 test images, then 100 validation images)")  # fmt: skip
+    figure.suptitle(
+        "Fact-RLHF PPO on the bundled model, fact-augmented vs plain reward model (held-out points: step 0 "
+        "on 500 test images, then 100 validation images)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -256,45 +349,88 @@ def plot(results: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/shapes-llava")
-    parser.add_argument("--chat-steps", type=int, default=0,
-                        help="first train --model for this many steps of the SFT recipe's chat stage (long multi-turn "
-                             "chats) and run the experiment on the result; 0: on --model as it is")
-    parser.add_argument("--read-steps", type=int, default=0,
-                        help="first train --model (after any chat steps) for this many steps of the SFT recipe's read "
-                             "stage (questions answered from the scene's facts given as text) and run the experiment "
-                             "on the result; 0: none")
-    parser.add_argument("--read-description-share", type=float, default=1 / 3,
-                        help="read stage: share of the reading conversations that are a description (the rest are "
-                             "short questions)")
-    parser.add_argument("--read-quiz-share", type=float, default=0.0,
-                        help="read stage: share of the reading conversations that are attribute quizzes (which color "
-                             "goes with which shape, ...), before the description share applies to the rest")
+    parser.add_argument(
+        "--chat-steps",
+        type=int,
+        default=0,
+        help="first train --model for this many steps of the SFT recipe's chat stage (long multi-turn "
+        "chats) and run the experiment on the result; 0: on --model as it is",
+    )
+    parser.add_argument(
+        "--read-steps",
+        type=int,
+        default=0,
+        help="first train --model (after any chat steps) for this many steps of the SFT recipe's read "
+        "stage (questions answered from the scene's facts given as text) and run the experiment "
+        "on the result; 0: none",
+    )
+    parser.add_argument(
+        "--read-description-share",
+        type=float,
+        default=1 / 3,
+        help="read stage: share of the reading conversations that are a description (the rest are short questions)",
+    )
+    parser.add_argument(
+        "--read-quiz-share",
+        type=float,
+        default=0.0,
+        help="read stage: share of the reading conversations that are attribute quizzes (which color "
+        "goes with which shape, ...), before the description share applies to the rest",
+    )
     parser.add_argument("--workdir", default="runs/fact-rlhf", help="reward models, PPO runs and the pair cache")
     parser.add_argument("--reuse", action="store_true", help="reuse finished reward models and PPO runs in --workdir")
     parser.add_argument("--rm-train-scenes", type=int, default=2000)
     parser.add_argument("--rm-eval-scenes", type=int, default=600)
     parser.add_argument("--rm-epochs", type=int, default=3)
-    parser.add_argument("--rm-balance-kinds", action="store_true",
-                        help="weight the reward models' loss so every kind of pair weighs the same")
-    parser.add_argument("--rm-facts-dropout", type=float, default=0.0,
-                        help="share of the training pairs a fact reward model rates without their facts")
-    parser.add_argument("--rm-pixel-noise", type=float, default=WorldConfig.pixel_noise_std,
-                        help="pixel noise of the reward-model pairs' images (default: ShapesWorld's); PPO and the "
-                             "evaluations keep ShapesWorld's")
-    parser.add_argument("--reward-arms", nargs="+", choices=list(REWARD_ARMS), default=list(REWARD_ARMS),
-                        help="reward models to train and score (PPO needs --ppo-fact-arm's and plain)")
-    parser.add_argument("--rm-seeds", type=int, nargs="+",
-                        help="train each reward model once per seed and report every accuracy and the mean; PPO uses "
-                             "the first seed's (default: --seed only)")
+    parser.add_argument(
+        "--rm-balance-kinds",
+        action="store_true",
+        help="weight the reward models' loss so every kind of pair weighs the same",
+    )
+    parser.add_argument(
+        "--rm-facts-dropout",
+        type=float,
+        default=0.0,
+        help="share of the training pairs a fact reward model rates without their facts",
+    )
+    parser.add_argument(
+        "--rm-pixel-noise",
+        type=float,
+        default=WorldConfig.pixel_noise_std,
+        help="pixel noise of the reward-model pairs' images (default: ShapesWorld's); PPO and the "
+        "evaluations keep ShapesWorld's",
+    )
+    parser.add_argument(
+        "--reward-arms",
+        nargs="+",
+        choices=list(REWARD_ARMS),
+        default=list(REWARD_ARMS),
+        help="reward models to train and score (PPO needs --ppo-fact-arm's and plain)",
+    )
+    parser.add_argument(
+        "--rm-seeds",
+        type=int,
+        nargs="+",
+        help="train each reward model once per seed and report every accuracy and the mean; PPO uses "
+        "the first seed's (default: --seed only)",
+    )
     parser.add_argument("--no-ppo", action="store_true", help="stop after the reward models (their accuracy only)")
-    parser.add_argument("--ppo-fact-arm", choices=[arm for arm, (with_facts, _) in REWARD_ARMS.items() if with_facts],
-                        default="fact", help="the fact-augmented reward model the fact PPO run uses")
+    parser.add_argument(
+        "--ppo-fact-arm",
+        choices=[arm for arm, (with_facts, _) in REWARD_ARMS.items() if with_facts],
+        default="fact",
+        help="the fact-augmented reward model the fact PPO run uses",
+    )
     parser.add_argument("--ppo-steps", type=int, default=90)
     parser.add_argument("--rollout-batch", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1.5e-4)
     parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--description-share", type=float, default=0.5,
-                        help="share of rollouts that are detailed descriptions (CHAIR's kind of answer)")
+    parser.add_argument(
+        "--description-share",
+        type=float,
+        default=0.5,
+        help="share of rollouts that are detailed descriptions (CHAIR's kind of answer)",
+    )
     parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--test-images", type=int, default=500)
@@ -304,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.rm_seeds = args.rm_seeds or [args.seed]
     if not args.no_ppo and not {args.ppo_fact_arm, "plain"} <= set(args.reward_arms):
-        parser.error(f"--reward-arms must include {args.ppo_fact_arm} and plain: the PPO runs use them "
-                     "(or add --no-ppo)")
+        parser.error(
+            f"--reward-arms must include {args.ppo_fact_arm} and plain: the PPO runs use them (or add --no-ppo)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     started = time.monotonic()
     args.base_model, args.model = args.model, sft_plus_model(args)
@@ -315,9 +452,15 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot and runs:
         plot(results, args.plot)
-    print(json.dumps({"reward_models": {a: r["held_out"]["accuracy"] for a, r in results["reward_models"].items()},
-                      "ppo": {a: {k: v for k, v in r.items() if k != "curve"} for a, r in results["ppo"].items()}},
-                     indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "reward_models": {a: r["held_out"]["accuracy"] for a, r in results["reward_models"].items()},
+                "ppo": {a: {k: v for k, v in r.items() if k != "curve"} for a, r in results["ppo"].items()},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

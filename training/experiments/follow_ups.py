@@ -42,8 +42,11 @@ def questions(world: ShapesWorld, scene: Scene) -> list[QAItem]:
 
 
 def accuracy(answers: list[str], items: list[QAItem], kind: str) -> float:
-    scored = [answer.strip().lower() == item.answer.lower()
-              for answer, item in zip(answers, items, strict=True) if item.kind == kind]  # fmt: skip
+    scored = [
+        answer.strip().lower() == item.answer.lower()
+        for answer, item in zip(answers, items, strict=True)
+        if item.kind == kind
+    ]
     return round(sum(scored) / len(scored), 4)
 
 
@@ -69,18 +72,28 @@ def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_s
     asked = [(scene, item) for scene in scenes for item in questions(world, scene)]
     items = [item for _, item in asked]
     alone = answer([Prompt(tuple(user_turn(item.question)), images[scene.index], 8) for scene, item in asked])
-    follow_up = answer([
-        Prompt((describe, {"role": "assistant", "content": descriptions[scene.index]},
-                {"role": "user", "content": [{"type": "text", "text": item.question}]}), images[scene.index], 8)
-        for scene, item in asked
-    ])  # fmt: skip
+    follow_up = answer(
+        [
+            Prompt(
+                (
+                    describe,
+                    {"role": "assistant", "content": descriptions[scene.index]},
+                    {"role": "user", "content": [{"type": "text", "text": item.question}]},
+                ),
+                images[scene.index],
+                8,
+            )
+            for scene, item in asked
+        ]
+    )
     blanks = {scene.index: world.render(scene, blank=True) for scene in scenes}
 
     def facts_first(scene: Scene, turn: dict) -> tuple[dict, ...]:
         return tuple(with_facts_before_question([turn], world.facts(scene), random.Random(scene.seed)))
 
-    from_facts = answer([Prompt(facts_first(scene, *user_turn(item.question)), blanks[scene.index], 8)
-                         for scene, item in asked])  # fmt: skip
+    from_facts = answer(
+        [Prompt(facts_first(scene, *user_turn(item.question)), blanks[scene.index], 8) for scene, item in asked]
+    )
     described_with_facts = answer([Prompt(facts_first(s, describe), images[s.index], 96) for s in scenes])
     described_from_facts = answer([Prompt(facts_first(s, describe), blanks[s.index], 96) for s in scenes])
     result = {"model": model_dir, "questions": {kind: sum(item.kind == kind for item in items) for kind in KINDS}}
@@ -99,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["models/shapes-llava"])
     parser.add_argument("--scenes", type=int, default=200, help="ShapesWorld test scenes")
-    parser.add_argument("--pixel-noise", type=float, default=WorldConfig.pixel_noise_std,
-                        help="pixel noise of the images (default: ShapesWorld's); more makes them harder to see")
+    parser.add_argument(
+        "--pixel-noise",
+        type=float,
+        default=WorldConfig.pixel_noise_std,
+        help="pixel noise of the images (default: ShapesWorld's); more makes them harder to see",
+    )
     args = parser.parse_args(argv)
     world = ShapesWorld(WorldConfig(pixel_noise_std=args.pixel_noise))
     scenes = list(world.scenes("test", args.scenes))

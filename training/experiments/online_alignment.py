@@ -58,8 +58,15 @@ from training.tiny_llava import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
-HEADLINE = ("chair_s", "chair_i", "object_recall", "pope_adversarial_accuracy", "pope_random_accuracy",
-            "attribute_accuracy", "count_accuracy")  # fmt: skip
+HEADLINE = (
+    "chair_s",
+    "chair_i",
+    "object_recall",
+    "pope_adversarial_accuracy",
+    "pope_random_accuracy",
+    "attribute_accuracy",
+    "count_accuracy",
+)
 MIXED = {
     "pair_sources": frozenset({"correction", "thumbs", "preference", "bdhs"}),
     "bdhs_per_round": 1000,
@@ -99,8 +106,9 @@ class InProcessGateway:
     def models(self) -> list[str]:
         return [self.alias]
 
-    def stream_chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float,
-                    user: str | None = None) -> Iterator[Answer]:  # fmt: skip
+    def stream_chat(
+        self, model: str, messages: list[dict], max_tokens: int, temperature: float, user: str | None = None
+    ) -> Iterator[Answer]:
         stored, images = [], []
         for message in messages:
             parts = []
@@ -116,20 +124,32 @@ class InProcessGateway:
             stored.append({**message, "content": parts})
         text = self._generate(stored, images, max_tokens, temperature)
         record = GenerationRecord(
-            id=f"chatcmpl-{uuid.uuid4().hex}", alias=model, adapter_version=self.version, messages=stored,
-            sampling={"temperature": temperature, "max_tokens": max_tokens}, response=text, finish_reason="stop",
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            alias=model,
+            adapter_version=self.version,
+            messages=stored,
+            sampling={"temperature": temperature, "max_tokens": max_tokens},
+            response=text,
+            finish_reason="stop",
             user_id=hash_user_id(user or "anonymous", SALT),
-        )  # fmt: skip
+        )
         self.store.add_generation(record)
-        yield Answer(model=model, text=text, response_id=record.id,
-                     version=f"v{self.version}" if self.version else "base", finish_reason="stop")  # fmt: skip
+        yield Answer(
+            model=model,
+            text=text,
+            response_id=record.id,
+            version=f"v{self.version}" if self.version else "base",
+            finish_reason="stop",
+        )
 
     def _generate(self, messages: list[dict], images: list[bytes], max_tokens: int, temperature: float) -> str:
         from PIL import Image
 
         tokenizer = self.processor.tokenizer
-        template = [{"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_url" else p
-                                                    for p in m["content"]]} for m in messages]  # fmt: skip
+        template = [
+            {"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
+            for m in messages
+        ]
         prompt = self.processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
         pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
         inputs = self.processor(images=pictures, text=[prompt], return_tensors="pt")
@@ -138,22 +158,37 @@ class InProcessGateway:
         )
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         **sampling)  # fmt: skip
+            output = self.model.generate(
+                **inputs, max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+            )
         return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
-    def feedback(self, response_id: str, rating: int | None = None, correction: str | None = None,
-                 comment: str | None = None, facts: list[str] | None = None,
-                 user: str | None = None) -> dict:  # fmt: skip
-        event = self.store.add_feedback(FeedbackEvent(
-            generation_id=response_id, rating=rating, correction=correction, comment=comment, facts=facts,
-            user_id=hash_user_id(user or "anonymous", SALT), adapter_version=self.version,
-        ))  # fmt: skip
+    def feedback(
+        self,
+        response_id: str,
+        rating: int | None = None,
+        correction: str | None = None,
+        comment: str | None = None,
+        facts: list[str] | None = None,
+        user: str | None = None,
+    ) -> dict:
+        event = self.store.add_feedback(
+            FeedbackEvent(
+                generation_id=response_id,
+                rating=rating,
+                correction=correction,
+                comment=comment,
+                facts=facts,
+                user_id=hash_user_id(user or "anonymous", SALT),
+                adapter_version=self.version,
+            )
+        )
         return {"id": event.id}
 
     def facts(self, image_sha256: str, caption: str | None = None, facts: list[str] | None = None) -> dict:
-        record = self.store.add_facts(FactsRecord(image_sha256=image_sha256, caption=caption, facts=facts or [],
-                                                  source="user"))  # fmt: skip
+        record = self.store.add_facts(
+            FactsRecord(image_sha256=image_sha256, caption=caption, facts=facts or [], source="user")
+        )
         return {"id": record.id}
 
 
@@ -173,8 +208,9 @@ class VersionScorer:
 
 def score(base_model: str, adapter_path: str | None, split: str, images: int) -> dict[str, float]:
     model, processor = load_version(base_model, adapter_path)
-    report = evaluate_shapes(TransformersChatModel.from_loaded(model, processor, batch_size=32), ShapesWorld(), split,
-                             images, progress=False)  # fmt: skip
+    report = evaluate_shapes(
+        TransformersChatModel.from_loaded(model, processor, batch_size=32), ShapesWorld(), split, images, progress=False
+    )
     return {key: float(value) for key, value in report.items() if isinstance(value, int | float)}
 
 
@@ -191,10 +227,19 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
     events_per_round = args.events // args.rounds
     rounds = []
     with open_store(f"sqlite:///{arm_dir / 'store.db'}") as store:
-        settings = TrainerSettings(model=args.model, adapter_dir=arm_dir / "adapters", eval_split="validation",
-                                   eval_images=args.gate_images, round_min_pairs=1, seed=args.seed,
-                                   sft_weight=args.sft_weight, learning_rate=args.learning_rate, beta=args.beta,
-                                   epochs=args.epochs, **ARMS[name][0])  # fmt: skip
+        settings = TrainerSettings(
+            model=args.model,
+            adapter_dir=arm_dir / "adapters",
+            eval_split="validation",
+            eval_images=args.gate_images,
+            round_min_pairs=1,
+            seed=args.seed,
+            sft_weight=args.sft_weight,
+            learning_rate=args.learning_rate,
+            beta=args.beta,
+            epochs=args.epochs,
+            **ARMS[name][0],
+        )
         trainer = OnlineTrainer(
             settings, store, scorer=VersionScorer(args.model, store, "validation", args.gate_images)
         )
@@ -203,32 +248,52 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
             served = store.get_adapter(promoted) if promoted else None
             model, processor = load_version(args.model, str(served.path) if served else None)
             simulator = FeedbackSimulator(
-                SimulatorSettings(events=events_per_round, start=10_000 + number * 10 * events_per_round,
-                                  seed=args.seed + number, temperature=args.temperature,
-                                  regenerations=args.regenerations, correction_share=args.correction_share,
-                                  concurrency=1, **ARMS[name][1]),
+                SimulatorSettings(
+                    events=events_per_round,
+                    start=10_000 + number * 10 * events_per_round,
+                    seed=args.seed + number,
+                    temperature=args.temperature,
+                    regenerations=args.regenerations,
+                    correction_share=args.correction_share,
+                    concurrency=1,
+                    **ARMS[name][1],
+                ),
                 InProcessGateway(store, model, processor, promoted),
-            )  # fmt: skip
+            )
             simulation = simulator.run().to_dict()
             pairs = trainer.poll()
             result = trainer.run_round(pairs)
-            entry = {"round": number + 1, "served_version": promoted, "events": simulation["events"],
-                     "events_by_kind": simulation["events_by_kind"],
-                     "served_answers": simulation["answers_by_version"]}  # fmt: skip
+            entry = {
+                "round": number + 1,
+                "served_version": promoted,
+                "events": simulation["events"],
+                "events_by_kind": simulation["events_by_kind"],
+                "served_answers": simulation["answers_by_version"],
+            }
             if result is not None:
                 adapter = store.get_adapter(result.version)
-                entry |= {"version": result.version, "promoted": result.promoted, "pairs": result.pairs,
-                          "pair_sources": result.pair_sources, "gate_reasons": result.decision.reasons,
-                          "validation": headline(result.decision.candidate),
-                          "train": {k: round(v, 4) for k, v in result.train_metrics.items()},
-                          "test": headline(score(args.model, str(adapter.path), "test", args.test_images))}  # fmt: skip
+                entry |= {
+                    "version": result.version,
+                    "promoted": result.promoted,
+                    "pairs": result.pairs,
+                    "pair_sources": result.pair_sources,
+                    "gate_reasons": result.decision.reasons,
+                    "validation": headline(result.decision.candidate),
+                    "train": {k: round(v, 4) for k, v in result.train_metrics.items()},
+                    "test": headline(score(args.model, str(adapter.path), "test", args.test_images)),
+                }
             rounds.append(entry)
             logger.info("%s round %d: %s", name, number + 1, json.dumps(entry.get("test")))
         promoted = store.promoted_version(settings.public_alias)
     final = next((r["test"] for r in reversed(rounds) if r.get("version") == promoted), None)
-    return {"arm": name, "rounds": rounds, "promoted_version": promoted,
-            "pairs": sum(r.get("pairs", 0) for r in rounds),
-            "final_served_test": final, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    return {
+        "arm": name,
+        "rounds": rounds,
+        "promoted_version": promoted,
+        "pairs": sum(r.get("pairs", 0) for r in rounds),
+        "final_served_test": final,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def offline_pairs(store: FeedbackStore, count: int, rng: random.Random) -> list[PreferencePair]:
@@ -268,18 +333,30 @@ def run_offline(args: argparse.Namespace, work_dir: Path, count: int) -> dict:
     arm_dir = work_dir / "offline-dpo"
     arm_dir.mkdir(parents=True)
     with open_store(f"sqlite:///{arm_dir / 'store.db'}") as store:
-        settings = TrainerSettings(model=args.model, adapter_dir=arm_dir / "adapters", seed=args.seed,
-                                   sft_weight=args.sft_weight, learning_rate=args.learning_rate, beta=args.beta,
-                                   epochs=args.epochs)  # fmt: skip
+        settings = TrainerSettings(
+            model=args.model,
+            adapter_dir=arm_dir / "adapters",
+            seed=args.seed,
+            sft_weight=args.sft_weight,
+            learning_rate=args.learning_rate,
+            beta=args.beta,
+            epochs=args.epochs,
+        )
         trainer = OnlineTrainer(settings, store, scorer=lambda name: {})
         pairs = offline_pairs(store, count, random.Random(args.seed))
         policy, processor, _ = trainer.load_policy()
         train_metrics = trainer.train(policy, processor, pairs)
-        adapter = publish_adapter(store, policy, settings.adapter_dir, args.model, "dense-dpo",
-                                  notes=f"{len(pairs)} offline pairs")  # fmt: skip
+        adapter = publish_adapter(
+            store, policy, settings.adapter_dir, args.model, "dense-dpo", notes=f"{len(pairs)} offline pairs"
+        )
         test = headline(score(args.model, str(adapter.path), "test", args.test_images))
-    return {"arm": "offline-dpo", "pairs": len(pairs), "train": {k: round(v, 4) for k, v in train_metrics.items()},
-            "final_served_test": test, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    return {
+        "arm": "offline-dpo",
+        "pairs": len(pairs),
+        "train": {k: round(v, 4) for k, v in train_metrics.items()},
+        "final_served_test": test,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -290,8 +367,11 @@ def verdict(sft: dict, arm: dict | None) -> dict:
     relative = (arm["chair_s"] - sft["chair_s"]) / sft["chair_s"] if sft["chair_s"] else None
     recall = (arm["object_recall"] - sft["object_recall"]) * 100
     met = relative is not None and relative <= -0.40 and recall >= -2.0
-    return {"chair_s_relative_change": round(relative, 3) if relative is not None else None,
-            "recall_change_points": round(recall, 2), "target_met": met}  # fmt: skip
+    return {
+        "chair_s_relative_change": round(relative, 3) if relative is not None else None,
+        "recall_change_points": round(recall, 2),
+        "target_met": met,
+    }
 
 
 def plot(report: dict, path: str) -> None:
@@ -300,8 +380,11 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("chair_s", "CHAIR_s (lower is better)"), ("object_recall", "object recall"),
-               ("pope_adversarial_accuracy", "POPE-adversarial accuracy"))  # fmt: skip
+    metrics = (
+        ("chair_s", "CHAIR_s (lower is better)"),
+        ("object_recall", "object recall"),
+        ("pope_adversarial_accuracy", "POPE-adversarial accuracy"),
+    )
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for axis, (key, title) in zip(axes, metrics, strict=True):
         axis.axhline(report["sft"][key], color="black", linestyle="--", label="SFT")
@@ -311,11 +394,17 @@ def plot(report: dict, path: str) -> None:
             if not trained:
                 continue
             rounds = [0] + [r["round"] for r in trained]
-            (line,) = axis.plot(rounds, [report["sft"][key]] + [r["test"][key] for r in trained],
-                                marker="", label=arm["arm"])  # fmt: skip
+            (line,) = axis.plot(
+                rounds, [report["sft"][key]] + [r["test"][key] for r in trained], marker="", label=arm["arm"]
+            )
             for r in trained:  # filled: promoted; hollow: rejected by the gate (never served)
-                axis.plot(r["round"], r["test"][key], marker="o", color=line.get_color(),
-                          markerfacecolor=line.get_color() if r["promoted"] else "white")  # fmt: skip
+                axis.plot(
+                    r["round"],
+                    r["test"][key],
+                    marker="o",
+                    color=line.get_color(),
+                    markerfacecolor=line.get_color() if r["promoted"] else "white",
+                )
         axis.set_xticks(range(report["rounds"] + 1))
         axis.set_title(title)
         axis.set_xlabel(f"round ({report['events_per_round']} events each)")
@@ -369,16 +458,29 @@ def main(argv: list[str] | None = None) -> int:
         "what": "online alignment of the bundled SFT model from simulated feedback, per feedback kind, against "
         "the SFT model and offline DPO on as many pairs; metrics on held-out ShapesWorld test images",
         "command": "python -m training.experiments.online_alignment " + " ".join(argv or sys.argv[1:]),
-        "events_per_arm": args.events, "rounds": args.rounds, "events_per_round": args.events // args.rounds,
-        "test_images": args.test_images, "gate_images": args.gate_images,
-        "settings": {key: getattr(args, key) for key in ("temperature", "regenerations", "correction_share",
-                                                           "sft_weight", "learning_rate",
-                                                           "beta", "epochs", "seed")},
+        "events_per_arm": args.events,
+        "rounds": args.rounds,
+        "events_per_round": args.events // args.rounds,
+        "test_images": args.test_images,
+        "gate_images": args.gate_images,
+        "settings": {
+            key: getattr(args, key)
+            for key in (
+                "temperature",
+                "regenerations",
+                "correction_share",
+                "sft_weight",
+                "learning_rate",
+                "beta",
+                "epochs",
+                "seed",
+            )
+        },
         "sft": sft,
         "offline_dpo": offline | {"target": verdict(sft, offline["final_served_test"])},
         "arms": [result | {"target": verdict(sft, result["final_served_test"])} for result in results],
         "seconds": round(time.monotonic() - started, 1),
-    }  # fmt: skip
+    }
     text = json.dumps(report, indent=1)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -88,9 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     children = {}
     for name in variants:
         log = (args.output_dir / f"{name}.log").open("w")
-        command = [sys.executable, "-m", "training.experiments.sft_sweep", "--variants", str(args.variants),
-                   "--output-dir", str(args.output_dir), "--eval-images", str(args.eval_images),
-                   "--loader-workers", str(args.loader_workers), "--only", name]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "training.experiments.sft_sweep",
+            "--variants",
+            str(args.variants),
+            "--output-dir",
+            str(args.output_dir),
+            "--eval-images",
+            str(args.eval_images),
+            "--loader-workers",
+            str(args.loader_workers),
+            "--only",
+            name,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
         children[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     results = []
