@@ -248,7 +248,8 @@ async def swap_load(gateway_url: str, body: dict, args, version: int) -> tuple[d
 def publish_bench_adapter(store_url: str, model_dir: Path, adapter_dir: Path) -> int:
     from peft import get_peft_model
 
-    from online_rl.adapters import language_model_lora, publish_adapter
+    from online_rl.adapters import publish_adapter
+    from training.lora import language_model_lora
     from training.tiny_llava import load_checkpoint
 
     model, _ = load_checkpoint(model_dir)

@@ -35,7 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from demo.client import GatewayClient
+from alignloop.client import GatewayClient
 from online_rl.export import all_events
 from online_rl.simulator import FeedbackSimulator, SimulatorSettings
 from online_rl.store import open_store

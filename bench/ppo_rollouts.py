@@ -30,9 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from online_rl.adapters import language_model_lora, vllm_base_model, write_adapter
+from alignloop.client import image_data_url
 from serve.vllm_process import VLLMServer, VLLMServerConfig
-from training.evaluation.models import image_data_url
+from training.lora import language_model_lora, vllm_base_model, write_adapter
 from training.ppo import shapes_prompts
 from training.rollouts import generate
 from training.shapes_world import ShapesWorld

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pandas as pd
 from PIL import Image
 
-from demo.client import Answer, GatewayClient, GatewayError, image_data_url
+from alignloop.client import Answer, GatewayClient, GatewayError, image_data_url
 from demo.text_diff import word_diff
 from training.shapes_world import ShapesWorld
 

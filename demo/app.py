@@ -1,6 +1,6 @@
 """The browser demo: a Gradio Blocks page for chatting with the served model and judging its answers.
 
-The page talks to the gateway only over HTTP (`demo.client.GatewayClient`); it never imports the model. It offers:
+The page talks to the gateway only over HTTP (`alignloop.client.GatewayClient`); it never imports the model. It offers:
 
 - an image: uploaded, picked from bundled ShapesWorld test scenes, or a new random scene (whose ground truth fills
   the facts box);
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from alignloop.client import GatewayClient, GatewayError
 from demo.actions import NO_ANSWER_YET, ChatSession, DemoActions, metrics_frame, problem
-from demo.client import GatewayClient, GatewayError
 from demo.settings import DemoSettings
 from training.shapes_world import ShapesWorld
 
@@ -233,13 +233,7 @@ def build_demo(
 
 
 def mount_demo(app, settings: DemoSettings):
-    """Mounts the demo at `/` on the gateway app. API paths keep their OpenAI-shaped 404 for unknown routes."""
-    from serve.protocol import APIError
-
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-    async def unknown_api_route(path: str):
-        raise APIError(404, f"Not found: /v1/{path}", code="not_found")
-
+    """Mounts the demo at `/` on an ASGI app (the gateway, in `alignloop up`)."""
     page = build_demo(settings)
     return gr.mount_gradio_app(
         app,

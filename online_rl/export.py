@@ -5,6 +5,9 @@ Pair styles:
   `{"type": "image"}` placeholders), `chosen` and `rejected` (one assistant turn each), `images` (a list);
 - `rlhfv`: RLHF-V's columns `question`, `chosen`, `rejected`, `image` (one image per pair; others are skipped).
 
+`--what reward-pairs` writes the pairs on one-image prompts with the facts registered for their image, in the reward
+model's pair format (`training.reward_data.save_pairs`), for `alignloop train reward --feedback-pairs DIR`.
+
 In JSONL, images are PNG/JPEG files under `images/` named by their sha256 and referenced by relative path; in
 Parquet, they are embedded (a `datasets` Image feature). Raw events carry the generation records they concern.
 The export is written into a temporary directory and renamed into place, so an interrupted export leaves nothing.
@@ -14,19 +17,25 @@ The export is written into a temporary directory and renamed into place, so an i
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+from PIL import Image
+
+from online_rl.logged_prompts import image_facts
 from online_rl.pairs import PreferencePair, build_pairs
 from online_rl.schema import FeedbackEvent, PreferenceEvent
 from online_rl.store import FeedbackStore
+from training.reward_data import RewardPair, save_pairs
 
 logger = logging.getLogger(__name__)
-WHAT = ("events", "pairs")
+WHAT = ("events", "pairs", "reward-pairs")
 STYLES = ("trl", "rlhfv")
 FORMATS = ("jsonl", "parquet")
 IMAGE_SUFFIX = {
@@ -128,6 +137,13 @@ def export_feedback(
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} exists and is not empty")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if what == "reward-pairs":
+        pairs = store_reward_pairs(store)
+        save_pairs(pairs, output_dir, made_with={"source": "feedback store"})
+        summary = {"what": what, "pairs": len(pairs), "by_source": dict(Counter(pair.kind for pair in pairs))}
+        summary["path"] = str(output_dir / "pairs.jsonl")
+        logger.info("feedback export what=%s pairs=%d path=%s", what, len(pairs), summary["path"])
+        return summary
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         images = _ImageWriter(store, staging, embed=fmt == "parquet")
@@ -174,10 +190,7 @@ def export_feedback(
 
 
 def _by_source(pairs: list[PreferencePair]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for pair in pairs:
-        counts[pair.source] = counts.get(pair.source, 0) + 1
-    return counts
+    return dict(Counter(pair.source for pair in pairs))
 
 
 def _event_row(store: FeedbackStore, delivery_id: str, event: FeedbackEvent | PreferenceEvent) -> dict:
@@ -203,3 +216,19 @@ def _write_parquet(rows: list[dict], path: Path, what: str, style: str) -> None:
         image_feature = datasets.Image()
         dataset = dataset.cast_column(image_column, [image_feature] if style == "trl" else image_feature)
     dataset.to_parquet(str(path))
+
+
+def store_reward_pairs(store: FeedbackStore, limit: int = 10000) -> list[RewardPair]:
+    """Every pair the store's last `limit` events support, on a prompt with exactly one stored image."""
+    events = [event for _, event in store.list_events(limit=limit)]
+    pairs = []
+    for pair in build_pairs(events, store.get_generation):
+        if len(pair.image_hashes) != 1:
+            continue
+        data = store.get_image(pair.image_hashes[0])
+        if data is None:
+            continue
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        facts = tuple(image_facts(store, pair.image_hashes[0]))
+        pairs.append(RewardPair(pair.messages, pair.chosen.strip(), pair.rejected.strip(), facts, image, pair.source))
+    return pairs

@@ -1,7 +1,7 @@
 """Judged online pairs and Mixed-DPO: preference pairs sampled from the current policy and ranked by a judge.
 
 For a logged prompt whose image has known facts (the simulator, or a user, registered them), the policy samples
-`samples` answers; the rule judge (online_rl/judge.py) scores them against the scene those facts describe, and the
+`samples` answers; the rule judge (training/evaluation/judge.py) scores them against the scene those facts describe, and the
 best- and worst-scored answers become a pair (source "online"). Answers the judge cannot tell apart give no pair.
 
 Mixed-DPO fills each training slot with an offline pair (from users' feedback, written by earlier versions) or, with
@@ -11,73 +11,18 @@ from the logged ones.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from online_rl.judge import ShapesRuleJudge, item_for_question, scene_from_facts
+from online_rl.logged_prompts import JudgeablePrompt, judgeable_prompts
 from online_rl.pairs import PreferencePair
-from online_rl.schema import GenerationRecord
 from online_rl.store.base import FeedbackStore
+from training.evaluation.judge import ShapesRuleJudge, best_and_worst
 from training.rollouts import Prompt, generate
-from training.shapes_world import QAItem, Scene, ShapesWorld
-
-
-@dataclasses.dataclass(frozen=True)
-class JudgeablePrompt:
-    """A logged prompt with one image whose scene is known, and the question's true answer."""
-
-    record: GenerationRecord
-    scene: Scene
-    item: QAItem
-
-
-def image_facts(store: FeedbackStore, image_sha256: str) -> list[str]:
-    """The facts registered for an image (by the simulator, a user or an admin), each once, in registration order.
-    Facts read out of a user's correction are left out: they restate one side of a correction pair."""
-    facts = [fact for record in store.get_facts(image_sha256) if record.source != "correction" for fact in record.facts]
-    return list(dict.fromkeys(facts))  # the same facts registered twice are one set
-
-
-@dataclasses.dataclass(frozen=True)
-class LoggedPrompt:
-    """A distinct recent prompt with one image, its image's facts, and (when the facts describe a scene and the
-    question is one the rule judge grades) the scene and the question with its true answer."""
-
-    record: GenerationRecord
-    facts: tuple[str, ...]
-    scene: Scene | None
-    item: QAItem | None
-
-
-def logged_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> Iterator[LoggedPrompt]:
-    """The distinct single-image prompts among the last `limit` generation records, newest first."""
-    seen = set()
-    for record in store.list_generations(limit=limit):
-        if record.prompt_hash in seen or len(record.image_hashes) != 1:
-            continue
-        seen.add(record.prompt_hash)
-        facts = image_facts(store, record.image_hashes[0])
-        scene = scene_from_facts(facts)
-        item = item_for_question(world, scene, record.question) if scene is not None else None
-        yield LoggedPrompt(record, tuple(facts), scene if item else None, item)
-
-
-def judgeable_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> list[JudgeablePrompt]:
-    """The distinct recent single-image prompts whose question the rule judge can grade (descriptions and presence
-    probes) and whose image has object facts."""
-    return [JudgeablePrompt(p.record, p.scene, p.item) for p in logged_prompts(store, world, limit) if p.item]
-
-
-def best_and_worst(scores: Sequence[float], answers: Sequence[str]) -> tuple[int, int] | None:
-    """Indices of the best- and worst-scored answers; None when they tie or say the same thing."""
-    best, worst = scores.index(max(scores)), scores.index(min(scores))
-    if scores[best] == scores[worst] or answers[best].strip() == answers[worst].strip():
-        return None
-    return best, worst
+from training.shapes_world import ShapesWorld
 
 
 def judged_pair(

@@ -4,7 +4,7 @@ rate the answers by ground truth, so the whole online loop can run, and be measu
 Each interaction: a user draws a scene, sends its image with a question (a detailed description, or a short question
 from the benchmark's kinds, POPE-adversarial presence probes included), reads the streamed answer, registers the
 image's facts once, and sends one feedback event: a thumb, and for some wrong answers an RLHF-V-style correction
-written by the rule judge (online_rl/judge.py).
+written by the rule judge (training/evaluation/judge.py).
 
 Raters come in three kinds, in configurable shares:
 - honest: thumbs up exactly when the judge finds the answer correct; corrections are true;
@@ -34,8 +34,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from demo.client import GatewayClient, GatewayError, image_data_url
-from online_rl.judge import ShapesRuleJudge, count_sentence
+from alignloop.client import GatewayClient, GatewayError, image_data_url
+from training.evaluation.judge import ShapesRuleJudge, count_sentence
 from training.evaluation.shapes_bench import max_tokens_for
 from training.shapes_world import (
     COLORS,

@@ -221,7 +221,7 @@ class OnlineTrainer:
         """The policy to train: the promoted version's adapter on the base model, or a fresh LoRA."""
         from peft import PeftModel, get_peft_model
 
-        from online_rl.adapters import language_model_lora
+        from training.lora import language_model_lora
         from training.tiny_llava import load_checkpoint
 
         model, processor = load_checkpoint(self.settings.model)
@@ -352,7 +352,8 @@ class OnlineTrainer:
         """Fact-RLHF PPO on prompts from recent traffic (`training.ppo`), from the promoted version's adapter, then
         the same publishing path and gate as a DPO round; None when too few distinct prompts have been logged."""
         from online_rl.adapters import publish_adapter
-        from training.ppo import PPOConfig, PPOTrainer, traffic_prompts
+        from online_rl.logged_prompts import traffic_prompts
+        from training.ppo import PPOConfig, PPOTrainer
 
         started = time.monotonic()
         settings = self.settings

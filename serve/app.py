@@ -153,6 +153,15 @@ def create_app(
     return app
 
 
+def reserve_api_paths(app: FastAPI) -> None:
+    """Answers every unknown `/v1/...` path with OpenAI's 404 shape, so a page mounted at `/` (the demo) never
+    answers an API path. Register it after every API route."""
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def unknown_api_route(path: str):
+        raise APIError(404, f"Not found: /v1/{path}", code="not_found")
+
+
 def _on_registry_change(
     metrics: GatewayMetrics, public_alias: str, old: RegistrySnapshot, new: RegistrySnapshot, initial: bool
 ) -> None:

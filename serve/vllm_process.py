@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from online_rl.adapters import vllm_base_model
+from training.lora import vllm_base_model
 
 logger = logging.getLogger(__name__)
 

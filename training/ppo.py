@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from online_rl.judge import ShapesRuleJudge
+from training.evaluation.judge import ShapesRuleJudge
 from training.ppo_losses import (
     gae,
     kl_penalty,
@@ -145,44 +145,6 @@ def shapes_prompts(
         prompt = Prompt(tuple(user_turn(item.question)), world.render(scene), max_tokens_for(item))
         prompts.append(
             PPOPrompt(prompt, tuple(world.facts(scene)), item.kind, item.answer, item.choices or (), scene, item)
-        )
-    return prompts
-
-
-def traffic_prompts(store, limit: int = 1000, max_new_tokens: int = 96) -> list[PPOPrompt]:
-    """The distinct recent single-image prompts in the feedback store (the online worker's PPO prompts), with the
-    facts registered for each image; where those facts describe a ShapesWorld scene and the question is one the
-    judge knows (a description, a presence probe), the scene and the true answer come along."""
-    import io
-
-    from PIL import Image
-
-    from online_rl.online_pairs import logged_prompts
-    from training.evaluation.shapes_bench import max_tokens_for
-    from training.shapes_world import ShapesWorld
-
-    prompts = []
-    for logged in logged_prompts(store, ShapesWorld(), limit):
-        record, item = logged.record, logged.item
-        data = store.get_image(record.image_hashes[0])
-        if data is None:
-            continue
-        budget = (
-            max_tokens_for(item)
-            if item
-            else min(int(record.sampling.get("max_tokens") or max_new_tokens), max_new_tokens)
-        )
-        prompt = Prompt(tuple(record.messages), Image.open(io.BytesIO(data)).convert("RGB"), budget)
-        prompts.append(
-            PPOPrompt(
-                prompt,
-                logged.facts,
-                item.kind if item else "other",
-                item.answer if item else None,
-                (),
-                logged.scene,
-                item,
-            )
         )
     return prompts
 
@@ -326,7 +288,7 @@ class PPOTrainer:
         """(the SFT model with a fresh or `init_adapter` policy LoRA, processor), unsharded, on the CPU."""
         from peft import PeftModel, get_peft_model
 
-        from online_rl.adapters import language_model_lora
+        from training.lora import language_model_lora
         from training.tiny_llava import load_checkpoint
 
         base, processor = load_checkpoint(self.config.model)

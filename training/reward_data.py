@@ -3,15 +3,16 @@ and people.
 
 - ShapesWorld (`shapes_reward_pairs`): the SFT model samples several answers to a scene's detailed-description prompt
   and to presence probes, one about an absent object (the co-occurring partner it tends to invent, where there is
-  one) and one about each shape that is there; the rule judge (online_rl/judge.py) scores each against the scene
+  one) and one about each shape that is there; the rule judge (training/evaluation/judge.py) scores each against the scene
   graph, and the best and worst answers become a pair when their scores differ, so the hallucinating answer is the
   rejected one. The facts are the scene's. Each pair is labelled by what is wrong with its rejected answer: an
   invented object (`description_object`), another error in a description (`description_detail`: a color, a place, a
   count), or a wrong yes/no about a shape that is not there or is (`presence_absent`, `presence_present`). Probes
   are sampled more often than descriptions (`probe_samples`): the SFT model answers them right nearly always, and a
   pair needs one wrong answer.
-- The feedback store (`store_reward_pairs`): every pair its events support (corrections, thumbs, arena
-  preferences; online_rl/pairs.py), with the facts registered for the pair's image.
+- The feedback store: every pair its events support (corrections, thumbs, arena preferences), with the facts
+  registered for the pair's image, exported in this module's format by
+  `alignloop feedback export --what reward-pairs` (`online_rl.export.store_reward_pairs`).
 
 Each pair carries its image and facts, so the same pairs train a fact-augmented and a plain reward model.
 """
@@ -19,7 +20,6 @@ Each pair carries its image and facts, so the same pairs train a fact-augmented 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import random
 import shutil
@@ -29,10 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from online_rl.judge import ShapesRuleJudge
-from online_rl.online_pairs import best_and_worst, image_facts
-from online_rl.pairs import build_pairs
-from online_rl.store.base import FeedbackStore
+from training.evaluation.judge import ShapesRuleJudge, best_and_worst
 from training.evaluation.models import user_turn
 from training.evaluation.shapes_bench import max_tokens_for
 from training.rollouts import Prompt, generate
@@ -160,22 +157,6 @@ def kind_weights(kinds: Sequence[str], max_weight: float = MAX_KIND_WEIGHT) -> d
     gradient clipped each was that one pair's step."""
     counts = Counter(kinds)
     return {kind: min(max_weight, len(kinds) / (len(counts) * count)) for kind, count in counts.items()}
-
-
-def store_reward_pairs(store: FeedbackStore, limit: int = 10000) -> list[RewardPair]:
-    """Every pair the store's last `limit` events support, on a prompt with exactly one stored image."""
-    events = [event for _, event in store.list_events(limit=limit)]
-    pairs = []
-    for pair in build_pairs(events, store.get_generation):
-        if len(pair.image_hashes) != 1:
-            continue
-        data = store.get_image(pair.image_hashes[0])
-        if data is None:
-            continue
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        facts = tuple(image_facts(store, pair.image_hashes[0]))
-        pairs.append(RewardPair(pair.messages, pair.chosen.strip(), pair.rejected.strip(), facts, image, pair.source))
-    return pairs
 
 
 def save_pairs(pairs: Sequence[RewardPair], directory: str | Path, made_with: dict | None = None) -> Path:

@@ -6,7 +6,7 @@ more user turn that lists the image's facts (shuffled) and the criteria, and the
 response is". `--with_facts false` leaves the facts out: the plain reward model the paper compares against.
 
 The recipe samples its preference pairs from the SFT model on ShapesWorld scenes, ranked by ground truth
-(`training.reward_data`), adds the feedback store's pairs when `--store` names one, trains with
+(`training.reward_data`), adds users' pairs exported from the feedback store when `--feedback_pairs DIR` names them, trains with
 -log sigmoid(r_chosen - r_rejected) (with `--balance_kinds`, weighted so every kind of pair weighs the same; with
 `--facts_dropout F`, a share F of the training pairs rated without their facts), and reports the accuracy on held-out
 pairs (validation scenes), overall and per kind. The sampled pairs
@@ -51,7 +51,6 @@ from training.reward_data import (
     load_pairs,
     save_pairs,
     shapes_reward_pairs,
-    store_reward_pairs,
 )
 from training.reward_prompt import DEFAULT_FACT_PLACEMENT, FACT_PLACEMENTS, RATING_PROMPT_VERSION, reward_model_text
 from training.shapes_world import ShapesWorld, WorldConfig
@@ -145,7 +144,7 @@ def new_reward_model(model_dir: str | Path, lora_rank: int = 16, seed: int = 0):
     """(ScoredBackbone with a fresh LoRA and head, processor) on the checkpoint in `model_dir`."""
     from peft import get_peft_model
 
-    from online_rl.adapters import language_model_lora
+    from training.lora import language_model_lora
 
     torch.manual_seed(seed)
     model, processor = load_checkpoint(model_dir)
@@ -265,7 +264,10 @@ class RewardConfig:
         default=WorldConfig.pixel_noise_std,
         metadata={"help": "Pixel noise of the pairs' images; more makes them harder to see, the facts stay exact."},
     )
-    store: str | None = dataclasses.field(default=None, metadata={"help": "Also train on this feedback store's pairs."})
+    feedback_pairs: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Also train on these pairs from users (`alignloop feedback export --what reward-pairs`)."},
+    )
     lora_rank: int = dataclasses.field(default=16, metadata={"help": "LoRA rank (the paper: 64)."})
     learning_rate: float = dataclasses.field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     epochs: int = dataclasses.field(default=3, metadata={"help": "Passes over the training pairs."})
@@ -365,11 +367,10 @@ def train(config: RewardConfig) -> dict:
     sharded = is_sharded(accelerator, config.sharding)
     train_pairs = reward_pairs(config, "train", accelerator)
     eval_pairs = reward_pairs(config, "validation", accelerator)
-    if config.store:
-        from online_rl.store import open_store
-
-        with open_store(config.store) as store:
-            train_pairs += store_reward_pairs(store)
+    if config.feedback_pairs:
+        if cache_made_with(config.feedback_pairs) is None:
+            raise FileNotFoundError(f"no exported pairs in {config.feedback_pairs} (pairs.jsonl and made_with.json)")
+        train_pairs += load_pairs(config.feedback_pairs)
     if not train_pairs:
         raise ValueError("no preference pairs to train on: the sampled answers never differed")
     weights = kind_weights([pair.kind for pair in train_pairs]) if config.balance_kinds else {}

@@ -8,8 +8,8 @@ import random
 import pytest
 from PIL import Image
 
+from alignloop.client import GatewayClient
 from demo.actions import DemoActions, metrics_frame
-from demo.client import GatewayClient
 from online_rl.schema import PreferenceEvent
 from tests.serve.conftest import ALICE, wait_until
 from tests.serve.test_gateway_api import register

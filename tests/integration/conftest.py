@@ -98,7 +98,7 @@ def random_lora(model_dir: Path, seed: int):
     """A PEFT model with a rank-8 LoRA of strong random weights on the language model: it changes every answer."""
     from peft import get_peft_model
 
-    from online_rl.adapters import language_model_lora
+    from training.lora import language_model_lora
     from training.tiny_llava import load_checkpoint
 
     model, _ = load_checkpoint(model_dir)

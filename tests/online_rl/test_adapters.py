@@ -5,22 +5,10 @@ import json
 import pytest
 from peft import get_peft_model
 
-from online_rl.adapters import (
-    LANGUAGE_MODEL_LORA_TARGETS,
-    language_model_lora,
-    publish_adapter,
-    vllm_base_model,
-    write_adapter,
-)
+from online_rl.adapters import publish_adapter
 from online_rl.store import open_store
+from training.lora import LANGUAGE_MODEL_LORA_TARGETS, language_model_lora, write_adapter
 from training.tiny_llava import TinyLlavaSpec, build_untrained, load_checkpoint
-
-
-def test_a_local_model_directory_is_named_by_its_absolute_path(tmp_path, monkeypatch):
-    (tmp_path / "models" / "base").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    assert vllm_base_model("models/base") == str(tmp_path / "models" / "base")
-    assert vllm_base_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # a hub id stays as it is
 
 
 def test_publish_writes_a_complete_version_that_names_the_served_base_model(tmp_path, monkeypatch):

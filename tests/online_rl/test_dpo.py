@@ -12,10 +12,10 @@ import torch
 from peft import get_peft_model
 from PIL import Image
 
-from online_rl.adapters import language_model_lora
 from online_rl.dpo import PreferenceLossConfig, preference_loss
 from online_rl.pairs import PreferencePair
 from online_rl.preference_batch import PreferenceEncoder
+from training.lora import language_model_lora
 from training.losses import IGNORE_INDEX, dpo_loss, token_logps, weighted_sequence_score
 from training.tiny_llava import TinyLlavaSpec, build_untrained, load_checkpoint
 

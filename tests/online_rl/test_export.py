@@ -1,5 +1,6 @@
 """`alignloop feedback export` on a real store: TRL and RLHF-V pairs with their images, raw events, JSONL and Parquet."""
 
+import io
 import json
 import subprocess
 import sys
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from online_rl.export import export_feedback
-from online_rl.schema import FeedbackEvent, PreferenceEvent
+from online_rl.export import export_feedback, store_reward_pairs
+from online_rl.schema import FactsRecord, FeedbackEvent, GenerationRecord, PreferenceEvent
 from online_rl.store import open_store
-from tests.online_rl.store_helpers import make_generation, png_bytes, thumbs
+from tests.online_rl.store_helpers import image_message, make_generation, png_bytes, thumbs
+from training.reward_data import load_pairs
+from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
 
 ALIGNLOOP = Path(sys.executable).parent / "alignloop"
 
@@ -125,3 +128,43 @@ def test_the_cli_exports_and_fails_in_one_line(tmp_path):
         timeout=120,
     )
     assert down.returncode == 1 and "cannot reach the Redis store" in down.stderr and "Traceback" not in down.stderr
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        yield store
+
+
+def test_reward_pairs_carry_the_image_and_its_registered_facts(sqlite_store, tmp_path):
+    world = ShapesWorld()
+    scene = world.scene("validation", 3)
+    buffer = io.BytesIO()
+    world.render(scene).save(buffer, format="PNG")
+    sha = sqlite_store.put_image(buffer.getvalue())
+    for gid, text in (("gen-good", "There is one object."), ("gen-bad", "There is a moon.")):
+        sqlite_store.add_generation(
+            GenerationRecord(
+                id=gid, alias="llava-rlhf", messages=image_message(sha, DESCRIBE_PROMPT), response=text, user_id="u-a"
+            )
+        )
+    sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-good", rating=1, user_id="u-a"))
+    sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-bad", rating=-1, user_id="u-a"))
+    sqlite_store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
+    pairs = store_reward_pairs(sqlite_store)
+    assert len(pairs) == 1
+    pair = pairs[0]
+    assert (pair.chosen, pair.rejected, pair.kind) == ("There is one object.", "There is a moon.", "thumbs")
+    assert pair.facts == tuple(world.facts(scene))
+    assert pair.image.size == world.render(scene).size
+    # `--what reward-pairs` writes them in the reward model's format, which its recipe reads back
+    summary = export_feedback(sqlite_store, tmp_path / "reward-pairs", what="reward-pairs")
+    assert (summary["pairs"], summary["by_source"]) == (1, {"thumbs": 1})
+    (loaded,) = load_pairs(tmp_path / "reward-pairs")
+    assert (loaded.chosen, loaded.rejected, loaded.facts, loaded.kind) == (
+        pair.chosen,
+        pair.rejected,
+        pair.facts,
+        "thumbs",
+    )
+    assert list(loaded.image.getdata()) == list(world.render(scene).getdata())

@@ -8,12 +8,13 @@ import random
 
 import pytest
 
-from online_rl.judge import ShapesRuleJudge
-from online_rl.online_pairs import JudgeablePrompt, judgeable_prompts, judged_pair, mixed_pairs, online_pairs
+from online_rl.logged_prompts import JudgeablePrompt, judgeable_prompts
+from online_rl.online_pairs import judged_pair, mixed_pairs, online_pairs
 from online_rl.pairs import PreferencePair
 from online_rl.schema import FactsRecord, GenerationRecord
 from online_rl.store import open_store
 from tests.online_rl.store_helpers import image_message
+from training.evaluation.judge import ShapesRuleJudge
 from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
 
 

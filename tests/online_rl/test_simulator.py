@@ -8,12 +8,12 @@ from collections import Counter
 
 import pytest
 
-from demo.client import GatewayClient, GatewayError
+from alignloop.cli import main as cli_main
+from alignloop.client import GatewayClient, GatewayError
 from online_rl.export import all_events
-from online_rl.judge import ShapesRuleJudge
 from online_rl.simulator import FeedbackSimulator, SimulatedUser, SimulatorSettings, corrupt, make_users
-from serve.cli import main as cli_main
 from tests.serve.conftest import ALICE, client, fake_vllm, settings, store  # noqa: F401  (fixtures)
+from training.evaluation.judge import ShapesRuleJudge
 from training.shapes_world import QAItem, Scene, SceneObject, ShapesWorld
 
 
@@ -130,7 +130,7 @@ def test_a_run_against_a_gateway_that_is_down_fails_with_one_line(capsys):
 
 
 def test_regenerated_answers_are_rated_one_by_one_and_make_thumbs_pairs(client, store, fake_vllm):  # noqa: F811
-    from demo.client import image_data_url
+    from alignloop.client import image_data_url
     from online_rl.pairs import build_pairs
 
     sim_settings = SimulatorSettings(

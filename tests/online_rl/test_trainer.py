@@ -271,8 +271,8 @@ def reward_model_dir(bundled_model, tmp_path):
 def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(
     bundled_model, store, tmp_path, reward_model_dir
 ):
+    from online_rl.logged_prompts import traffic_prompts
     from training.evaluation.shapes_bench import DESCRIPTION_MAX_TOKENS, SHORT_ANSWER_MAX_TOKENS
-    from training.ppo import traffic_prompts
     from training.shapes_world import ShapesWorld
 
     world = ShapesWorld()
@@ -302,7 +302,7 @@ def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(
 
 
 def test_a_ppo_round_waits_for_enough_distinct_prompts(bundled_model, store, tmp_path, reward_model_dir):
-    from training.ppo import traffic_prompts
+    from online_rl.logged_prompts import traffic_prompts
     from training.shapes_world import ShapesWorld
 
     log_traffic(store, ShapesWorld(), 3, with_facts=False)

@@ -1,15 +1,11 @@
-"""Reward-model pairs: which questions are rated, the cache round trip, and pairs from a real SQLite store."""
+"""Reward-model pairs: which questions are rated, the kind weights, and the cache round trip."""
 
 from __future__ import annotations
 
-import io
 import random
 
 import pytest
 
-from online_rl.schema import FactsRecord, FeedbackEvent, GenerationRecord
-from online_rl.store import open_store
-from tests.online_rl.store_helpers import image_message
 from training.reward_data import (
     RewardPair,
     kind_weights,
@@ -17,7 +13,6 @@ from training.reward_data import (
     rated_questions,
     save_pairs,
     shapes_reward_pairs,
-    store_reward_pairs,
 )
 from training.shapes_world import DESCRIBE_PROMPT, QAItem, ShapesWorld
 from training.tiny_llava import load_checkpoint
@@ -89,7 +84,7 @@ def test_the_cache_round_trip_keeps_every_field_and_shares_images(tmp_path):
 
 
 def test_sampled_pairs_put_the_hallucinating_answer_second(bundled_model):
-    from online_rl.judge import ShapesRuleJudge
+    from training.evaluation.judge import ShapesRuleJudge
 
     model, processor = load_checkpoint(bundled_model)
     world, judge = ShapesWorld(), ShapesRuleJudge()
@@ -110,32 +105,3 @@ def test_sampled_pairs_put_the_hallucinating_answer_second(bundled_model):
             assert (question.split()[3] in scene.shapes) == (pair.kind == "presence_present")
         else:  # labelled by what is wrong with the rejected description
             assert bool(judge.judge(scene, item, pair.rejected).hallucinated) == (pair.kind == "description_object")
-
-
-@pytest.fixture
-def sqlite_store(tmp_path):
-    with open_store(f"sqlite:///{tmp_path / 'store.db'}") as store:
-        yield store
-
-
-def test_store_pairs_carry_the_image_and_its_registered_facts(sqlite_store):
-    world = ShapesWorld()
-    scene = world.scene("validation", 3)
-    buffer = io.BytesIO()
-    world.render(scene).save(buffer, format="PNG")
-    sha = sqlite_store.put_image(buffer.getvalue())
-    for gid, text in (("gen-good", "There is one object."), ("gen-bad", "There is a moon.")):
-        sqlite_store.add_generation(
-            GenerationRecord(
-                id=gid, alias="llava-rlhf", messages=image_message(sha, DESCRIBE_PROMPT), response=text, user_id="u-a"
-            )
-        )
-    sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-good", rating=1, user_id="u-a"))
-    sqlite_store.add_feedback(FeedbackEvent(generation_id="gen-bad", rating=-1, user_id="u-a"))
-    sqlite_store.add_facts(FactsRecord(image_sha256=sha, facts=world.facts(scene), source="user"))
-    pairs = store_reward_pairs(sqlite_store)
-    assert len(pairs) == 1
-    pair = pairs[0]
-    assert (pair.chosen, pair.rejected, pair.kind) == ("There is one object.", "There is a moon.", "thumbs")
-    assert pair.facts == tuple(world.facts(scene))
-    assert pair.image.size == world.render(scene).size

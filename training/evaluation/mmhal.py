@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from PIL import Image
 from tqdm import tqdm
 
-from training.evaluation.models import ChatModel, ChatRequest, check_endpoint
+from training.evaluation.models import ChatModel, ChatRequest
 
 logger = logging.getLogger(__name__)
 
@@ -127,31 +127,22 @@ class OpenAIJudge:
         timeout: float = 120.0,
         max_tokens: int = 512,
     ):
-        import openai
+        from alignloop.client import ChatEndpoint
 
         self.model = model
         self.concurrency = concurrency
         self.max_tokens = max_tokens
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
-        self._checked = False
+        self.endpoint = ChatEndpoint(base_url, api_key, timeout)
 
     def judge(self, prompts: list[str]) -> list[str]:
         if not prompts:
             return []
-        if not self._checked:
-            check_endpoint(self.client)
-            self._checked = True
+        self.endpoint.check()
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._judge_one, prompts))
 
     def _judge_one(self, prompt: str) -> str:
-        completion = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=0.0,
-            max_tokens=self.max_tokens,
-        )
-        return completion.choices[0].message.content or ""
+        return self.endpoint.chat(self.model, [{"role": "user", "content": prompt}], self.max_tokens)
 
 
 def _find_image(entry: dict, image_dir: Path) -> Path | None:

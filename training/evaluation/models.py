@@ -7,9 +7,7 @@ server or the alignloop gateway (`OpenAIChatModel`, concurrent requests, tempera
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +16,6 @@ from typing import TYPE_CHECKING, Protocol
 from PIL import Image
 
 if TYPE_CHECKING:
-    import openai
     import torch
 
 logger = logging.getLogger(__name__)
@@ -42,13 +39,6 @@ class ChatModel(Protocol):
 def user_turn(question: str) -> list[dict]:
     """The single user turn of a request, as chat-template messages (image first, then the question)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-
-def image_data_url(image: Image.Image) -> str:
-    """The image as a `data:image/png;base64,...` URL, the form OpenAI's image_url content part accepts."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class TransformersChatModel:
@@ -110,27 +100,6 @@ class TransformersChatModel:
         return generate(self.model, self.processor, prompts, greedy=True, synced=self.synced).texts
 
 
-def check_endpoint(client: openai.OpenAI) -> None:
-    """Raises ConnectionError when the OpenAI-compatible server cannot be reached or refuses the API key.
-
-    Uses GET /models without retries. A server that has no /models route (404) counts as reachable.
-    """
-    import openai
-
-    url = str(client.base_url)
-    try:
-        client.with_options(max_retries=0, timeout=10.0).models.list()
-    except openai.APIConnectionError as error:
-        raise ConnectionError(f"cannot reach endpoint {url}: {error.__cause__ or error}") from error
-    except openai.APIStatusError as error:
-        if error.status_code in (401, 403):
-            reason = f"the API key was refused ({error.status_code})"
-            raise ConnectionError(f"cannot reach endpoint {url}: {reason}") from error
-        if error.status_code != 404:
-            raise ConnectionError(f"cannot reach endpoint {url}: GET /models answered {error.status_code}") from error
-        logger.warning("endpoint has no /models route url=%s", url)
-
-
 class OpenAIChatModel:
     """Any OpenAI-compatible chat server: each request sends the image as a PNG data URL, temperature 0.
 
@@ -146,18 +115,15 @@ class OpenAIChatModel:
         concurrency: int = 8,
         timeout: float = 120.0,
     ):
-        import openai
+        from alignloop.client import ChatEndpoint
 
         self.model = model
         self.concurrency = concurrency
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
-        self._checked = False
+        self.endpoint = ChatEndpoint(base_url, api_key, timeout)
 
     def check(self) -> None:
         """Raises ConnectionError unless the endpoint answers; runs once."""
-        if not self._checked:
-            check_endpoint(self.client)
-            self._checked = True
+        self.endpoint.check()
 
     def answer(self, requests: list[ChatRequest]) -> list[str]:
         if not requests:
@@ -167,18 +133,10 @@ class OpenAIChatModel:
             return list(pool.map(self._answer_one, requests))
 
     def _answer_one(self, request: ChatRequest) -> str:
-        completion = self.client.chat.completions.create(
-            model=self.model,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": image_data_url(request.image)}},
-                        {"type": "text", "text": request.question},
-                    ],
-                }
-            ],
-            temperature=0.0,
-            max_tokens=request.max_tokens,
-        )
-        return (completion.choices[0].message.content or "").strip()
+        from alignloop.client import image_data_url
+
+        content = [
+            {"type": "image_url", "image_url": {"url": image_data_url(request.image)}},
+            {"type": "text", "text": request.question},
+        ]
+        return self.endpoint.chat(self.model, [{"role": "user", "content": content}], request.max_tokens).strip()

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from demo.client import Answer, image_data_url
+from alignloop.client import Answer, image_data_url
 from online_rl.pairs import PreferencePair
 from online_rl.schema import IMAGE_REF_PREFIX, FactsRecord, FeedbackEvent, GenerationRecord, hash_user_id
 from online_rl.simulator import FeedbackSimulator, SimulatorSettings

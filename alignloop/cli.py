@@ -71,13 +71,13 @@ def _feedback(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serve.launch import serve_command
+    from alignloop.launch import serve_command
 
     return serve_command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from serve.launch import demo_command
+    from alignloop.launch import demo_command
 
     return demo_command(args)
 
@@ -95,7 +95,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from serve.launch import up_command
+    from alignloop.launch import up_command
 
     return up_command(args)
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_feedback_arguments(feedback)
     feedback.set_defaults(handler=_feedback)
 
-    from serve.launch import add_serve_arguments
+    from alignloop.launch import add_serve_arguments
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway (embedded vLLM or --vllm-url)")
     add_serve_arguments(serve)
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(simulate)
     simulate.set_defaults(handler=_simulate)
 
-    from serve.launch import add_demo_arguments
+    from alignloop.launch import add_demo_arguments
 
     demo = commands.add_parser("demo", help="run the browser demo in front of a running gateway")
     add_demo_arguments(demo)

@@ -139,3 +139,11 @@ class ShapesRuleJudge:
         if judgement.correct:
             return 1.0
         return -float(len(judgement.hallucinated)) if item.kind == "description" else 0.0
+
+
+def best_and_worst(scores: Sequence[float], answers: Sequence[str]) -> tuple[int, int] | None:
+    """Indices of the best- and worst-scored answers; None when they tie or say the same thing."""
+    best, worst = scores.index(max(scores)), scores.index(min(scores))
+    if scores[best] == scores[worst] or answers[best].strip() == answers[worst].strip():
+        return None
+    return best, worst

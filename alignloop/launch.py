@@ -53,7 +53,7 @@ def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) 
     """Runs the gateway until it is stopped; `helpers` (SupervisedProcess) run beside it and stop with it."""
     import uvicorn
 
-    from serve.app import create_app
+    from serve.app import create_app, reserve_api_paths
 
     configure_logging(settings.log_level)
     app = create_app(settings)
@@ -65,8 +65,9 @@ def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) 
         demo_settings = DemoSettings(
             gateway_url=f"http://{local_host}:{settings.port}", public_alias=settings.public_alias
         )
+        reserve_api_paths(app)
         app = mount_demo(app, demo_settings)
-    from serve.supervisor import with_helpers
+    from alignloop.supervisor import with_helpers
 
     uvicorn.run(
         with_helpers(app, helpers or []),
@@ -86,7 +87,7 @@ def up_command(args: argparse.Namespace) -> int:
     """The whole service on one machine: the gateway in embedded mode (vLLM on the bundled model), with the demo
     page at `/` on the same port, and the online trainer in a supervised process beside it (its log is
     trainer.log next to the adapter directory)."""
-    from serve.supervisor import trainer_process
+    from alignloop.supervisor import trainer_process
 
     settings = load_settings(args, vllm_urls=[])
     helpers = [] if args.no_trainer else [trainer_process(settings, settings.adapter_dir.parent / "trainer.log")]

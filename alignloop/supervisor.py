@@ -159,5 +159,5 @@ def trainer_process(settings, log_path: str | Path = "runs/trainer.log") -> Supe
     keys = settings.parsed_api_keys()
     if keys:
         env["ALIGNLOOP_TRAINER_API_KEY"] = keys[0][1]
-    command = [sys.executable, "-m", "serve.cli", "trainer"]
+    command = [sys.executable, "-m", "alignloop.cli", "trainer"]
     return SupervisedProcess("trainer", command, env, log_path)

@@ -1,7 +1,12 @@
-"""The demo's only way to the model: the gateway's HTTP API, through the `openai` SDK and the feedback endpoints.
+"""The one client of alignloop's HTTP API, and of any OpenAI-compatible endpoint: everything that reaches the
+service from outside (the demo page, the simulated users, evaluation through an endpoint, the trainer's gate, an
+external judge) goes through this module, over HTTP, and imports nothing else of alignloop.
 
-`GatewayClient` turns every failure (the API down, a rejected input, a timeout) into `GatewayError` with one line
-a person can read; the page shows that line and never a traceback.
+- `ChatEndpoint`: any OpenAI-compatible server (vLLM, the gateway, a judge model): a reachability check, and one
+  non-streamed chat answer at a time.
+- `GatewayClient`: the gateway's whole API as a user sees it: streamed chat through the `openai` SDK, and the
+  feedback, preference, facts and versions endpoints. It turns every failure (the API down, a rejected input, a
+  timeout) into `GatewayError` with one line a person can read.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import logging
 from collections.abc import Iterator
 
 import httpx
 import openai
 from PIL import Image
 
+logger = logging.getLogger(__name__)
 DEMO_CLIENT_HEADER = {"x-alignloop-client": "demo"}
 
 
@@ -56,6 +63,50 @@ def _api_error_message(error: Exception, base_url: str) -> str:
             message = error.response.text[:200]
         return f"The API refused the request ({error.response.status_code}): {message}"
     return f"The API call failed: {error}"
+
+
+def check_endpoint(client: openai.OpenAI) -> None:
+    """Raises ConnectionError when the OpenAI-compatible server cannot be reached or refuses the API key.
+
+    Uses GET /models without retries. A server that has no /models route (404) counts as reachable.
+    """
+    url = str(client.base_url)
+    try:
+        client.with_options(max_retries=0, timeout=10.0).models.list()
+    except openai.APIConnectionError as error:
+        raise ConnectionError(f"cannot reach endpoint {url}: {error.__cause__ or error}") from error
+    except openai.APIStatusError as error:
+        if error.status_code in (401, 403):
+            reason = f"the API key was refused ({error.status_code})"
+            raise ConnectionError(f"cannot reach endpoint {url}: {reason}") from error
+        if error.status_code != 404:
+            raise ConnectionError(f"cannot reach endpoint {url}: GET /models answered {error.status_code}") from error
+        logger.warning("endpoint has no /models route url=%s", url)
+
+
+class ChatEndpoint:
+    """An OpenAI-compatible chat server at `base_url` (ending in /v1): checked once, then asked one request at a time.
+
+    Thread-safe: evaluation sends requests from a thread pool through one endpoint.
+    """
+
+    def __init__(self, base_url: str, api_key: str = "EMPTY", timeout: float = 120.0, headers: dict | None = None):
+        self.base_url = base_url
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, default_headers=headers)
+        self._checked = False
+
+    def check(self) -> None:
+        """Raises ConnectionError unless the endpoint answers; asks only the first time."""
+        if not self._checked:
+            check_endpoint(self.client)
+            self._checked = True
+
+    def chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float = 0.0) -> str:
+        """The text of one non-streamed answer."""
+        completion = self.client.chat.completions.create(
+            model=model, messages=messages, temperature=temperature, max_tokens=max_tokens
+        )
+        return completion.choices[0].message.content or ""
 
 
 class GatewayClient:

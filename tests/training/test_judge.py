@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from online_rl.judge import ShapesRuleJudge, correct_description
+from training.evaluation.judge import ShapesRuleJudge, correct_description
 from training.shapes_world import QAItem, Scene, SceneObject
 
 

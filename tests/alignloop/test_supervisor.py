@@ -9,8 +9,8 @@ import time
 
 import psutil
 
+from alignloop.supervisor import SupervisedProcess, trainer_process
 from serve.settings import GatewaySettings
-from serve.supervisor import SupervisedProcess, trainer_process
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:
@@ -61,7 +61,7 @@ def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_first_ke
         api_keys=["ops:key-one-123456", "key-two-123456"],
     )
     trainer = trainer_process(settings, tmp_path / "trainer.log")
-    assert trainer.command[-3:] == ["-m", "serve.cli", "trainer"]
+    assert trainer.command[-3:] == ["-m", "alignloop.cli", "trainer"]
     assert {k: v for k, v in trainer.env.items() if k.startswith("ALIGNLOOP_TRAINER_")} == {
         "ALIGNLOOP_TRAINER_STORE_URL": f"sqlite:///{tmp_path}/s.db",
         "ALIGNLOOP_TRAINER_MODEL": "models/x",
@@ -76,7 +76,7 @@ def test_helpers_start_and_stop_with_the_apps_lifespan(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from serve.supervisor import with_helpers
+    from alignloop.supervisor import with_helpers
 
     log = tmp_path / "helper.log"
     helper = SupervisedProcess(
@@ -95,7 +95,7 @@ def test_helpers_start_and_stop_with_the_apps_lifespan(tmp_path):
 def test_a_helper_dies_with_a_supervisor_killed_by_sigkill(tmp_path):
     script = (
         "import sys, time\n"
-        "from serve.supervisor import SupervisedProcess\n"
+        "from alignloop.supervisor import SupervisedProcess\n"
         f"p = SupervisedProcess('orphan', [sys.executable, '-c', 'import time; time.sleep(600)'], {{}}, {str(tmp_path / 'o.log')!r})\n"
         "p.start()\n"
         "while p.pid is None: time.sleep(0.05)\n"
