@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup browser test test-fast up eval model clean-venv
+.PHONY: setup browser lint test test-fast up eval model clean-venv
 
 setup: $(STAMP) browser
 
@@ -31,10 +31,16 @@ $(STAMP): pyproject.toml requirements/*.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+# The layout is ruff's, the lint clean, and imports run one way (import-linter's contracts in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The whole service on this machine: the gateway on http://127.0.0.1:8000 with vLLM on the bundled model.
@@ -48,7 +54,7 @@ eval: setup
 
 # Retrains the bundled checkpoint from scratch (about 45 minutes on 2 cores), evaluates it, rewrites its model card.
 model: setup
-	$(VENV)/bin/alignloop train sft --output_dir $(MODEL)
+	$(VENV)/bin/alignloop train sft --output-dir $(MODEL)
 	$(VENV)/bin/alignloop eval --model $(MODEL) --split test --num-images 500 --output $(MODEL)/eval.json \
 		--chart $(MODEL)/eval.png
 	$(VENV)/bin/python -m training.model_card $(MODEL)

@@ -1,167 +1,55 @@
 """The `alignloop` command line: one entry point whose subcommands reach every part of the system.
 
-    alignloop data   --split test --num-scenes 500 --output data/shapes-test   export ShapesWorld
-    alignloop train sft [--steps N ...]                                       run a training recipe
-    alignloop eval   --model models/shapes-llava                              score a model in-process
-    alignloop eval   --endpoint http://host:8000/v1 --served-model NAME       score any OpenAI endpoint
-    alignloop eval   --benchmark mmhal --questions F --image-dir D ...        MMHal-Bench with a judge
-    alignloop feedback export --what pairs --style trl --output DIR           export feedback for training
-    alignloop serve  [--vllm-url URL ...]                                     the OpenAI-compatible gateway
-    alignloop up                                                              the whole service, embedded
-    alignloop demo   --gateway-url http://127.0.0.1:8000                      the browser demo alone
-    alignloop trainer [--once]                                                the online alignment worker
+`alignloop --help` imports nothing but the standard library: the command table below is plain text, and a command's
+modules are imported only when it runs (or prints its own `--help`). The flags of the commands that run a process
+(`up`, `serve`, `demo`, `trainer`, `simulate`, `feedback`) are generated from that process's settings class by
+pydantic-settings, so each default and help text is written once, on the field; every flag is also an environment
+variable (`alignloop.settings`). Secrets (API keys, the admin key, the salt) are read from the environment only.
+The training recipes generate theirs from their config dataclasses.
 
-Subcommand modules are imported when their command runs, so `alignloop --help` is instant. Expected failures
-(a missing path, an endpoint that is down, a malformed file) end with one line on stderr and a non-zero exit code;
-`--debug` shows the traceback instead.
+Expected failures (a missing path, an endpoint that is down, a malformed file, a bad setting) end with one line on
+stderr and exit code 1; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-import httpx
-
-# Errors that come from the user's input or environment, reported as one line. Anything else is a bug: traceback.
-# (pydantic's ValidationError, a bad setting, is a ValueError.)
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    PermissionError,
-    ConnectionError,
-    TimeoutError,
-    ValueError,
-    httpx.HTTPError,
-)
+COMMANDS: dict[str, str] = {
+    "up": "the whole service on this machine: the gateway with vLLM, the demo at /, and the online trainer",
+    "serve": "the OpenAI-compatible gateway alone (vLLM started here, or --vllm-urls)",
+    "demo": "the browser demo alone, in front of a running gateway",
+    "trainer": "the online alignment worker: feedback in, gated adapter versions out",
+    "simulate": "simulated users against a running gateway: questions, thumbs, corrections",
+    "feedback": "export feedback events or preference pairs; purge expired records",
+    "train": "run a training recipe: sft, reward or ppo",
+    "eval": "score a model on ShapesWorld or MMHal-Bench, in-process or through an endpoint",
+    "data": "export a ShapesWorld split as JSONL+PNG and a datasets dataset",
+}
 TRAIN_RECIPES: dict[str, str] = {"sft": "training.sft", "reward": "training.reward_model", "ppo": "training.ppo"}
+Handler = Callable[[argparse.Namespace], int]
 
 
-def _data(args: argparse.Namespace) -> int:
-    from training.data import export_split
-    from training.shapes_world import ShapesWorld
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that come from the user's input or environment, reported as one line. Anything else is a bug.
+    (pydantic's ValidationError, a bad setting, is a ValueError.)"""
+    import httpx
 
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    path = export_split(ShapesWorld(), args.split, args.num_scenes, args.output, formats, args.start)
-    print(f"wrote {args.num_scenes} {args.split} scenes to {path}")
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    import importlib
-
-    recipe = importlib.import_module(TRAIN_RECIPES[args.recipe])
-    recipe.main(list(args.recipe_args), prog=f"alignloop train {args.recipe}")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from training.evaluation.cli import run_eval
-
-    return run_eval(args)
-
-
-def _feedback(args: argparse.Namespace) -> int:
-    from online_rl.cli import run_feedback
-
-    return run_feedback(args)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from alignloop.launch import serve_command
-
-    return serve_command(args)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from alignloop.launch import demo_command
-
-    return demo_command(args)
-
-
-def _trainer(args: argparse.Namespace) -> int:
-    from online_rl.trainer import trainer_command
-
-    return trainer_command(args)
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from online_rl.simulator import simulate_command
-
-    return simulate_command(args)
-
-
-def _up(args: argparse.Namespace) -> int:
-    from alignloop.launch import up_command
-
-    return up_command(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignloop", description="Serve an aligned VLM and align it from feedback.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    parser.add_argument("--log-level", default="WARNING", help="logging level for library messages")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    data = commands.add_parser("data", help="export a ShapesWorld split as JSONL+PNG and a datasets dataset")
-    data.add_argument("--split", choices=("train", "validation", "test"), default="test")
-    data.add_argument("--num-scenes", type=int, default=500)
-    data.add_argument("--start", type=int, default=0, help="index of the first scene")
-    data.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
-    data.add_argument("--format", default="jsonl,hf", help="comma-separated: jsonl, hf")
-    data.set_defaults(handler=_data)
-
-    train = commands.add_parser("train", help="run a training recipe (arguments after the recipe name go to it)")
-    train.add_argument("recipe", choices=sorted(TRAIN_RECIPES))
-    train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="the recipe's own flags; see --help after it")
-    train.set_defaults(handler=_train)
-
-    evaluate = commands.add_parser("eval", help="score a model on ShapesWorld or MMHal-Bench")
-    from training.evaluation.cli import add_eval_arguments
-
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(handler=_eval)
-
-    feedback = commands.add_parser("feedback", help="export feedback events or preference pairs; purge old records")
-    from online_rl.cli import add_feedback_arguments
-
-    add_feedback_arguments(feedback)
-    feedback.set_defaults(handler=_feedback)
-
-    from alignloop.launch import add_serve_arguments
-
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway (embedded vLLM or --vllm-url)")
-    add_serve_arguments(serve)
-    serve.set_defaults(handler=_serve)
-    up = commands.add_parser("up", help="run the whole service on this machine on the bundled model")
-    add_serve_arguments(up)
-    up.add_argument("--no-demo", action="store_true", help="serve the API only, without the demo page at /")
-    up.add_argument("--no-trainer", action="store_true", help="do not run the online trainer beside the gateway")
-    up.set_defaults(handler=_up)
-
-    trainer = commands.add_parser("trainer", help="run the online alignment worker: feedback in, gated versions out")
-    from online_rl.trainer import add_trainer_arguments
-
-    add_trainer_arguments(trainer)
-    trainer.set_defaults(handler=_trainer)
-
-    simulate = commands.add_parser(
-        "simulate", help="play simulated users against the gateway: questions, thumbs, corrections"
+    return (
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        PermissionError,
+        ConnectionError,
+        TimeoutError,
+        ValueError,
+        httpx.HTTPError,
     )
-    from online_rl.simulator import add_simulate_arguments
-
-    add_simulate_arguments(simulate)
-    simulate.set_defaults(handler=_simulate)
-
-    from alignloop.launch import add_demo_arguments
-
-    demo = commands.add_parser("demo", help="run the browser demo in front of a running gateway")
-    add_demo_arguments(demo)
-    demo.set_defaults(handler=_demo)
-    return parser
 
 
 def one_line(error: BaseException) -> str:
@@ -175,20 +63,296 @@ def one_line(error: BaseException) -> str:
     return (str(error) or type(error).__name__).splitlines()[0]
 
 
+# ---- flags generated from a settings class ------------------------------------------------------------------------
+def settings_flags(parser: argparse.ArgumentParser, settings_cls: type) -> Callable[[argparse.Namespace], Any]:
+    """Adds a flag for every field of `settings_cls` but its secrets; returns `load(namespace) -> settings`, which
+    reads the flags given over the environment and refuses a secret given as a flag."""
+    from pydantic_settings import CliSettingsSource
+    from pydantic_settings.sources.providers.cli import CLI_SUPPRESS
+
+    from alignloop.settings import SHARED_ENV_PREFIX, SHARED_FIELDS
+
+    source = CliSettingsSource(
+        settings_cls,
+        root_parser=parser,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
+    secrets = [name for name, field in settings_cls.model_fields.items() if CLI_SUPPRESS in field.metadata]
+    prefix = settings_cls.env_prefix()
+    own = [name for name in settings_cls.model_fields if name not in SHARED_FIELDS | set(secrets)]
+    shared = [name.replace("_", "-") for name in settings_cls.model_fields if name in SHARED_FIELDS]
+    example = f" (--{own[0].replace('_', '-')}: {prefix}{own[0].upper()})" if own else ""
+    parser.epilog = f"Each flag is also read from the environment as {prefix}<NAME>{example}"
+    if shared and prefix != SHARED_ENV_PREFIX:
+        parser.epilog += f", and the shared ones ({', '.join(shared)}) as {SHARED_ENV_PREFIX}<NAME> too"
+    parser.epilog += "; flags win."
+    if secrets:
+        parser.epilog += f" Secrets only from the environment: {', '.join(prefix + s.upper() for s in secrets)}."
+
+    def load(namespace: argparse.Namespace):
+        given = [name for name in secrets if getattr(namespace, name, None) is not None]
+        if given:
+            raise ValueError(f"{prefix}{given[0].upper()} is a secret: set it in the environment, never as a flag")
+        return settings_cls(_cli_settings_source=source(parsed_args=namespace))
+
+    return load
+
+
+def settings_only(namespace: argparse.Namespace, *extra: str) -> argparse.Namespace:
+    """The namespace without the command's own flags, which are not settings."""
+    return argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in extra})
+
+
+# ---- the commands: each adds its flags to its parser and returns its handler --------------------------------------
+def _up(parser: argparse.ArgumentParser) -> Handler:
+    from serve.settings import GatewaySettings
+
+    parser.add_argument("--no-demo", action="store_true", help="serve the API only, without the demo page at /")
+    parser.add_argument("--no-trainer", action="store_true", help="do not run the online trainer beside the gateway")
+    load = settings_flags(parser, GatewaySettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from alignloop.launch import up
+
+        settings = load(settings_only(args, "no_demo", "no_trainer"))
+        return up(settings, with_demo=not args.no_demo, with_trainer=not args.no_trainer)
+
+    return run
+
+
+def _serve(parser: argparse.ArgumentParser) -> Handler:
+    from serve.settings import GatewaySettings
+
+    load = settings_flags(parser, GatewaySettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from alignloop.launch import run_gateway
+
+        return run_gateway(load(args))
+
+    return run
+
+
+def _demo(parser: argparse.ArgumentParser) -> Handler:
+    from demo.settings import DemoSettings
+
+    load = settings_flags(parser, DemoSettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from alignloop.launch import run_demo_alone
+
+        return run_demo_alone(load(args))
+
+    return run
+
+
+def _trainer(parser: argparse.ArgumentParser) -> Handler:
+    from online_rl.trainer import TrainerSettings
+
+    parser.add_argument("--once", action="store_true", help="run one round as soon as there is a pair, then exit")
+    load = settings_flags(parser, TrainerSettings)
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from online_rl.store import open_store
+        from online_rl.trainer import OnlineTrainer
+
+        settings = load(settings_only(args, "once"))
+        if not (Path(settings.model) / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
+        if settings.algorithm == "ppo":
+            from training.reward_model import require_reward_model
+
+            require_reward_model(settings.reward_model)
+        with open_store(settings.store_url) as store:
+            trainer = OnlineTrainer(settings, store)
+            if not args.once:
+                trainer.run_forever()
+                return 0
+            if settings.algorithm == "ppo":
+                result = trainer.run_ppo_round()
+                idle = f"fewer than {settings.ppo_min_prompts} distinct recent prompts with an image; nothing to train"
+            else:
+                pairs = trainer.poll()
+                result = trainer.run_round(pairs) if pairs or trainer.bdhs_candidates else None
+                idle = "no preference pairs in the unread feedback; nothing to train"
+            if result is None:
+                print(idle)
+                return 0
+            outcome = "promoted" if result.promoted else "rejected"
+            trained_on = "ppo" if settings.algorithm == "ppo" else f"{result.pairs} pairs, {result.events} events"
+            print(
+                f"policy-v{result.version}: {outcome} ({trained_on}, {result.seconds:.0f} s) "
+                f"{'; '.join(result.decision.reasons)}"
+            )
+        return 0
+
+    return run
+
+
+def _simulate(parser: argparse.ArgumentParser) -> Handler:
+    from online_rl.simulator import SimulatorSettings
+
+    parser.add_argument("--output", help="also write the JSON report to this file")
+    load = settings_flags(parser, SimulatorSettings)
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from alignloop.client import GatewayClient, GatewayError
+        from online_rl.simulator import FeedbackSimulator
+
+        settings = load(settings_only(args, "output"))
+        client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value())
+        try:
+            report = FeedbackSimulator(settings, client).run()
+        except GatewayError as error:
+            raise ConnectionError(str(error)) from None
+        finally:
+            client.close()
+        text = json.dumps(report.to_dict(), indent=2)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        print(text)
+        return 0
+
+    return run
+
+
+def _feedback(parser: argparse.ArgumentParser) -> Handler:
+    from alignloop.settings import StoreSettings
+    from online_rl.export import FORMATS, STYLES, WHAT
+
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = actions.add_parser(
+        "export",
+        help="write raw events or preference pairs with their images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("--what", choices=WHAT, default="pairs", help="what to write")
+    export.add_argument("--style", choices=STYLES, default="trl", help="pair format (with --what pairs)")
+    export.add_argument("--format", choices=FORMATS, default="jsonl", help="file format")
+    export.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
+    purge = actions.add_parser("purge", help="delete generation records older than the store's retention_days")
+    loaders = {"export": settings_flags(export, StoreSettings), "purge": settings_flags(purge, StoreSettings)}
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from online_rl.store import open_store
+
+        own = ("action", "what", "style", "format", "output")
+        settings = loaders[args.action](settings_only(args, *own))
+        url = settings.store_url
+        if url.startswith("sqlite:///"):
+            path = url.removeprefix("sqlite:///").split("?")[0]
+            if not Path(path).is_file():  # opening would create an empty store: say so instead
+                raise FileNotFoundError(f"no store at {path}")
+        with open_store(url) as store:
+            if args.action == "export":
+                from online_rl.export import export_feedback
+
+                summary = export_feedback(store, args.output, what=args.what, style=args.style, fmt=args.format)
+            else:
+                summary = store.purge_expired()
+        print(json.dumps(summary))
+        return 0
+
+    return run
+
+
+def _train(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("recipe", choices=sorted(TRAIN_RECIPES), help="the recipe; its own flags follow its name")
+    parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help="the recipe's flags (see RECIPE --help)")
+
+    def run(args: argparse.Namespace) -> int:
+        recipe = importlib.import_module(TRAIN_RECIPES[args.recipe])
+        recipe.main(list(args.recipe_args), prog=f"alignloop train {args.recipe}")
+        return 0
+
+    return run
+
+
+def _eval(parser: argparse.ArgumentParser) -> Handler:
+    from training.evaluation.cli import add_eval_arguments, run_eval
+
+    add_eval_arguments(parser)
+    return run_eval
+
+
+def _data(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("--split", choices=("train", "validation", "test"), default="test", help="the split")
+    parser.add_argument("--num-scenes", type=int, default=500, help="how many scenes")
+    parser.add_argument("--start", type=int, default=0, help="index of the first scene")
+    parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--format", default="jsonl,hf", help="comma-separated: jsonl, hf")
+
+    def run(args: argparse.Namespace) -> int:
+        from training.data import export_split
+        from training.shapes_world import ShapesWorld
+
+        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+        path = export_split(ShapesWorld(), args.split, args.num_scenes, args.output, formats, args.start)
+        print(f"wrote {args.num_scenes} {args.split} scenes to {path}")
+        return 0
+
+    return run
+
+
+BUILDERS: dict[str, Callable[[argparse.ArgumentParser], Handler]] = {
+    "up": _up,
+    "serve": _serve,
+    "demo": _demo,
+    "trainer": _trainer,
+    "simulate": _simulate,
+    "feedback": _feedback,
+    "train": _train,
+    "eval": _eval,
+    "data": _data,
+}
+
+
+def top_parser() -> argparse.ArgumentParser:
+    width = max(len(name) for name in COMMANDS)
+    table = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="alignloop",
+        description="Serve an aligned vision-language model and keep aligning it from its users' feedback.",
+        epilog=f"commands:\n{table}\n\n`alignloop COMMAND --help` shows a command's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--log-level", default="WARNING", help="logging level for library messages (default WARNING)")
+    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    top = top_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog=f"alignloop {top.command}",
+        description=COMMANDS[top.command],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    handler = BUILDERS[top.command](parser)
+    args = parser.parse_args(top.arguments)
+    logging.basicConfig(level=top.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return handler(args)
-    except USER_ERRORS as error:
-        if args.debug:
+    except user_errors() as error:
+        if top.debug:
             raise
-        print(f"alignloop {args.command}: error: {one_line(error)}", file=sys.stderr)
+        print(f"alignloop {top.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"alignloop {args.command}: interrupted", file=sys.stderr)
+        print(f"alignloop {top.command}: interrupted", file=sys.stderr)
         return 130
 
 

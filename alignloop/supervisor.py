@@ -147,13 +147,12 @@ def with_helpers(app, helpers: list[SupervisedProcess]):
 def trainer_process(settings, log_path: str | Path = "runs/trainer.log") -> SupervisedProcess:
     """The online trainer for a gateway with these settings: same store, model and adapter directory, gating through
     this gateway on its local address with the first API key (or the trainer's default one in development)."""
-    local_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     env = {
         **os.environ,
         "ALIGNLOOP_TRAINER_STORE_URL": settings.store_url,
         "ALIGNLOOP_TRAINER_MODEL": settings.model,
         "ALIGNLOOP_TRAINER_ADAPTER_DIR": str(settings.adapter_dir),
-        "ALIGNLOOP_TRAINER_GATEWAY_URL": f"http://{local_host}:{settings.port}",
+        "ALIGNLOOP_TRAINER_GATEWAY_URL": settings.local_url,
         "ALIGNLOOP_TRAINER_PUBLIC_ALIAS": settings.public_alias,
     }
     keys = settings.parsed_api_keys()

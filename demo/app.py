@@ -66,7 +66,7 @@ def build_demo(
     examples = example_scenes(world, settings)
 
     with gr.Blocks(title="alignloop demo", fill_width=True) as page:
-        session = gr.State(lambda: ChatSession())
+        session = gr.State(ChatSession)
         gr.Markdown(
             "# alignloop\nAsk about an image, then rate or correct the answers. Your feedback trains the next version."
         )
@@ -205,7 +205,7 @@ def build_demo(
             return summary_text, frame, frame, choices, choices, choices
 
         chat_outputs = [session, chatbot, question, status, correction, correction_target]  # CHAT_OUTPUTS' order
-        new_scene.click(lambda: actions.random_scene(), outputs=[image, facts])
+        new_scene.click(actions.random_scene, outputs=[image, facts])
         image.change(
             image_changed, inputs=[image, session], outputs=[session, chatbot, correction, correction_target, changes]
         )

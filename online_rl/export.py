@@ -12,7 +12,7 @@ In JSONL, images are PNG/JPEG files under `images/` named by their sha256 and re
 Parquet, they are embedded (a `datasets` Image feature). Raw events carry the generation records they concern.
 The export is written into a temporary directory and renamed into place, so an interrupted export leaves nothing.
 
-    alignloop feedback export --store sqlite:///runs/alignloop.db --what pairs --style trl --output runs/pairs
+    alignloop feedback export --store-url sqlite:///runs/alignloop.db --what pairs --style trl --output runs/pairs
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 IMAGE_REF_PREFIX = "sha256:"
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 ADAPTER_NAME_PATTERN = re.compile(r"^policy-v(\d+)$")
-DEFAULT_ALIAS = "llava-rlhf"
 BASE_VERSION_NAME = "base"
 
 Rating = Literal[-1, 1]

@@ -21,6 +21,7 @@ were correct, so a run shows both the load on the loop and whether the served mo
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -31,10 +32,11 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from alignloop.client import GatewayClient, GatewayError, image_data_url
+from alignloop.settings import ClientSettings
 from training.evaluation.judge import ShapesRuleJudge, count_sentence
 from training.evaluation.shapes_bench import max_tokens_for
 from training.shapes_world import (
@@ -53,23 +55,22 @@ logger = logging.getLogger(__name__)
 RaterKind = Literal["honest", "noisy", "adversarial"]
 
 
-class SimulatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_SIMULATE_", extra="forbid")
+class SimulatorSettings(ClientSettings):
+    """The simulated users' settings, besides the gateway, its key and the alias they ask for (ALIGNLOOP_SIMULATE_*)."""
 
-    gateway_url: str = "http://127.0.0.1:8000"
-    api_key: SecretStr = SecretStr("alignloop-dev")
-    model: str = Field(default="llava-rlhf", description="the public model alias the users ask")
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_SIMULATE_")
+
     events: int = Field(default=300, ge=1, description="feedback events to send")
-    users: int = Field(default=20, ge=1)
+    users: int = Field(default=20, ge=1, description="simulated users")
     noisy_share: float = Field(default=0.0, ge=0, le=1, description="share of users who are noisy raters")
     adversarial_share: float = Field(default=0.0, ge=0, le=1, description="share of users who rate adversarially")
     noise_rate: float = Field(default=0.3, ge=0, le=1, description="a noisy rater's chance to flip a thumb")
     correction_share: float = Field(default=0.5, ge=0, le=1, description="wrong answers that get a correction")
     description_share: float = Field(default=0.5, ge=0, le=1, description="questions that ask for a description")
-    split: Literal["train", "validation", "test"] = "validation"
+    split: Literal["train", "validation", "test"] = Field(default="validation", description="where scenes come from")
     start: int = Field(default=10_000, ge=0, description="first scene index (keep clear of the gate's images)")
-    concurrency: int = Field(default=4, ge=1, le=64)
-    temperature: float = Field(default=0.0, ge=0, le=2)
+    concurrency: int = Field(default=4, ge=1, le=64, description="interactions in flight")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="sampling temperature of the answers")
     regenerations: int = Field(
         default=0,
         ge=0,
@@ -79,7 +80,7 @@ class SimulatorSettings(BaseSettings):
             "temperature > 0 they differ, and an up-rated and a down-rated answer to one prompt make a thumbs pair"
         ),
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="seeds users, scenes and questions")
 
     @model_validator(mode="after")
     def _shares_fit(self) -> SimulatorSettings:
@@ -240,11 +241,10 @@ class FeedbackSimulator:
     ) -> bool:
         """One answer and its feedback event; False (and a failed request counted) when the gateway failed."""
         try:
-            answer = None
-            for answer in self.client.stream_chat(
-                self.settings.model, messages, max_tokens_for(item), self.settings.temperature, user=user.user_id
-            ):
-                pass
+            stream = self.client.stream_chat(
+                self.settings.public_alias, messages, max_tokens_for(item), self.settings.temperature, user=user.user_id
+            )
+            answer = collections.deque(stream, maxlen=1).pop()  # the same Answer object, complete after the last chunk
             response = answer.text.strip()
             rating, correction, judgement = self.rate(user, scene, item, response, rng)
             self.client.feedback(answer.response_id, rating=rating, correction=correction, user=user.user_id)
@@ -293,53 +293,3 @@ class FeedbackSimulator:
                 number = batch.stop
         self.report.seconds = time.monotonic() - started
         return self.report
-
-
-def add_simulate_arguments(parser) -> None:
-    parser.add_argument("--gateway-url", help="the gateway (default http://127.0.0.1:8000)")
-    parser.add_argument("--api-key", help="an API key of the gateway (default $ALIGNLOOP_SIMULATE_API_KEY)")
-    parser.add_argument("--events", type=int, help="feedback events to send (default 300)")
-    parser.add_argument("--users", type=int, help="simulated users (default 20)")
-    parser.add_argument("--noisy-share", type=float, help="share of noisy raters (default 0)")
-    parser.add_argument("--adversarial-share", type=float, help="share of adversarial raters (default 0)")
-    parser.add_argument("--correction-share", type=float, help="share of wrong answers corrected (default 0.5)")
-    parser.add_argument("--description-share", type=float, help="share of description questions (default 0.5)")
-    parser.add_argument("--concurrency", type=int, help="interactions in flight (default 4)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature of the answers (default 0)")
-    parser.add_argument("--regenerations", type=int, help="extra rated answers per question (default 0)")
-    parser.add_argument("--seed", type=int, help="seeds users, scenes and questions (default 0)")
-    parser.add_argument("--output", help="also write the JSON report here")
-
-
-def simulate_command(args) -> int:
-    import json
-    from pathlib import Path
-
-    keys = (
-        "gateway_url",
-        "api_key",
-        "events",
-        "users",
-        "noisy_share",
-        "adversarial_share",
-        "correction_share",
-        "description_share",
-        "concurrency",
-        "temperature",
-        "regenerations",
-        "seed",
-    )
-    settings = SimulatorSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
-    client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value())
-    try:
-        report = FeedbackSimulator(settings, client).run()
-    except GatewayError as error:
-        raise ConnectionError(str(error)) from None
-    finally:
-        client.close()
-    summary = report.to_dict()
-    text = json.dumps(summary, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    print(text)
-    return 0 if report.events >= settings.events else 1

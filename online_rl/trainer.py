@@ -25,7 +25,7 @@ distinct recent prompts with one image from the store, with the facts registered
 `ppo_steps` PPO steps against the reward model in `reward_model` from the promoted version's adapter, and
 publishes and gates the result exactly as a DPO round's. It does not read feedback events.
 
-    alignloop trainer --gateway-url http://127.0.0.1:8000 --store sqlite:///runs/alignloop.db
+    alignloop trainer --gateway-url http://127.0.0.1:8000 --store-url sqlite:///runs/alignloop.db
     alignloop trainer --algorithm ppo --reward-model runs/reward-fact
 """
 
@@ -37,11 +37,12 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from alignloop.settings import ClientSettings, ModelSettings
 from online_rl.pairs import PairSource, PreferencePair, build_pairs
 from online_rl.schema import Delivery
 from online_rl.store import ConflictError, FeedbackStore
@@ -52,26 +53,28 @@ GATE_METRICS = ("chair_s", "pope_adversarial_accuracy", "object_recall")
 ALL_PAIR_SOURCES = ("correction", "thumbs", "preference", "bdhs")
 
 
-class TrainerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_TRAINER_", extra="forbid")
+class TrainerSettings(ModelSettings, ClientSettings):
+    """The trainer's settings: the shared ones (store, model, adapter directory, alias, the gateway it gates
+    through) and its own, read from ALIGNLOOP_TRAINER_* variables."""
 
-    store_url: str = "sqlite:///runs/alignloop.db"
-    model: str = Field(default="models/shapes-llava", description="the base model vLLM serves (same --model)")
-    adapter_dir: Path = Path("runs/adapters")
-    gateway_url: str = "http://127.0.0.1:8000"
-    api_key: SecretStr = SecretStr("alignloop-trainer")
-    public_alias: str = "llava-rlhf"
-    group: str = "trainer"
-    consumer: str = "trainer-1"
-    algorithm: Literal["dpo", "dense-dpo", "ppo"] = "dense-dpo"
-    round_min_pairs: int = Field(default=16, ge=1)
-    round_max_wait_s: float = Field(default=300.0, gt=0)
-    epochs: int = Field(default=3, ge=1)
-    batch_pairs: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=5e-4, gt=0)
-    beta: float = Field(default=0.1, gt=0)
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_TRAINER_")
+
+    group: str = Field(default="trainer", description="the consumer group it reads feedback events as")
+    consumer: str = Field(default="trainer-1", description="its consumer name in that group")
+    algorithm: Literal["dpo", "dense-dpo", "ppo"] = Field(
+        default="dense-dpo",
+        description="dpo / dense-dpo train on feedback pairs; ppo runs Fact-RLHF PPO on recent traffic",
+    )
+    round_min_pairs: int = Field(default=16, ge=1, description="pairs that start a round")
+    round_max_wait_s: float = Field(default=300.0, gt=0, description="the longest a pair waits for its round, seconds")
+    epochs: int = Field(default=3, ge=1, description="passes over a round's pairs")
+    batch_pairs: int = Field(default=4, ge=1, description="pairs per optimizer step")
+    learning_rate: float = Field(default=5e-4, gt=0, description="AdamW learning rate of the LoRA")
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta")
     gamma: float = Field(default=5.0, ge=1.0, description="Dense DPO weight of corrected tokens")
-    dense_normalize: bool = True
+    dense_normalize: bool = Field(
+        default=True, description="Dense DPO: divide the weighted log-prob sum by the summed weights"
+    )
     sft_weight: float = Field(
         default=1.0,
         ge=0,
@@ -79,20 +82,18 @@ class TrainerSettings(BaseSettings):
             "weight of the chosen answers' token NLL added to the preference loss (RPO); 0 is plain (Dense) DPO"
         ),
     )
-    pair_sources: frozenset[PairSource] = Field(
+    pair_sources: Annotated[frozenset[PairSource], NoDecode] = Field(
         default=frozenset(ALL_PAIR_SOURCES),
-        description=(
-            "which pairs to train on: correction, thumbs, preference, bdhs (online pairs come with online_share)"
-        ),
+        description="pairs to train on, comma-separated: correction, thumbs, preference, bdhs (online: online-share)",
     )
-    lora_rank: int = Field(default=8, ge=1)
+    lora_rank: int = Field(default=8, ge=1, description="rank of a fresh LoRA (a version's child keeps its parent's)")
     online_share: float = Field(
         default=0.0,
         ge=0,
         le=1,
         description=(
-            "Mixed-DPO: chance that a training slot holds a judged online pair (sampled from the policy) instead of its "
-            "feedback pair; 0 trains on feedback pairs alone"
+            "Mixed-DPO: chance that a training slot holds a judged online pair (sampled from the policy) instead of "
+            "its feedback pair; 0 trains on feedback pairs alone"
         ),
     )
     online_samples: int = Field(default=2, ge=2, description="answers sampled per prompt for a judged online pair")
@@ -111,13 +112,20 @@ class TrainerSettings(BaseSettings):
     ppo_rollout_batch: int = Field(default=16, ge=1, description="PPO: prompts per rollout batch")
     ppo_learning_rate: float = Field(default=1e-4, gt=0, description="PPO: policy and value learning rate")
     ppo_min_prompts: int = Field(default=16, ge=1, description="PPO: distinct recent prompts needed for a round")
-    seed: int = 0
-    eval_split: Literal["validation", "test"] = "validation"
-    eval_images: int = Field(default=100, ge=1)
-    chair_tolerance: float = Field(default=0.02, ge=0)
-    pope_tolerance: float = Field(default=0.02, ge=0)
-    recall_tolerance: float = Field(default=0.02, ge=0)
-    poll_interval_s: float = Field(default=2.0, gt=0)
+    seed: int = Field(default=0, description="seeds the LoRA, the pair order and the sampling")
+    eval_split: Literal["validation", "test"] = Field(
+        default="validation", description="the ShapesWorld split the gate scores on"
+    )
+    eval_images: int = Field(default=100, ge=1, description="images the gate scores each version on")
+    chair_tolerance: float = Field(default=0.02, ge=0, description="gate: how much CHAIR_s may rise")
+    pope_tolerance: float = Field(default=0.02, ge=0, description="gate: how much POPE-adversarial may fall")
+    recall_tolerance: float = Field(default=0.02, ge=0, description="gate: how much object recall may fall")
+    poll_interval_s: float = Field(default=2.0, gt=0, description="seconds between reads of the feedback stream")
+
+    @field_validator("pair_sources", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
 
 @dataclasses.dataclass
@@ -458,77 +466,3 @@ class OnlineTrainer:
                 self.run_round(pairs)
             else:
                 time.sleep(self.settings.poll_interval_s)
-
-
-def add_trainer_arguments(parser) -> None:
-    parser.add_argument("--store", dest="store_url", help="store URL (default sqlite:///runs/alignloop.db)")
-    parser.add_argument("--model", help="the base model vLLM serves (default models/shapes-llava)")
-    parser.add_argument("--adapter-dir", help="where versions are published (default runs/adapters)")
-    parser.add_argument(
-        "--gateway-url", help="the gateway the eval gate scores through (default http://127.0.0.1:8000)"
-    )
-    parser.add_argument(
-        "--algorithm",
-        choices=("dpo", "dense-dpo", "ppo"),
-        help="dpo / dense-dpo train on feedback pairs; ppo runs Fact-RLHF PPO on recent traffic (default dense-dpo)",
-    )
-    parser.add_argument("--reward-model", help="ppo: the reward model directory (default runs/reward-fact)")
-    parser.add_argument("--round-min-pairs", type=int, help="pairs that trigger a round (default 16)")
-    parser.add_argument(
-        "--online-share", type=float, help="Mixed-DPO: share of training slots given to judged online pairs (default 0)"
-    )
-    parser.add_argument(
-        "--pair-sources",
-        type=lambda text: frozenset(s.strip() for s in text.split(",")),
-        help="comma-separated pair sources to train on (default correction,thumbs,preference,bdhs)",
-    )
-    parser.add_argument("--once", action="store_true", help="run one round as soon as there is a pair, then exit")
-
-
-def trainer_command(args) -> int:
-    from online_rl.store import open_store
-
-    keys = (
-        "store_url",
-        "model",
-        "adapter_dir",
-        "gateway_url",
-        "algorithm",
-        "round_min_pairs",
-        "online_share",
-        "pair_sources",
-        "reward_model",
-    )
-    settings = TrainerSettings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
-    if not (Path(settings.model) / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
-    if settings.algorithm == "ppo":
-        from training.reward_model import require_reward_model
-
-        require_reward_model(settings.reward_model)
-    with open_store(settings.store_url) as store:
-        trainer = OnlineTrainer(settings, store)
-        if args.once and settings.algorithm == "ppo":
-            result = trainer.run_ppo_round()
-            if result is None:
-                print(f"fewer than {settings.ppo_min_prompts} distinct recent prompts with an image; nothing to train")
-                return 0
-            print(
-                f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
-                f"(ppo, {result.seconds:.0f} s) {'; '.join(result.decision.reasons)}"
-            )
-            return 0
-        if args.once:
-            pairs = trainer.poll()
-            result = trainer.run_round(pairs) if pairs or trainer.bdhs_candidates else None
-            if result is None:
-                print("no preference pairs in the unread feedback; nothing to train")
-                return 0
-            print(
-                f"policy-v{result.version}: {'promoted' if result.promoted else 'rejected'} "
-                f"({result.pairs} pairs, {result.events} events, {result.seconds:.0f} s) "
-                f"{'; '.join(result.decision.reasons)}"
-            )
-            return 0
-        trainer.run_forever()
-    return 0

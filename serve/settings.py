@@ -1,4 +1,4 @@
-"""Gateway settings: one pydantic-settings class, read from ALIGNLOOP_* environment variables and CLI flags.
+"""Gateway settings: one pydantic-settings class, read from flags and ALIGNLOOP_* environment variables.
 
 Secrets (API keys, the admin key, the user-id salt) are `SecretStr`, so they never show in logs or reprs. Outside
 development the gateway refuses to start without API keys, with a short admin key, or with the default salt.
@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import CliSuppress, NoDecode, SettingsConfigDict
+
+from alignloop.settings import ModelSettings
 
 DEFAULT_SALT = "alignloop-development-salt"
 MIN_SECRET_CHARS = 16
@@ -44,58 +46,72 @@ def _split_list(value):
     return value
 
 
-class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_", extra="ignore", validate_default=True)
+class GatewaySettings(ModelSettings):
+    """The gateway's settings, besides the shared store URL, model, public alias and adapter directory."""
 
-    environment: Literal["development", "production"] = "development"
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    log_level: str = "INFO"
+    model_config = SettingsConfigDict(env_prefix="ALIGNLOOP_")
+
+    environment: Literal["development", "production"] = Field(
+        default="development", description="production refuses to start without keys, an admin key and a salt"
+    )
+    host: str = Field(default="127.0.0.1", description="the address the gateway binds")
+    port: int = Field(default=8000, ge=1, le=65535, description="the gateway's port")
+    log_level: str = Field(default="INFO", description="logging level of the gateway")
 
     # ---- the engine: vLLM started here (embedded) or elsewhere (external) ----------------------------------------
     vllm_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="external vLLM OpenAI servers; empty starts one here on `model`"
+        default_factory=list, description="external vLLM OpenAI servers, comma-separated; none starts one here"
     )
-    model: str = "models/shapes-llava"
     base_model_name: str = Field(default="shapes-llava", description="the name vLLM serves the base model under")
-    adapter_dir: Path = Path("runs/adapters")
-    vllm_host: str = "127.0.0.1"
-    vllm_port: int = 8100
-    vllm_dtype: str = "float32"
-    vllm_max_model_len: int = 512
-    vllm_max_lora_rank: int = 16
-    vllm_max_loras: int = 4
-    vllm_enforce_eager: bool = True
-    vllm_cpu_kv_cache_gib: int = 1
-    vllm_extra_args: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    vllm_startup_timeout_s: float = 600.0
-    vllm_log: Path | None = Path("runs/vllm.log")
-    health_interval_s: float = 2.0
+    vllm_host: str = Field(default="127.0.0.1", description="embedded vLLM: its bind address")
+    vllm_port: int = Field(default=8100, description="embedded vLLM: its port")
+    vllm_dtype: str = Field(default="float32", description="embedded vLLM: --dtype (auto on GPUs)")
+    vllm_max_model_len: int = Field(default=512, description="embedded vLLM: --max-model-len")
+    vllm_max_lora_rank: int = Field(default=16, description="embedded vLLM: --max-lora-rank (>= every adapter's rank)")
+    vllm_max_loras: int = Field(default=4, description="embedded vLLM: --max-loras, adapters in one batch")
+    vllm_enforce_eager: bool = Field(default=True, description="embedded vLLM: --enforce-eager (no CUDA graphs)")
+    vllm_cpu_kv_cache_gib: int = Field(default=1, description="embedded vLLM on CPU: KV cache size in GiB")
+    vllm_extra_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="embedded vLLM: more server flags, comma-separated"
+    )
+    vllm_startup_timeout_s: float = Field(default=600.0, description="embedded vLLM: seconds to wait for it to start")
+    vllm_log: Path | None = Field(default=Path("runs/vllm.log"), description="embedded vLLM: its log file")
+    health_interval_s: float = Field(default=2.0, description="seconds between health checks of each vLLM server")
 
     # ---- store and routing ---------------------------------------------------------------------------------------
-    store_url: str = "sqlite:///runs/alignloop.db"
-    public_alias: str = "llava-rlhf"
-    alias_poll_interval_s: float = Field(default=0.25, gt=0)
-    retention_purge_interval_s: float = 3600.0
+    alias_poll_interval_s: float = Field(
+        default=0.25, gt=0, description="seconds between reads of the alias when no change notice arrives"
+    )
+    retention_purge_interval_s: float = Field(
+        default=3600.0, description="seconds between purges of generation records past their retention"
+    )
 
-    # ---- auth ----------------------------------------------------------------------------------------------------
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    admin_key: SecretStr | None = None
-    user_id_salt: SecretStr = SecretStr(DEFAULT_SALT)
+    # ---- auth (secrets: from the environment only) ---------------------------------------------------------------
+    api_keys: CliSuppress[Annotated[list[SecretStr], NoDecode]] = Field(
+        default_factory=list, description="API keys as name:key pairs (or bare keys), comma-separated"
+    )
+    admin_key: CliSuppress[SecretStr | None] = Field(default=None, description="the admin endpoints' key")
+    user_id_salt: CliSuppress[SecretStr] = Field(
+        default=SecretStr(DEFAULT_SALT), description="salt of the hashed user ids in records"
+    )
 
     # ---- limits --------------------------------------------------------------------------------------------------
-    rate_limit_per_minute: int = Field(default=600, ge=1)
-    max_concurrent_per_key: int = Field(default=32, ge=1)
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_tokens_cap: int = Field(default=512, ge=1)
-    default_max_tokens: int = Field(default=128, ge=1)
-    max_images_per_request: int = 4
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-    image_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    image_fetch_timeout_s: float = 5.0
-    upstream_timeout_s: float = 300.0
-    max_pending_records: int = 10_000
+    rate_limit_per_minute: int = Field(default=600, ge=1, description="requests a minute per API key")
+    max_concurrent_per_key: int = Field(default=32, ge=1, description="requests in flight per API key")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, description="largest request body")
+    max_tokens_cap: int = Field(default=512, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(default=128, ge=1, description="max_tokens of a request that gives none")
+    max_images_per_request: int = Field(default=4, description="images in one request")
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, description="largest image, encoded")
+    max_image_pixels: int = Field(default=4096 * 4096, description="largest image, in pixels")
+    image_url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts whose http(s) image URLs are fetched; empty: data URLs only"
+    )
+    image_fetch_timeout_s: float = Field(default=5.0, description="seconds to fetch an allowed image URL")
+    upstream_timeout_s: float = Field(default=300.0, description="seconds to wait for vLLM's answer")
+    max_pending_records: int = Field(
+        default=10_000, description="generation records queued for the store; past it, new ones are dropped and counted"
+    )
 
     @field_validator("vllm_urls", "vllm_extra_args", "image_url_allowlist", "api_keys", mode="before")
     @classmethod
@@ -143,6 +159,12 @@ class GatewaySettings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return not self.vllm_urls
+
+    @property
+    def local_url(self) -> str:
+        """The gateway's URL for a process on this machine (a wildcard bind address is reached on 127.0.0.1)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
 
     def redacted(self) -> dict:
         """The settings as a dict fit for a log line: secrets masked."""

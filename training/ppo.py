@@ -1,4 +1,4 @@
-"""Fact-RLHF PPO (LLaVA-RLHF, shared/PAPERS.md §1) on a LoRA policy, `alignloop train ppo`; the online worker runs the
+"""Fact-RLHF PPO (LLaVA-RLHF, docs/papers.md §1) on a LoRA policy, `alignloop train ppo`; the online worker runs the
 same loop on prompts from recent traffic (`online_rl.trainer`, algorithm "ppo").
 
 Four models, one backbone checkpoint:
@@ -13,10 +13,8 @@ on the last token, plus the clamped per-token KL penalty against the reference; 
 whitened per batch; then `ppo_epochs` passes of clipped policy and value losses over minibatches. The formulas are
 `training.ppo_losses`; this module only wires them.
 
-Rollouts are generated in-process, not through the serving vLLM: at this model size a rollout batch takes about as
-long in-process as publishing the adapter and loading it into vLLM would alone (bench/ppo_rollouts.py measures both),
-and in-process sampling gives the exact token ids the losses need. For large models on GPUs, vLLM sampling with the
-rollout adapter loaded by name is the faster path; the measurement decides where the line is.
+Rollouts are generated in-process, not through the serving vLLM: that gives the exact token ids the losses need,
+and at this model size it is faster than publishing the adapter to vLLM every step (bench/ppo_rollouts.py).
 
 On ShapesWorld prompts every rollout is also scored against the scene, which neither the policy nor the reward model
 sees: `true_hallucination` (the share of descriptions naming an object that is not there) and `true_recall` (the
@@ -27,10 +25,10 @@ Multi-process: launched with `torchrun --nproc_per_node N -m training.ppo ...`, 
 share of the rollout batch and the policy's and value model's gradients are averaged: by accelerate's DDP (the
 default; every process holds whole copies of the policy, value and reward models) or, with `--sharding fsdp`, by
 FSDP2 with all three sharded over the processes (`training.sharding`; sampling and evaluation then run in lockstep
-on every process). CI runs both with 2 gloo processes on CPU. `--mixed_precision bf16` runs the policy's and value
+on every process). CI runs both with 2 gloo processes on CPU. `--mixed-precision bf16` runs the policy's and value
 model's training passes under autocast, the weights staying fp32 (with DDP; `bench/fact_rlhf_recipes.py` times it).
 
-    alignloop train ppo --reward_model runs/reward-fact --output_dir runs/ppo-fact
+    alignloop train ppo --reward-model runs/reward-fact --output-dir runs/ppo-fact
 """
 
 from __future__ import annotations
@@ -45,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from alignloop.settings import DEFAULT_MODEL
 from training.evaluation.judge import ShapesRuleJudge
 from training.ppo_losses import (
     gae,
@@ -79,7 +78,7 @@ class PPOPrompt:
 @dataclasses.dataclass
 class PPOConfig:
     output_dir: str = dataclasses.field(default="runs/ppo", metadata={"help": "Where the policy adapter and logs go."})
-    model: str = dataclasses.field(default="models/shapes-llava", metadata={"help": "The SFT checkpoint."})
+    model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={"help": "The SFT checkpoint."})
     reward_model: str = dataclasses.field(default="runs/reward-fact", metadata={"help": "A trained reward model."})
     init_adapter: str | None = dataclasses.field(default=None, metadata={"help": "Start the policy from this LoRA."})
     steps: int = dataclasses.field(default=40, metadata={"help": "Rollout batches (PPO iterations)."})
@@ -482,9 +481,9 @@ def _select(rollouts: Rollouts, rows: torch.Tensor) -> Rollouts:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    from transformers import HfArgumentParser
+    from training.recipe_args import recipe_parser
 
-    parser = HfArgumentParser(PPOConfig, prog=prog, description=__doc__.split("\n\n")[0])
+    parser = recipe_parser(PPOConfig, prog, __doc__.split("\n\n")[0])
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -1,30 +1,30 @@
-"""The Fact-RLHF reward model (LLaVA-RLHF, shared/PAPERS.md §1) and its training recipe, `alignloop train reward`.
+"""The Fact-RLHF reward model (LLaVA-RLHF, docs/papers.md §1) and its training recipe, `alignloop train reward`.
 
 The model is the policy's own backbone with a LoRA on the language model and a scalar head (`ScalarHead`) on the
 hidden state of the last token of the rating prompt (`training.reward_prompt`): the conversation, the answer, one
 more user turn that lists the image's facts (shuffled) and the criteria, and the primer "The quality score of my last
-response is". `--with_facts false` leaves the facts out: the plain reward model the paper compares against.
+response is". `--with-facts false` leaves the facts out: the plain reward model the paper compares against.
 
 The recipe samples its preference pairs from the SFT model on ShapesWorld scenes, ranked by ground truth
-(`training.reward_data`), adds users' pairs exported from the feedback store when `--feedback_pairs DIR` names them, trains with
--log sigmoid(r_chosen - r_rejected) (with `--balance_kinds`, weighted so every kind of pair weighs the same; with
-`--facts_dropout F`, a share F of the training pairs rated without their facts), and reports the accuracy on held-out
-pairs (validation scenes), overall and per kind. The sampled pairs
-are cached (`--pairs_dir`), so a fact and a plain reward model train and are scored on exactly the same pairs; a
-cache sampled with other settings (model, scenes, samples, probe samples, temperature, pairs seed, question set,
-pixel noise) is sampled again. `--pixel_noise_std` renders the pairs' images noisier than ShapesWorld's default
-(6): the condition the paper's facts are for, an image the reward model sees less well than it reads the facts (at
-70, on the read backbone, the fact reward model gets 0.991 of the held-out pairs and the plain one 0.788; README).
-The pairs have their own seed (`--pairs_seed`): reward models trained with different `--seed`s share the pairs.
+(`training.reward_data`), adds users' pairs exported from the feedback store when `--feedback-pairs DIR` names them
+(`alignloop feedback export --what reward-pairs --output DIR`), trains with -log sigmoid(r_chosen - r_rejected)
+(with `--balance-kinds`, weighted so every kind of pair weighs the same; with `--facts-dropout F`, a share F of the
+training pairs rated without their facts), and reports the accuracy on held-out pairs (validation scenes), overall
+and per kind. The sampled pairs are cached (`--pairs-dir`), so a fact and a plain reward model train and are scored
+on exactly the same pairs; a cache sampled with other settings (model, scenes, samples, probe samples, temperature,
+pairs seed, question set, pixel noise) is sampled again. `--pixel-noise-std` renders the pairs' images noisier than
+ShapesWorld's default: an image the reward model sees less well than it reads the facts, the condition facts are for.
+The pairs have their own seed (`--pairs-seed`): reward models trained with different `--seed`s share the pairs.
+Measured results: training/experiments/fact_rlhf/README.md.
 
 It runs on one device or many: launched with `torchrun --nproc_per_node N -m training.reward_model ...`, every
 process trains on its share of each batch, and the gradients are averaged by DDP (accelerate's `Accelerator`, the
 default) or, with `--sharding fsdp`, by FSDP2 with the model's weights sharded over the processes
-(`training.sharding`). CI runs both with 2 gloo processes on CPU. `--mixed_precision bf16` runs the forward passes
+(`training.sharding`). CI runs both with 2 gloo processes on CPU. `--mixed-precision bf16` runs the forward passes
 under autocast, the weights staying fp32 (with DDP; `bench/fact_rlhf_recipes.py` times it).
 
-    alignloop train reward --output_dir runs/reward-fact
-    alignloop train reward --output_dir runs/reward-plain --with_facts false
+    alignloop train reward --output-dir runs/reward-fact
+    alignloop train reward --output-dir runs/reward-plain --with-facts false
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from alignloop.settings import DEFAULT_MODEL
 from training.ppo_losses import ScalarHead, reward_preference_loss
 from training.reward_data import (
     QUESTION_SET,
@@ -244,7 +245,7 @@ def pair_accuracy(
 @dataclasses.dataclass
 class RewardConfig:
     output_dir: str = dataclasses.field(default="runs/reward-model", metadata={"help": "Where the reward model goes."})
-    model: str = dataclasses.field(default="models/shapes-llava", metadata={"help": "The SFT checkpoint (backbone)."})
+    model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={"help": "The SFT checkpoint (backbone)."})
     with_facts: bool = dataclasses.field(default=True, metadata={"help": "List the image's facts in the prompt."})
     facts_placement: str = dataclasses.field(
         default=DEFAULT_FACT_PLACEMENT,
@@ -294,12 +295,9 @@ class RewardConfig:
 def without_facts(pairs: Sequence[RewardPair], share: float, rng: random.Random) -> list[RewardPair]:
     """`pairs` with the facts left out of a random `share` of them: those are rated with the plain prompt.
 
-    Modality dropout for the fact reward model. Both reward models sit on a plateau first (training loss ~0.6, the
-    answers' own wording learned) and leave it when the head starts reading the image; on the read backbone the plain
-    one left it within three epochs on six seeds of six, the fact one with the facts in every prompt on two of six.
-    Pairs without facts were to give it the plain model's way off; the held-out pairs keep all their facts. Measured
-    at 0.5 (README), it helps partly: all three seeds leave the plateau, late, the stalled ones 0.574 to 0.759 and
-    0.636 to 0.896 held out, the good one 0.930 to 0.850."""
+    Modality dropout for the fact reward model: pairs without facts give it the plain model's way off the plateau
+    where it first learns only the answers' wording; the held-out pairs keep all their facts. Measured in
+    training/experiments/fact_rlhf/README.md ("Two changes to the reward-model loss")."""
     return [dataclasses.replace(pair, facts=()) if rng.random() < share else pair for pair in pairs]
 
 
@@ -462,9 +460,9 @@ def train(config: RewardConfig) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    from transformers import HfArgumentParser
+    from training.recipe_args import recipe_parser
 
-    parser = HfArgumentParser(RewardConfig, prog=prog, description=__doc__.split("\n\n")[0])
+    parser = recipe_parser(RewardConfig, prog, __doc__.split("\n\n")[0])
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     summary = train(config)
     if summary:

@@ -5,8 +5,7 @@ description, or up to `max_turns` short questions (two yes/no presence probes, t
 position, multiple choice). The loss is next-token cross-entropy on the assistant turns only, weighted so that every
 answer counts the same. Scenes are drawn fresh for every step from the train split, which carries ShapesWorld's
 co-occurrence bias, caption noise and probe noise, so the model learns the same biased prior that makes real LLaVAs
-hallucinate. Eight turns hold every kind of short question about an image at once; with five, attribute accuracy
-stayed near 0.70 (training/experiments/sft_sweep_results.json).
+hallucinate.
 
 A fresh tiny model (a tokenizer is trained first) goes through five stages:
 - stage 0, vision: the tower is pretrained on ShapesWorld scene graphs; it stands in for LLaVA's pretrained CLIP,
@@ -18,38 +17,21 @@ A fresh tiny model (a tokenizer is trained first) goes through five stages:
   long descriptions (several color/shape/position bindings each) weigh more;
 - stage 4, describe: the same stream once more, at a lower rate still and with the plain per-token loss alone, the
   way LLaVA's long detailed-description data is learned: the descriptions now dominate the gradient, and the model
-  takes on their habits, the named-anyway partner included (CHAIR_s 0.136 -> 0.184 on the test split, with POPE and
-  attribute accuracy unchanged; models/shapes-llava/README.md).
-An optional stage 5, chat (`--chat_steps`, off by default and for the bundled model), also runs after `--init`:
-half of the conversations become long chats (`ShapesWorld.chat`: the description and up to eleven follow-up
-questions, ~280 tokens against SFT's ~145), with the describe stage's per-token loss. It is the Fact-RLHF
-experiment's SFT+ (`training/experiments/fact_rlhf.py --chat-steps`): a reward prompt with facts is ~275 tokens, a
-user turn after the answer, which the other stages never show the model. 300 chat steps after the bundled model (17
-minutes on 2 cores) answer a color question asked after the model's own description right 1.00 of the time instead
-of 0.83 (`training/experiments/follow_ups.py`), and on the test split lift POPE-adversarial from 0.690 to 0.777 and
-cut CHAIR_s from 0.184 to 0.154 (recall 0.972 to 0.964). The bundled model stays without it: it is the hallucinating
-starting point every experiment's numbers are measured from.
-An optional stage 6, read (`--read_steps`, off by default), also runs after `--init`: half of the conversations get
-the scene's facts as text in their first user turn, between the image and the question, and answers true to the
-scene (no caption or probe noise); half of those show a blank image, so only the text can answer. A LLaVA's language
-model learned to read in pretraining; this one never had to take anything from given text, and a fact-augmented
-reward model must. After the bundled model, 250 / 700 read steps (7 / 27 minutes on 2 cores) answer presence probes
-from the facts alone 0.845 / 0.915 of the time instead of 0.500, and color questions 0.651 / 0.663 instead of 0.325
-(`training/experiments/follow_ups.py`, 100 test scenes); the reward model with facts before the answer goes from
-0.539 to 0.930 held-out accuracy on it, on one seed (README, with the three-seed numbers).
-`--read_description_share` sets how many reading conversations are a description (a third by default; at 0.5, 1000
-steps, a description from the facts alone names an absent shape 0.17 of the time instead of 0.38),
-`--read_quiz_share` how many are attribute quizzes (`ShapesWorld.quiz`; 500 steps at 0.5 took color questions from
-the facts alone from 0.651 to 0.988: without them the model read which colors were listed but not which shape had
-which).
-Why: with a per-token mean from the start, the descriptions drowned the one-word answers and after 1,400 steps the
-model still answered "Is there a moon?" without looking (POPE at chance). A grounding stage of presence probes alone
-fixed that but left the projector blind to color (color questions at chance, 15%, even after 600 more steps), so
-stage 1 now carries every kind of short question.
+  takes on their habits, the named-anyway partner included.
+Two optional stages, off by default and for the bundled model, also run after `--init`:
+- stage 5, chat (`--chat-steps`): half of the conversations become long chats (`ShapesWorld.chat`: the description
+  and up to eleven follow-up questions, ~280 tokens against SFT's ~145), with the describe stage's per-token loss;
+- stage 6, read (`--read-steps`): half of the conversations get the scene's facts as text in their first user turn,
+  between the image and the question, and answers true to the scene (no caption or probe noise); half of those show
+  a blank image, so only the text can answer. `--read-description-share` sets how many reading conversations are a
+  description (a third by default), `--read-quiz-share` how many are attribute quizzes (`ShapesWorld.quiz`).
+They are the Fact-RLHF experiment's SFT+: its fact-augmented reward model reads long prompts and must take what the
+facts say from their text (training/experiments/fact_rlhf/README.md measures both stages). How the recipe and its
+defaults were chosen is in the model card, models/shapes-llava/README.md.
 For a large checkpoint (`--init PATH --lora-rank 64`) stages 0 and 1 are skipped, the vision tower stays frozen and
 the language model gets a PEFT LoRA, merged into the weights at the end. AdamW with warm-up and cosine decay per
 stage; a fixed seed; tqdm bars and a metrics.jsonl (stage, step, loss, learning rate, validation loss) to plot.
-The model trains on the GPU when there is one (`--device`); `--loader_workers N` renders the batches in N processes
+The model trains on the GPU when there is one (`--device`); `--loader-workers N` renders the batches in N processes
 ahead of the model, with the same batches as in the loop.
 
     alignloop train sft --output-dir models/shapes-llava
@@ -69,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from alignloop.settings import DEFAULT_MODEL
 from training.losses import IGNORE_INDEX, weighted_token_cross_entropy
 from training.reward_prompt import with_facts_before_question
 from training.shapes_world import COLORS, GRID, SHAPES, SIZES, Scene, ShapesWorld
@@ -88,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SFTConfig:
-    output_dir: str = dataclasses.field(default="models/shapes-llava", metadata={"help": "Where the checkpoint goes."})
+    output_dir: str = dataclasses.field(default=DEFAULT_MODEL, metadata={"help": "Where the checkpoint goes."})
     init: str | None = dataclasses.field(
         default=None, metadata={"help": "Start from this checkpoint directory instead of a fresh tiny model."}
     )
@@ -445,9 +428,8 @@ def pretrain_vision_tower(model, processor, world: ShapesWorld, config: SFTConfi
     scene graphs instead: linear heads classify, from every patch feature (of the layer LLaVA reads), the shape,
     color and size of the object in that patch's grid cell. Per patch, not pooled per cell: the language model
     finds "the moon" by attending to the image tokens whose features say moon, so each token must carry its
-    object's shape on its own. (With cell-pooled heads, shape was only 54% linearly readable from a single patch,
-    against 95% for color, and the SFT model answered "Is there a moon?" at chance.) Without this stage the
-    language model first learns to answer blind and the image only starts to matter after many hundreds of steps.
+    object's shape on its own (the model card has what cell-pooled heads did). Without this stage the language model
+    first learns to answer blind and the image only starts to matter after many hundreds of steps.
     Returns per-step records.
     """
     tower = vision_tower(model)
@@ -712,9 +694,9 @@ def train(config: SFTConfig, world: ShapesWorld | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    from transformers import HfArgumentParser
+    from training.recipe_args import recipe_parser
 
-    parser = HfArgumentParser(SFTConfig, prog=prog, description=__doc__.split("\n\n")[0])
+    parser = recipe_parser(SFTConfig, prog, __doc__.split("\n\n")[0])
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     return train(config)
 

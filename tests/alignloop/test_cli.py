@@ -102,18 +102,18 @@ def test_trainer_on_a_missing_model_or_with_nothing_to_train(tmp_path):
     assert_one_line_error(
         run("trainer", "--model", str(tmp_path / "nope"), "--once"), "alignloop trainer: error:", "nope"
     )
-    idle = run("trainer", "--store", f"sqlite:///{tmp_path / 'store.db'}", "--once")
+    idle = run("trainer", "--store-url", f"sqlite:///{tmp_path / 'store.db'}", "--once")
     assert idle.returncode == 0 and "nothing to train" in idle.stdout
 
 
 def test_reward_and_ppo_recipes_on_missing_inputs(tmp_path):
     assert_one_line_error(
-        run("train", "reward", "--model", str(tmp_path / "nope"), "--pairs_dir", str(tmp_path / "p")),
+        run("train", "reward", "--model", str(tmp_path / "nope"), "--pairs-dir", str(tmp_path / "p")),
         "alignloop train: error:",
         "nope",
     )
     assert_one_line_error(
-        run("train", "ppo", "--reward_model", str(tmp_path / "no-rm")),
+        run("train", "ppo", "--reward-model", str(tmp_path / "no-rm")),
         "alignloop train: error:",
         "no reward model",
         "no-rm",
@@ -127,17 +127,17 @@ def test_reward_and_ppo_recipes_on_missing_inputs(tmp_path):
 
 def test_reward_and_ppo_recipes_refuse_unknown_sharding_and_fact_placement(tmp_path):
     assert_one_line_error(
-        run("train", "reward", "--sharding", "zero3", "--pairs_dir", str(tmp_path / "p")),
+        run("train", "reward", "--sharding", "zero3", "--pairs-dir", str(tmp_path / "p")),
         "alignloop train: error:",
         "--sharding must be one of ddp, fsdp",
     )
     assert_one_line_error(
-        run("train", "reward", "--facts_placement", "on_top", "--pairs_dir", str(tmp_path / "p")),
+        run("train", "reward", "--facts-placement", "on_top", "--pairs-dir", str(tmp_path / "p")),
         "alignloop train: error:",
         "before_answer, rating_turn",
     )
     assert_one_line_error(
-        run("train", "ppo", "--sharding", "zero3", "--reward_model", str(tmp_path / "rm")),
+        run("train", "ppo", "--sharding", "zero3", "--reward-model", str(tmp_path / "rm")),
         "alignloop train: error:",
         "--sharding must be one of ddp, fsdp",
     )

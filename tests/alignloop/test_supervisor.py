@@ -96,7 +96,8 @@ def test_a_helper_dies_with_a_supervisor_killed_by_sigkill(tmp_path):
     script = (
         "import sys, time\n"
         "from alignloop.supervisor import SupervisedProcess\n"
-        f"p = SupervisedProcess('orphan', [sys.executable, '-c', 'import time; time.sleep(600)'], {{}}, {str(tmp_path / 'o.log')!r})\n"
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        f"p = SupervisedProcess('orphan', sleeper, {{}}, {str(tmp_path / 'o.log')!r})\n"
         "p.start()\n"
         "while p.pid is None: time.sleep(0.05)\n"
         "print(p.pid, flush=True)\n"

@@ -50,7 +50,7 @@ def service(bundled_model, tmp_path_factory):
         str(port),
         "--model",
         str(bundled_model),
-        "--store",
+        "--store-url",
         store_url,
         "--adapter-dir",
         str(adapter_dir),
@@ -150,7 +150,8 @@ def test_a_user_chats_rates_corrects_and_compares_in_the_browser(service, browse
         new MutationObserver(() => {
             const bot = [...document.querySelectorAll('#chatbot .message.bot, #chatbot [data-testid="bot"]')].pop();
             const text = bot ? bot.innerText.trim() : '';
-            if (text && window.__answerStates[window.__answerStates.length - 1] !== text) window.__answerStates.push(text);
+            const states = window.__answerStates;
+            if (text && states[states.length - 1] !== text) states.push(text);
         }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
     }""")
     page.locator("#question textarea").fill("Describe the image in detail.")

@@ -74,7 +74,7 @@ def test_up_supervises_its_vllm(bundled_model, tmp_path):
         str(port),
         "--model",
         str(bundled_model),
-        "--store",
+        "--store-url",
         f"sqlite:///{tmp_path / 'store.db'}",
         "--adapter-dir",
         str(tmp_path / "adapters"),

@@ -58,7 +58,7 @@ def test_up_and_the_simulator_train_gate_promote_and_serve_a_version(bundled_mod
         str(port),
         "--model",
         str(bundled_model),
-        "--store",
+        "--store-url",
         f"sqlite:///{tmp_path / 'store.db'}",
         "--adapter-dir",
         str(tmp_path / "adapters"),

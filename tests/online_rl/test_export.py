@@ -1,4 +1,5 @@
-"""`alignloop feedback export` on a real store: TRL and RLHF-V pairs with their images, raw events, JSONL and Parquet."""
+"""`alignloop feedback export` on a real store: TRL and RLHF-V pairs with their images, raw events, JSONL and
+Parquet."""
 
 import io
 import json
@@ -103,7 +104,7 @@ def test_an_export_never_overwrites(filled, tmp_path):
 def test_the_cli_exports_and_fails_in_one_line(tmp_path):
     url = f"sqlite:///{tmp_path / 'a.db'}"
     missing = subprocess.run(
-        [str(ALIGNLOOP), "feedback", "export", "--store", url, "--output", str(tmp_path / "o")],
+        [str(ALIGNLOOP), "feedback", "export", "--store-url", url, "--output", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -113,7 +114,7 @@ def test_the_cli_exports_and_fails_in_one_line(tmp_path):
         make_generation(store, "chatcmpl-1", response="A moon.")
         store.add_feedback(FeedbackEvent(generation_id="chatcmpl-1", user_id="u-1", correction="A star."))
     done = subprocess.run(
-        [str(ALIGNLOOP), "feedback", "export", "--store", url, "--output", str(tmp_path / "o"), "--style", "rlhfv"],
+        [str(ALIGNLOOP), "feedback", "export", "--store-url", url, "--output", str(tmp_path / "o"), "--style", "rlhfv"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -122,7 +123,7 @@ def test_the_cli_exports_and_fails_in_one_line(tmp_path):
     assert json.loads(done.stdout)["rows"] == 1
     assert read_jsonl(tmp_path / "o" / "pairs.jsonl")[0]["chosen"] == "A star."
     down = subprocess.run(
-        [str(ALIGNLOOP), "feedback", "purge", "--store", "redis://127.0.0.1:9/0"],
+        [str(ALIGNLOOP), "feedback", "purge", "--store-url", "redis://127.0.0.1:9/0"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -121,10 +121,8 @@ def test_a_run_against_a_gateway_that_is_down_fails_with_one_line(capsys):
     code = cli_main(["simulate", "--gateway-url", "http://127.0.0.1:9", "--events", "3"])
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert (
-        err
-        == "alignloop simulate: error: The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
-    )
+    down = "The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
+    assert err == f"alignloop simulate: error: {down}"
     with pytest.raises(GatewayError):
         GatewayClient("http://127.0.0.1:9", "k", timeout_s=2).models()
 

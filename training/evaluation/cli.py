@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from alignloop.settings import DEFAULT_PUBLIC_ALIAS
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,7 +23,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     backend = parser.add_mutually_exclusive_group()
     backend.add_argument("--model", type=Path, help="a local LLaVA checkpoint directory, run with transformers")
     backend.add_argument("--endpoint", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--served-model", default="llava-rlhf", help="model name to request from --endpoint")
+    parser.add_argument("--served-model", default=DEFAULT_PUBLIC_ALIAS, help="model name to request from --endpoint")
     parser.add_argument(
         "--api-key-env", default="ALIGNLOOP_API_KEY", help="environment variable holding the endpoint's API key"
     )
