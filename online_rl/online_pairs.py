@@ -1,8 +1,9 @@
 """Judged online pairs and Mixed-DPO: preference pairs sampled from the current policy and ranked by a judge.
 
 For a logged prompt whose image has known facts (the simulator, or a user, registered them), the policy samples
-`samples` answers; the rule judge (training/evaluation/judge.py) scores them against the scene those facts describe, and the
-best- and worst-scored answers become a pair (source "online"). Answers the judge cannot tell apart give no pair.
+`samples` answers; the rule judge (training/evaluation/judge.py) scores them against the scene those facts describe,
+and the best- and worst-scored answers become a pair (source "online"). Answers the judge cannot tell apart give no
+pair.
 
 Mixed-DPO fills each training slot with an offline pair (from users' feedback, written by earlier versions) or, with
 probability `online_share`, with a fresh online pair, so the policy learns from its own current mistakes as well as
@@ -102,7 +103,8 @@ def mixed_pairs(
     online_share: float = 0.5,
 ) -> list[PreferencePair]:
     """Mixed-DPO: each of len(offline) slots holds its offline pair, or with probability `online_share` an online
-    pair (`make_online(n)` returns up to n of them); a slot whose online pair could not be made keeps its offline one."""
+    pair (`make_online(n)` returns up to n of them); a slot whose online pair could not be made keeps its offline
+    one."""
     online_slots = [index for index in range(len(offline)) if rng.random() < online_share]
     online = make_online(len(online_slots)) if online_slots else []
     mixed = list(offline)

@@ -26,7 +26,7 @@ class AdminService:
             return {
                 "object": "registry",
                 "revision": self.store.registry_revision(),
-                "aliases": {alias: version for alias, version in self.store.aliases().items()},
+                "aliases": dict(self.store.aliases()),
                 "canaries": {alias: {"version": v, "fraction": f} for alias, (v, f) in self.store.canaries().items()},
                 "data": [adapter.model_dump() for adapter in self.store.list_adapters()],
             }

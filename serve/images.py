@@ -49,8 +49,8 @@ class ResolvedImage:
 def host_allowed(host: str, allowlist: list[str]) -> bool:
     """Exact host names, or `*.example.com` for its subdomains (not example.com itself)."""
     host = host.lower().rstrip(".")
-    for entry in allowlist:
-        entry = entry.lower().rstrip(".")
+    for allowed in allowlist:
+        entry = allowed.lower().rstrip(".")
         if entry.startswith("*.") and host.endswith(entry[1:]) and host != entry[2:]:
             return True
         if host == entry:

@@ -1,8 +1,9 @@
 """Writes generation records (and their images) to the store after the response has gone out.
 
 A completion hands its record to `RecordWriter.submit` after its last byte; one background task writes records in
-order, in a worker thread, so the write never delays a response; what queued up meanwhile goes in one trip. A write that fails is retried with backoff; one
-that still fails is counted (`alignloop_record_write_failures`) and logged with its id, never dropped silently.
+order, in a worker thread, so the write never delays a response; what queued up meanwhile goes in one trip. A write
+that fails is retried with backoff; one that still fails is counted (`alignloop_record_write_failures`) and logged
+with its id, never dropped silently.
 Feedback that arrives before its record is written waits for that write (`wait_written`) instead of getting a 404,
 and so do facts about an image whose records are still queued (`wait_image_written`).
 On shutdown the queue is drained.

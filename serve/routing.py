@@ -14,6 +14,7 @@ every `poll_interval_s` and, on Redis, also wakes on the registry's pub/sub chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -150,10 +151,8 @@ class RegistryWatcher:
                     await self.refresh()
                 except Exception:  # the store may be briefly unreachable: keep serving the last snapshot
                     logger.exception("registry refresh failed; serving revision %d", self.table.snapshot.revision)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
-                except TimeoutError:
-                    pass
                 self._wake.clear()
         finally:
             self._stop_listener.set()

@@ -55,7 +55,7 @@ CELL_NAMES: tuple[tuple[str, ...], ...] = (
 )
 # Object pairs that usually appear together in training scenes (symmetric).
 COOCCURRING_PAIRS: tuple[tuple[str, str], ...] = (("star", "moon"), ("heart", "diamond"), ("square", "triangle"))
-PARTNER: dict[str, str] = {a: b for a, b in COOCCURRING_PAIRS} | {b: a for a, b in COOCCURRING_PAIRS}
+PARTNER: dict[str, str] = dict(COOCCURRING_PAIRS) | {b: a for a, b in COOCCURRING_PAIRS}
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PLURALS: dict[str, str] = {shape: ("crosses" if shape == "cross" else shape + "s") for shape in SHAPES}
 

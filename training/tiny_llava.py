@@ -205,8 +205,8 @@ def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProces
     for key, tensor in state.items():
         head, sep, rest = key.partition("vision_tower.")
         if sep and not rest.startswith("vision_model."):
-            key = f"{head}vision_tower.vision_model.{rest}"
-        renamed[key] = tensor.contiguous()
+            rest = f"vision_model.{rest}"
+        renamed[head + sep + rest] = tensor.contiguous()  # the key itself when it needs no rename
     save_file(renamed, weights_path, metadata={"format": "pt"})
     return output_dir
 

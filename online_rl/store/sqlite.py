@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE INDEX IF NOT EXISTS pending_seq ON pending (seq);
 CREATE TABLE IF NOT EXISTS adapters (version INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS aliases (alias TEXT PRIMARY KEY, version INTEGER);
-CREATE TABLE IF NOT EXISTS alias_history (seq INTEGER PRIMARY KEY AUTOINCREMENT, alias TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alias_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, alias TEXT NOT NULL, record TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS alias_history_alias ON alias_history (alias);
 CREATE TABLE IF NOT EXISTS canaries (alias TEXT PRIMARY KEY, version INTEGER NOT NULL, fraction REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -252,7 +254,8 @@ class SQLiteStore(FeedbackStore):
                     raise NotFoundError(f"no generation with id {generation_id!r}")
             adapter_version = event.adapter_version if isinstance(event, FeedbackEvent) else None
             db.execute(
-                "INSERT INTO events (id, kind, user_id, idempotency_key, fingerprint, created, adapter_version, payload) "
+                "INSERT INTO events "
+                "(id, kind, user_id, idempotency_key, fingerprint, created, adapter_version, payload) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     event.id,
@@ -315,7 +318,8 @@ class SQLiteStore(FeedbackStore):
                 found += [(r[0], r[1], r[2]) for r in rows]
             # Every redelivery counts, as in Redis (XREADGROUP 0 and XAUTOCLAIM both bump times_delivered).
             db.executemany(
-                "UPDATE pending SET consumer = ?, delivered_at = ?, delivery_count = ? WHERE group_name = ? AND seq = ?",
+                "UPDATE pending SET consumer = ?, delivered_at = ?, delivery_count = ? "
+                "WHERE group_name = ? AND seq = ?",
                 [(consumer, now, n, group, seq) for seq, _, n in found],
             )
             if len(found) < count:  # new events after the group's cursor (XREADGROUP >)
@@ -327,7 +331,8 @@ class SQLiteStore(FeedbackStore):
                 ).fetchall()
                 if rows:
                     db.executemany(
-                        "INSERT INTO pending (group_name, seq, consumer, delivered_at, delivery_count) VALUES (?, ?, ?, ?, 1)",
+                        "INSERT INTO pending (group_name, seq, consumer, delivered_at, delivery_count) "
+                        "VALUES (?, ?, ?, ?, 1)",
                         [(group, r[0], consumer, now) for r in rows],
                     )
                     db.execute("UPDATE consumer_groups SET last_delivered_seq = ? WHERE name = ?", (rows[-1][0], group))

@@ -4,8 +4,6 @@ LoRA that moves every trainable parameter and no frozen one."""
 from __future__ import annotations
 
 import io
-import types
-from collections import defaultdict
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from online_rl.dpo import PreferenceLossConfig, preference_loss
 from online_rl.pairs import PreferencePair
 from online_rl.preference_batch import PreferenceEncoder
 from training.lora import language_model_lora
-from training.losses import IGNORE_INDEX, dpo_loss, token_logps, weighted_sequence_score
+from training.losses import IGNORE_INDEX, token_logps
 from training.tiny_llava import TinyLlavaSpec, build_untrained, load_checkpoint
 
 SHA = "a" * 64
@@ -97,56 +95,96 @@ def test_batch_puts_chosen_rows_first(tiny):
         PreferenceEncoder(processor).collate([pair()], lambda sha: None)
 
 
-def test_dpo_equals_trls_sigmoid_loss():
-    """TRL's DPOTrainer._compute_loss on fixed per-token log-probs (reference log-probs precomputed) and ours agree."""
-    from trl import DPOTrainer
+def tiny_causal_lm(seed: int, vocab_size: int):
+    """A one-layer Llama with random weights, large enough (init std 0.5) that policy and reference disagree."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    pairs, length, beta = 3, 7, 0.1
-    mask = (torch.rand(2 * pairs, length) > 0.3).long()
-    policy_token_logps = -torch.rand(2 * pairs, length - 1) * mask[:, 1:]
-    ref_logps = -torch.rand(2 * pairs) * 4
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.5,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
 
-    trainer = DPOTrainer.__new__(DPOTrainer)
-    accelerator = types.SimpleNamespace(
-        device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x, unwrap_model=lambda m: m
+
+def test_dpo_equals_trls_sigmoid_loss(tmp_path):
+    """Our plain DPO (`preference_loss` with weights 1 and no normalisation, i.e. `dpo_loss` on summed response
+    log-probs) equals TRL's sigmoid DPO loss, through TRL's public API only.
+
+    TRL 1.16 has no public loss function (the loss lives in the private `DPOTrainer._compute_loss`), so the test
+    builds a real `DPOTrainer` with its public constructor on a tiny local Llama, a reference model with other
+    weights (with equal weights every pair's loss is log 2 whatever beta) and a word-level tokenizer, takes one batch
+    from `get_train_dataloader()` and calls the public `compute_loss`. Our loss runs on the same batch (chosen rows
+    first, labels = the completion tokens), the same policy and the same reference; the two losses and their
+    gradients on every policy parameter must agree within float32 tolerance."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    words = ["<pad>", "</s>", "<unk>", "the", "sky", "is", "blue", "green", "grass", "red", "sun", "a", "star", "moon"]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )
-    trainer.__dict__.update(
-        dict(
-            model=types.SimpleNamespace(training=True),
-            accelerator=accelerator,
-            aux_loss_enabled=False,
-            ld_alpha=None,
-            precompute_ref_logps=True,
-            f_divergence_type="reverse_kl",
-            loss_types=["sigmoid"],
-            loss_weights=[1.0],
-            beta=beta,
-            use_weighting=False,
-            label_smoothing=0.0,
-            _metrics=defaultdict(lambda: defaultdict(list)),
-            _total_train_tokens=0,
-            _tp_size=1,
-        )
+    data = Dataset.from_dict(
+        {
+            "prompt": ["the sky is", "the grass is", "the sun is"],
+            "chosen": [" blue", " green", " a red star"],
+            "rejected": [" green moon", " red", " blue"],
+        }
     )
-    outputs = types.SimpleNamespace(
-        log_probs=policy_token_logps,
-        entropy=torch.zeros(2 * pairs, length - 1),
-        mean_logits=torch.zeros(2 * pairs, length - 1),
-        is_top1=torch.zeros(2 * pairs, length - 1, dtype=torch.bool),
+    beta = 0.5
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=beta,
+        loss_type=["sigmoid"],
+        per_device_train_batch_size=3,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
     )
-    inputs = {
-        "input_ids": torch.ones(2 * pairs, length, dtype=torch.long),
-        "attention_mask": mask,
-        "completion_mask": mask,
-        "ref_chosen_logps": ref_logps[:pairs],
-        "ref_rejected_logps": ref_logps[pairs:],
+    trainer = DPOTrainer(
+        model=tiny_causal_lm(0, len(words)),
+        ref_model=tiny_causal_lm(1, len(words)),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    policy = trainer.model
+    trl_loss = trainer.compute_loss(policy, batch)
+    trl_loss.backward()
+    trl_grads = {name: p.grad.clone() for name, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    ours_batch = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "pixel_values": None,  # a text-only model: the Llama forward ignores it
+        "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX),
+        "token_weights": batch["completion_mask"].float(),
     }
-    trl_loss = trainer._compute_loss(lambda **kwargs: outputs, inputs, return_outputs=False)
+    ours, metrics = preference_loss(policy, ours_batch, PreferenceLossConfig(beta=beta), reference=trainer.ref_model)
+    ours.backward()
 
-    scores = weighted_sequence_score(policy_token_logps, mask[:, 1:].float(), normalize=False)
-    ours, _, _ = dpo_loss(scores[:pairs], scores[pairs:], ref_logps[:pairs], ref_logps[pairs:], beta)
-    assert float(ours.mean()) == pytest.approx(float(trl_loss), rel=1e-6)
+    assert trl_loss.item() > 1.0  # far from log 2: policy and reference disagree, so beta matters
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(trl_loss.item(), rel=1e-5)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_step_moves_every_lora_parameter_and_nothing_frozen(tiny):

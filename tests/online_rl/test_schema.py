@@ -44,7 +44,7 @@ def test_prompt_hash_ignores_key_order_but_not_content():
 
 
 def test_image_refs_are_read_from_stored_messages():
-    two = messages() + [{"role": "assistant", "content": "Red."}] + messages(sha="d" * 64) + messages()
+    two = [*messages(), {"role": "assistant", "content": "Red."}, *messages(sha="d" * 64), *messages()]
     assert image_refs(two) == [SHA, "d" * 64]
 
 

@@ -35,7 +35,7 @@ def test_a_promotion_reaches_every_replica_within_a_second(backend, settings, fa
     replica_b_settings = settings.model_copy()
     with make_client(settings, fake_vllm) as replica_a, make_client(replica_b_settings, fake_vllm) as replica_b:
         for replica in (replica_a, replica_b):
-            wait_until(lambda: replica.get("/ready").status_code == 200)
+            wait_until(lambda replica=replica: replica.get("/ready").status_code == 200)
         store = replica_a.app.state.store
         version = store.allocate_adapter_version()
         store.register_adapter(AdapterVersion(version=version, name=adapter_name(version), path="p", algorithm="dpo"))
@@ -54,7 +54,7 @@ def test_a_promotion_reaches_every_replica_within_a_second(backend, settings, fa
 
         store.rollback("llava-rlhf", actor="trainer")  # a change made in the store, by no replica
         for replica in (replica_a, replica_b):
-            wait_until(lambda: served_version(replica) == "base", timeout=1.0, interval=0.01)
+            wait_until(lambda replica=replica: served_version(replica) == "base", timeout=1.0, interval=0.01)
 
 
 class RouteByHost(httpx.AsyncBaseTransport):

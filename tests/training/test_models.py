@@ -85,7 +85,7 @@ def test_openai_chat_model_sends_image_and_question(fake_server):
 def test_transformers_chat_model_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TransformersChatModel(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         TransformersChatModel(tmp_path)
 
 

@@ -98,7 +98,10 @@ def test_one_ppo_step_moves_the_policy_and_value_loras_only(bundled_model, tmp_p
     )
     trainer = PPOTrainer(config)
     trainer.schedule(total_steps=1)
-    state = lambda module: {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def state(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
     policy_before, value_before, reward_before = (
         state(trainer.policy),
         state(trainer.value_model),

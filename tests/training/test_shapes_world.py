@@ -231,7 +231,10 @@ def test_a_blank_render_is_the_background_and_noise_without_the_objects(world):
     scene = world.scene("train", 3)
     image = np.asarray(world.render(scene), dtype=np.float32)
     blank = np.asarray(world.render(scene, blank=True), dtype=np.float32)
-    colored = lambda pixels: int((pixels.max(axis=2) - pixels.min(axis=2) > 60).sum())  # noise alone spreads < 40
+
+    def colored(pixels):  # noise alone spreads < 40
+        return int((pixels.max(axis=2) - pixels.min(axis=2) > 60).sum())
+
     assert colored(image) > 100 and colored(blank) == 0
     assert abs(blank.mean() - np.median(image)) < 1  # the scene's own background
     assert np.array_equal(blank, np.asarray(world.render(scene, blank=True), dtype=np.float32))
