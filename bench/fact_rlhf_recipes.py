@@ -2,7 +2,7 @@
 its own command (`python -m training.reward_model`, `python -m training.ppo`) once per arm, on the bundled model and
 the same workload. Prints JSON.
 
-An arm is DEVICE:PRECISION, e.g. `cpu:no`, `cuda:no`, `cuda:bf16` (`--mixed_precision`: autocast over fp32 weights).
+An arm is DEVICE:PRECISION, e.g. `cpu:no`, `cuda:no`, `cuda:bf16` (`--mixed-precision`: autocast over fp32 weights).
 All arms share one pair cache, sampled by the first arm's reward-model run (so its command time includes the sampling).
 Reported per arm: reward-model seconds per optimizer step and PPO seconds per step (medians over the steps after the
 first, whose time is reported apart), the reward model's held-out accuracy, the rollouts' mean length; and each
@@ -57,7 +57,7 @@ def arm_run(arm: str, args, workdir: Path) -> dict:
         args.model,
         "--cpu",
         str(device == "cpu").lower(),
-        "--mixed_precision",
+        "--mixed-precision",
         precision,
         "--threads",
         str(args.threads),
@@ -67,13 +67,13 @@ def arm_run(arm: str, args, workdir: Path) -> dict:
         "training.reward_model",
         [
             *common,
-            "--output_dir",
+            "--output-dir",
             str(rm_dir),
-            "--pairs_dir",
+            "--pairs-dir",
             str(workdir / "pairs"),
-            "--train_scenes",
+            "--train-scenes",
             str(args.train_scenes),
-            "--eval_scenes",
+            "--eval-scenes",
             str(args.eval_scenes),
             "--epochs",
             "1",
@@ -86,19 +86,19 @@ def arm_run(arm: str, args, workdir: Path) -> dict:
         "training.ppo",
         [
             *common,
-            "--output_dir",
+            "--output-dir",
             str(ppo_dir),
-            "--reward_model",
+            "--reward-model",
             str(rm_dir),
             "--steps",
             str(args.ppo_steps),
-            "--rollout_batch",
+            "--rollout-batch",
             str(args.rollout_batch),
-            "--lora_rank",
+            "--lora-rank",
             "16",
-            "--eval_every",
+            "--eval-every",
             "0",
-            "--final_eval_images",
+            "--final-eval-images",
             "0",
         ],
         args.threads,

@@ -17,8 +17,8 @@ phase by more than the gateway costs, it is the sharpest comparison. The swap ph
     .venv/bin/python bench/gateway_overhead.py --concurrency 8 --seconds 20 --rounds 2
     .venv/bin/python bench/gateway_overhead.py --vllm-cpus 1 --client-cpus 0   # vLLM on its own core
 
-On a small machine the load generator, the gateway and vLLM's processes otherwise compete for the same cores, and
-that contention, not the gateway's work, dominates the comparison (2 cores: -30% to -42% throughput unpinned).
+On a small machine pin vLLM to its own cores: unpinned, the load generator, the gateway and vLLM compete for the same
+cores, and that contention dominates the comparison. Measured figures are in bench/README.md.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from pathlib import Path
 import httpx
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
-from online_rl.store import open_store  # noqa: E402
-from serve.vllm_process import VLLMServer, VLLMServerConfig  # noqa: E402
-from training.shapes_world import ShapesWorld  # noqa: E402
+from online_rl.store import open_store
+from serve.vllm_process import VLLMServer, VLLMServerConfig
+from training.shapes_world import ShapesWorld
+
+REPO = Path(__file__).resolve().parents[1]
 
 ADMIN_KEY = "bench-admin-key-0123456789abcdef"
 API_KEY = "sk-bench-0123456789abcdef0123"

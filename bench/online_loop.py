@@ -32,13 +32,14 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
 from alignloop.client import GatewayClient
 from online_rl.export import all_events
 from online_rl.simulator import FeedbackSimulator, SimulatorSettings
 from online_rl.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
 
 HEADLINE = (
     "chair_s",
@@ -140,7 +141,7 @@ def main() -> int:
         str(port),
         "--model",
         args.model,
-        "--store",
+        "--store-url",
         store_url,
         "--adapter-dir",
         str(workdir / "adapters"),

@@ -27,8 +27,7 @@ from pathlib import Path
 import httpx
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
 from alignloop.client import image_data_url
 from serve.vllm_process import VLLMServer, VLLMServerConfig
@@ -37,6 +36,8 @@ from training.ppo import shapes_prompts
 from training.rollouts import generate
 from training.shapes_world import ShapesWorld
 from training.tiny_llava import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

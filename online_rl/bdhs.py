@@ -1,4 +1,4 @@
-"""Bias-Driven Hallucination Sampling (BDHS, arXiv 2407.02477; shared/PAPERS.md §3): a rejected answer for a good
+"""Bias-Driven Hallucination Sampling (BDHS, arXiv 2407.02477; docs/papers.md §3): a rejected answer for a good
 answer that has none, made by the policy itself with the image almost hidden.
 
 For a reference (chosen) answer, e.g. one a user rated up:

@@ -1,8 +1,8 @@
 """`EventStreamResponse`: a `text/event-stream` response for the chat relay, one ASGI message per relayed piece.
 
 Starlette's `StreamingResponse` does the same job for any iterator, and pays per response for its generality: an
-anyio task group, a second task watching for the client's disconnect, cancel scopes (7 to 9% of the gateway's CPU
-for a short answer, by py-spy). This one sends the pieces from the request's own task and watches for the
+anyio task group, a second task watching for the client's disconnect, cancel scopes (bench/README.md has the cost
+as measured). This one sends the pieces from the request's own task and watches for the
 disconnect with one plain asyncio task. When the client goes away before the end, the sending task is cancelled
 where it waits (usually on vLLM's next token): the relay's `finally` then closes the upstream response, which makes
 vLLM abort the generation, and `on_close` runs either way (it releases the caller's concurrency slot).

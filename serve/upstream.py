@@ -5,13 +5,11 @@ has loaded the base model (/v1/models); requests go to the healthy server with t
 With none healthy, requests get a 503 at once instead of waiting.
 
 `upstream_client` is the HTTP client to those servers: httpx's API over aiohttp's transport (httpx-aiohttp, as the
-`openai` SDK offers it). A streamed answer reaches the gateway one token per read, and aiohttp parses each read
-in C where httpcore and h11 parse it in Python: on a paced 32-token stream that cut the gateway's CPU per request
-by a third (7.9 to 5.2 ms, `bench/gateway_overhead.py`'s CPU figure measures the same thing against real vLLM).
+`openai` SDK offers it). A streamed answer reaches the gateway one token per read, and aiohttp parses each read in C
+where httpcore and h11 parse it in Python (bench/README.md has the measured difference).
 
 The client keeps no cookies: vLLM sets none, and a jar shared by every user's requests would carry one user's
-cookie into the next user's request if an upstream ever did (httpx also parsed each response into it: ~5% of the
-gateway's CPU for a short answer).
+cookie into the next user's request if an upstream ever did.
 
 `EmbeddedEngine` (the default mode) starts vLLM as a child process on the bundled model, with LoRA and the
 filesystem resolver pointed at the adapter directory, and restarts it if it dies.

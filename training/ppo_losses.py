@@ -1,4 +1,4 @@
-"""Fact-RLHF components (LLaVA-RLHF, shared/PAPERS.md §1): the reward model's head and loss, the reward a PPO rollout
+"""Fact-RLHF components (LLaVA-RLHF, docs/papers.md §1): the reward model's head and loss, the reward a PPO rollout
 gets, GAE and PPO's clipped losses. Small pure functions on tensors with hand-computed tests; the reward-model and
 PPO recipes, offline and in the online worker, are built from them and know nothing of these formulas.
 

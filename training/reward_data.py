@@ -3,9 +3,9 @@ and people.
 
 - ShapesWorld (`shapes_reward_pairs`): the SFT model samples several answers to a scene's detailed-description prompt
   and to presence probes, one about an absent object (the co-occurring partner it tends to invent, where there is
-  one) and one about each shape that is there; the rule judge (training/evaluation/judge.py) scores each against the scene
-  graph, and the best and worst answers become a pair when their scores differ, so the hallucinating answer is the
-  rejected one. The facts are the scene's. Each pair is labelled by what is wrong with its rejected answer: an
+  one) and one about each shape that is there; the rule judge (training/evaluation/judge.py) scores each against the
+  scene graph, and the best and worst answers become a pair when their scores differ, so the hallucinating answer is
+  the rejected one. The facts are the scene's. Each pair is labelled by what is wrong with its rejected answer: an
   invented object (`description_object`), another error in a description (`description_detail`: a color, a place, a
   count), or a wrong yes/no about a shape that is not there or is (`presence_absent`, `presence_present`). Probes
   are sampled more often than descriptions (`probe_samples`): the SFT model answers them right nearly always, and a
@@ -59,11 +59,8 @@ def rated_questions(world: ShapesWorld, scene: Scene, rng: random.Random) -> lis
     an absent shape (a missing co-occurring partner when the scene has one: the adversarial probe), and one about
     each shape that is there.
 
-    Without the present-shape probes, every presence pair the reward model sees prefers "no", it learns that "no" is
-    the better answer whatever the image, and PPO against it learns to deny everything (POPE fell from 0.91 to 0.63
-    in a 90-step run at lr 2e-4 on such a model). With one present-shape probe per scene they were a fifth of the
-    presence pairs (the SFT model rarely denies a shape that is there); probing every present shape, each sampled
-    `probe_samples` times, gave 549 present-shape and 475 absent-shape pairs from 2,000 train scenes."""
+    Without the present-shape probes every presence pair prefers "no", and PPO against such a reward model learns to
+    deny everything (training/experiments/fact_rlhf/README.md, "Earlier runs")."""
     missing = sorted({partner for _, partner in world.missing_partners(scene)})
     absent = missing or [shape for shape in SHAPES if shape not in scene.shapes]
     items = [QAItem("description", DESCRIBE_PROMPT, world.description(scene, noisy=False))]
@@ -145,16 +142,10 @@ def kind_weights(kinds: Sequence[str], max_weight: float = MAX_KIND_WEIGHT) -> d
     pairs of that kind), but at most `max_weight`. The weights average 1 over the pairs, so the loss keeps its scale,
     unless the cap bites (then less).
 
-    It is for kinds whose chosen answer is nearly always the same words: the SFT model rarely denies a shape that is
-    there, so absent-shape probe pairs (chosen "No.") outnumber present-shape ones (chosen "Yes."), 513 to 364 in
-    training and 417 to 95 held out on the 1000-step read backbone, and an unweighted loss pays a reward model for
-    preferring "No." before it has read the image or the facts. Balanced, the fact reward models that used to stall
-    preferring "No." stall at chance instead (README): the shortcut was a symptom, not the cause.
-
-    The cap is for a kind that is nearly absent: on images with pixel noise 70 the SFT model's descriptions almost
-    always invent a shape, and 5 of 2,909 training pairs were description-detail ones. Uncapped, each weighed as much
-    as 145 pairs: the 13 steps whose batch held one had losses of 6 to 77 (the median step 0.45), and with the
-    gradient clipped each was that one pair's step."""
+    It is for kinds whose chosen answer is nearly always the same words (absent-shape probes, chosen "No.", outnumber
+    present-shape ones), where an unweighted loss pays a reward model for preferring that answer before it has read
+    the image or the facts; the cap keeps a nearly absent kind from dominating the steps it appears in. Measured in
+    training/experiments/fact_rlhf/README.md ("Two changes to the reward-model loss")."""
     counts = Counter(kinds)
     return {kind: min(max_weight, len(kinds) / (len(counts) * count)) for kind, count in counts.items()}
 

@@ -1,33 +1,18 @@
-"""The fact-augmented reward model's input (LLaVA-RLHF, shared/PAPERS.md §1): the conversation being rated, then one
+"""The fact-augmented reward model's input (LLaVA-RLHF, docs/papers.md §1): the conversation being rated, then one
 more user turn asking for a rating, which lists the image's facts, then an assistant turn primed with "The quality
 score of my last response is". The reward head reads the hidden state of that primer's last token.
 
 The paper's turn says the answer must be fully supported by the facts and lists the criteria (accurate, helpful,
-natural, concise) as bullets; here both are said in fewer words, for the tiny backbone's short context (below). The
-facts come as one bullet each, shuffled every time the prompt is built, so the reward model cannot learn their
-order; `with_facts=False` builds the same turn without them, the plain reward model the paper compares against (and
-the one that is easier to hack).
+natural, concise) as bullets; here both are said in fewer words, for the tiny backbone's short context. The facts
+come as one bullet each, shuffled every time the prompt is built, so the reward model cannot learn their order;
+`with_facts=False` builds the same turn without them, the plain reward model the paper compares against (and the one
+that is easier to hack).
 
 Where the facts go (`facts_placement`):
 - "rating_turn", the paper's and the default: in the rating turn, after the answer;
-- "before_answer": in the question's user turn, after the image, and the rating turn refers to them. The idea was
-  that a causal model reading the answer after the facts could check each claim where it stands. It does worse
-  (`training/experiments/fact_rlhf.py`): on 1,643 pairs with the version-1 wording 0.885 held-out accuracy against
-  0.911 in the rating turn; on 2,308 pairs with version 2, 0.539 against 0.884 (0.932 plain): it never learns the
-  presence probes (0.27 / 0.77 on absent / present shapes, i.e. it prefers "yes"), whose question now sits after
-  the facts instead of right after the image as in SFT. On a backbone that learned to read first (the SFT read stage,
-  `fact_rlhf.py --read-steps 700`) it gets 0.930 on one seed: ahead of the plain one on the probes and other
-  description errors, behind on invented objects, level overall (0.930 plain). Over three seeds on a 1000-step read
-  backbone it averages 0.814 against the plain one's 0.939: two seeds stall preferring "No."; balancing the kinds of
-  pair in the loss does not stop the stalls, and leaving the facts out of half the training pairs only softens them
-  (README). On images with pixel noise 70, which that backbone sees less well than it reads the facts (the paper's
-  condition), it is the better one by far: 0.991 against the plain one's 0.788 on seed 0 (absent-shape probes 0.997
-  against 0.517).
-Tried and not kept: the facts first, before the image (the image, question and answer then keep their SFT layout).
-The training loss stayed at 0.65-0.79 through 680 of 867 steps (0.29 in the rating turn): the backbone never saw
-text before an image.
-Nor does a longer context fix it: on a backbone trained on ~280-token chats first (`fact_rlhf.py --chat-steps 300`),
-the fact reward model got 0.678 held-out (0.34 on present-shape probes) and the plain one 0.947 (README).
+- "before_answer": in the question's user turn, after the image, and the rating turn refers to them, so a causal
+  model reads each claim of the answer after the facts it should be checked against.
+How each wording and placement scored: training/experiments/fact_rlhf/README.md.
 """
 
 from __future__ import annotations
@@ -35,13 +20,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-# Short on purpose: the backbone saw conversations of ~75 tokens in SFT (at most ~150; 512 positions in all), and the
-# reward head must read the answer from the prompt's last token. Version 1 listed the criteria as four bullets (102
-# tokens with this tokenizer) and put a presence probe's "Yes."/"No." ~230 tokens before the end of a fact prompt:
-# the fact reward model could not learn presence pairs at all (0.48 held-out accuracy trained on them alone, against
-# 0.85 plain), and it learned them (0.82) once the criteria were left out. Version 2 says the criteria in one line
-# (~37 tokens); a fact prompt about a presence probe is ~215 tokens, as long as a plain one was in version 1, and
-# the fact reward model trained on all 2,308 pairs gets 0.98 of the held-out presence pairs.
+# Short on purpose: the backbone saw conversations of at most ~150 tokens in SFT, and the reward head must read the
+# answer from the prompt's last token. Version 2 says the criteria in one line (~37 tokens); version 1's four bullets
+# kept the fact reward model from learning presence probes (training/experiments/fact_rlhf/README.md).
 RATING_CRITERIA = ("accurate", "helpful", "natural", "concise")
 RATING_PROMPT_VERSION = 2  # saved with each reward model: one trained on another wording is refused, not misread
 SCORE_PRIMER = "The quality score of my last response is"

@@ -4,7 +4,7 @@ A scene holds 1 to 4 objects on a 3x3 grid; each object has a shape, a color, a 
 from a seeded random generator (scene `i` of a split always comes out the same), rendered with PIL at the model's
 input size with jitter and pixel noise, and described by templates whose answers are exact.
 
-Three knobs reproduce the causes of hallucination that LLaVA-RLHF and RLHF-V name (shared/PAPERS.md):
+Three knobs reproduce the causes of hallucination that LLaVA-RLHF and RLHF-V name (docs/papers.md):
 
 - co-occurrence bias: in training scenes, an object of a paired shape (star/moon, heart/diamond, square/triangle)
   brings its partner along with probability `cooccurrence_bias`, usually small (`partner_small`), so the language

@@ -2,7 +2,7 @@
 
 It is a plain `LlavaForConditionalGeneration` with a byte-level BPE tokenizer trained on ShapesWorld text, a
 `LlavaProcessor` and a LLaVA-1.5 chat template (`USER: <image>\\n... ASSISTANT:`), so the same directory loads
-unchanged in transformers and in vLLM. Two vLLM constraints shape it (shared/INSTALL-NOTES.md): the language
+unchanged in transformers and in vLLM. Two vLLM constraints shape it (docs/install-cpu.md): the language
 model's head_dim is 64 (the CPU attention kernels reject smaller heads), and the checkpoint uses the llava-hf key
 layout `vision_tower.vision_model.*`, which `save_checkpoint` enforces.
 """

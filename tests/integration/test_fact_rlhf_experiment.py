@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from training.experiments.fact_rlhf import main
+from training.experiments.fact_rlhf.run import main
 
 pytestmark = pytest.mark.slow
 

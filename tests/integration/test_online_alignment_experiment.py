@@ -9,7 +9,7 @@ import pytest
 
 from online_rl.schema import IMAGE_REF_PREFIX
 from online_rl.store import open_store
-from training.experiments.online_alignment import main
+from training.experiments.online_alignment.run import main
 
 pytestmark = pytest.mark.slow
 

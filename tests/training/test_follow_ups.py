@@ -1,6 +1,6 @@
 """The follow-up experiment's questions and scoring, by hand."""
 
-from training.experiments.follow_ups import accuracy, questions
+from training.experiments.fact_rlhf.follow_ups import accuracy, questions
 from training.shapes_world import QAItem, Scene, SceneObject, ShapesWorld
 
 
@@ -27,7 +27,7 @@ def test_accuracy_counts_exact_answers_of_one_kind():
 def test_pixel_noise_renders_every_model_s_images_with_that_noise(monkeypatch, capsys):
     import json
 
-    from training.experiments import follow_ups
+    from training.experiments.fact_rlhf import follow_ups
 
     seen = []
     monkeypatch.setattr(

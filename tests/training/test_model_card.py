@@ -3,7 +3,7 @@
 import json
 
 from training.evaluation.metrics import ANSWER_KINDS, POPE_SETTINGS
-from training.model_card import write_model_card
+from training.model_card import HAND_WRITTEN_MARKER, write_model_card
 
 
 def fake_report() -> dict:
@@ -81,3 +81,28 @@ def test_card_reports_the_runs_time_steps_and_metrics(tmp_path):
     card = write_model_card(tmp_path).read_text()
     assert "(0.5 of those with a blank image, 0.25 attribute quizzes and of the rest 0.5 descriptions), at" in card
     assert (tmp_path / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_regenerating_keeps_the_hand_written_part_and_says_how_the_checkpoint_was_made(tmp_path):
+    summary = {
+        "parameters": 4_600_000,
+        "minutes": 63.0,
+        "torch_threads": 2,
+        "vision_pretrain_steps": 2000,
+        "steps": 1400,
+        "val_loss": 0.05,
+        "config": {"seed": 0, "batch_size": 32, "learning_rate": 0.001, "max_turns": 8},
+        "made_by": "stages 0-3 are one run; stage 4 ran on its weights",
+    }
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    (tmp_path / "eval.json").write_text(json.dumps(fake_report()))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1, "loss": 1.0}))
+    first = write_model_card(tmp_path).read_text()
+    assert first.rstrip().endswith(HAND_WRITTEN_MARKER)  # a new card: nothing written by hand yet
+    assert "How this checkpoint was made: stages 0-3 are one run; stage 4 ran on its weights." in first
+
+    history = "## How the recipe was chosen\n\nA sweep, then a seed.\n"
+    card = tmp_path / "README.md"
+    card.write_text(first.replace("0.321", "9.999") + "\n" + history)
+    again = write_model_card(tmp_path).read_text()
+    assert again == first + history  # the generated part is written afresh, the hand-written part is kept

@@ -2,18 +2,20 @@
 own, and can it answer from facts given as text?
 
 A chat in the demo goes "Describe the image", then "What color is the star?". The SFT stages train each conversation
-either as one description or as short questions, never both (`ShapesWorld.conversation` says why); the optional
-chat stage (`training.sft --chat_steps`) trains long chats that mix them. A fact-augmented reward model must take
-what the facts say from their text; the optional read stage (`training.sft --read_steps`) trains that. For each
-model this asks, on ShapesWorld test scenes, two presence probes per scene (a present and an absent shape) and a
+either as one description or as short questions, never both (`ShapesWorld.conversation` says why); the optional chat
+stage (`alignloop train sft --chat-steps`) trains long chats that mix them. A fact-augmented reward model must take
+what the facts say from their text; the optional read stage (`alignloop train sft --read-steps`) trains that. For
+each model this asks, on ShapesWorld test scenes, two presence probes per scene (a present and an absent shape) and a
 color question: alone with the image, as a follow-up after the model's own greedy description, and with a blank
 image and the scene's facts before the question (the reward model's facts-before-answer layout, so the answer can
 only come from the text). It also has the model describe each scene from the image, from the image with the facts
 before the request, and from the facts with a blank image, and counts the descriptions that name a shape the scene
 does not hold (CHAIR_s, `training.evaluation.metrics.chair_scores`). It prints each accuracy and rate as JSON.
 `--pixel-noise` renders the images noisier: how much worse a model sees, against how well it reads the facts.
+It serves the Fact-RLHF experiment (this folder's README.md): it measures the SFT+ backbones that `run.py` trains.
 
-    .venv/bin/python -m training.experiments.follow_ups --models models/shapes-llava runs/fact-rlhf-read/sft-plus
+    .venv/bin/python -m training.experiments.fact_rlhf.follow_ups --scenes 100 \\
+        --models models/shapes-llava runs/fact-rlhf-read700/sft-plus
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ def score_model(model_dir: str, world: ShapesWorld, scenes: list[Scene], batch_s
     described_with_facts = answer([Prompt(facts_first(s, describe), images[s.index], 96) for s in scenes])
     described_from_facts = answer([Prompt(facts_first(s, describe), blanks[s.index], 96) for s in scenes])
     result = {"model": model_dir, "questions": {kind: sum(item.kind == kind for item in items) for kind in KINDS}}
-    chair_s = lambda texts: round(chair_scores(texts, scenes)["chair_s"], 4)
+
+    def chair_s(texts: list[str]) -> float:
+        return round(chair_scores(texts, scenes)["chair_s"], 4)
+
     result["description_hallucination"] = chair_s([descriptions[s.index] for s in scenes])
     result["description_hallucination_with_facts"] = chair_s(described_with_facts)
     result["description_hallucination_from_facts"] = chair_s(described_from_facts)

@@ -19,48 +19,17 @@
    by naming fewer of the objects that are there counts. The plot draws RM score, true hallucination and true
    recall against the step for each run, and the RM score against the rollouts' recall.
 
-    .venv/bin/python -m training.experiments.fact_rlhf --output training/experiments/fact_rlhf_results.json \\
-        --plot training/experiments/fact_rlhf.png
+The result files and the commands that wrote them are in this folder's README.md.
 
-The chat-stage and read-stage runs (`fact_rlhf_chat_stage.json`, `fact_rlhf_read_stage.json`,
-`fact_rlhf_read_descriptions.json`, `fact_rlhf_read_quiz.json`; the README has their numbers):
-
-    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact plain --chat-steps 300 --no-ppo \\
-        --workdir runs/fact-rlhf-chat --output training/experiments/fact_rlhf_chat_stage.json
-    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 700 \\
-        --no-ppo --workdir runs/fact-rlhf-read700 --output training/experiments/fact_rlhf_read_stage.json
-    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 1000 \\
-        --read-description-share 0.5 --rm-seeds 0 1 2 --no-ppo --workdir runs/fact-rlhf-read1000d \\
-        --output training/experiments/fact_rlhf_read_descriptions.json
-    .venv/bin/python -m training.experiments.fact_rlhf --model runs/fact-rlhf-read1000d/sft-plus --read-steps 500 \\
-        --read-quiz-share 0.5 --read-description-share 0.5 --reward-arms fact_before_answer plain --no-ppo \\
-        --workdir runs/fact-rlhf-quiz --output training/experiments/fact_rlhf_read_quiz.json
-
-Two changes to the reward models' loss on the 1000-step read backbone: balanced over the kinds of pair
-(`--rm-balance-kinds`, `fact_rlhf_read_balanced.json`), and with half of the fact RM's training pairs rated without
-their facts on top (`--rm-facts-dropout 0.5`, `fact_rlhf_read_facts_dropout.json`, the same pairs copied into its
-workdir; stopped after two seeds, the third trained and the report written by the same command with `--reuse`):
-
-    .venv/bin/python -m training.experiments.fact_rlhf --reward-arms fact_before_answer plain --read-steps 1000 \\
-        --read-description-share 0.5 --rm-seeds 0 1 2 --no-ppo --rm-balance-kinds --reuse \\
-        --workdir runs/fact-rlhf-read1000d --output training/experiments/fact_rlhf_read_balanced.json
-    mkdir -p runs/fact-rlhf-dropout && cp -r runs/fact-rlhf-read1000d/reward-pairs runs/fact-rlhf-dropout/
-    .venv/bin/python -m training.experiments.fact_rlhf --model runs/fact-rlhf-read1000d/sft-plus \\
-        --reward-arms fact_before_answer --rm-seeds 1 0 2 --no-ppo --rm-balance-kinds --rm-facts-dropout 0.5 \\
-        --workdir runs/fact-rlhf-dropout --output training/experiments/fact_rlhf_read_facts_dropout.json
-
-The pairs on images that are harder to see, the facts as exact as before (`--rm-pixel-noise 70`,
-`fact_rlhf_noisy_images.json`): the fact RM 0.991, the plain one 0.788 on seed 0; the fact RM's seed 1, 0.980, is the
-same command with `--reward-arms fact_before_answer --rm-seeds 0 1 --reuse` (`fact_rlhf_noisy_images_fact_seed1.json`):
-
-    .venv/bin/python -m training.experiments.fact_rlhf --read-steps 1000 --read-description-share 0.5 \\
-        --reward-arms fact_before_answer plain --rm-seeds 0 --no-ppo --rm-pixel-noise 70 \\
-        --workdir runs/fact-rlhf-noisy --output training/experiments/fact_rlhf_noisy_images.json
+    .venv/bin/python -m training.experiments.fact_rlhf.run              # results/<today>-ppo.json and .png
+    .venv/bin/python -m training.experiments.fact_rlhf.run --reward-arms fact_before_answer plain --read-steps 700 \\
+        --no-ppo --workdir runs/fact-rlhf-read700 --tag read-700
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import time
@@ -69,6 +38,7 @@ from pathlib import Path
 from training.shapes_world import WorldConfig
 
 logger = logging.getLogger(__name__)
+RESULTS = Path(__file__).parent / "results"
 # Reward-model arms: (with facts, where they go). PPO runs against "fact" and "plain".
 REWARD_ARMS = {
     "fact": (True, "rating_turn"),
@@ -236,7 +206,7 @@ def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
         "what": __doc__.split("\n\n")[0],
         "model": args.model,
         "minutes": round(minutes, 1),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "plot", "tag")},
         "reward_models": {arm: {k: s[k] for k in REWARD_MODEL_REPORT if k in s} for arm, s in rewards.items()},
         "ppo": {},
     }
@@ -255,7 +225,10 @@ def report(args, rewards: dict, runs: dict, minutes: float) -> dict:
         before, after = run["before"], run["after"]
         curve = run["curve"]
         first, last = curve[: max(1, len(curve) // 5)], curve[-max(1, len(curve) // 5) :]
-        mean = lambda rows, key: round(sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows)), 4)
+
+        def mean(rows: list[dict], key: str) -> float:
+            return round(sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows)), 4)
+
         results["ppo"][arm] = {
             "reward_model": run["reward_arm"],
             "train_minutes": run["train_minutes"],
@@ -435,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=100)
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="training/experiments/fact_rlhf_results.json")
-    parser.add_argument("--plot", default="training/experiments/fact_rlhf.png")
+    parser.add_argument("--tag", default="ppo", help="names the result files: results/<date>-<tag>.json and .png")
+    parser.add_argument("--output", help="the JSON report (default: this folder's results/<today>-<tag>.json)")
+    parser.add_argument("--plot", help="the PNG plot of the PPO runs (default: results/<today>-<tag>.png)")
     args = parser.parse_args(argv)
+    stem = RESULTS / f"{datetime.date.today().isoformat()}-{args.tag}"
+    args.output = args.output or f"{stem}.json"
+    args.plot = args.plot or f"{stem}.png"
     args.rm_seeds = args.rm_seeds or [args.seed]
     if not args.no_ppo and not {args.ppo_fact_arm, "plain"} <= set(args.reward_arms):
         parser.error(
@@ -449,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     rewards = reward_models(args)
     runs = {} if args.no_ppo else ppo_runs(args)
     results = report(args, rewards, runs, (time.monotonic() - started) / 60)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot and runs:
         plot(results, args.plot)

@@ -19,19 +19,20 @@ pairs as the mixed arm used, taken from a fixed dataset instead of the model's o
 the clean description against the noisy one that names the missing partner, and the right presence answer against
 the wrong one).
 
-Why in-process rather than through `alignloop up`: the loop's moving parts (gateway, vLLM, hot-swap, trainer
-process) are exercised end to end by tests/integration/test_online_loop.py and measured by bench/online_loop.py;
-this experiment compares training signals, and on 2 CPU cores a gateway plus vLLM would cost most of its time.
-The trainer, pair builders, BDHS sampler, judge, simulator and benchmark are the production ones.
+It runs in-process (no gateway, no vLLM) because it compares training signals; the loop's moving parts are tested by
+tests/integration/test_online_loop.py and measured by bench/online_loop.py. The trainer, pair builders, BDHS
+sampler, judge, simulator and benchmark are the production ones. The results and the commands that wrote them are in
+this folder's README.md.
 
-    .venv/bin/python -m training.experiments.online_alignment --events 300 --rounds 3 \\
-        --output training/experiments/online_alignment_results.json --plot training/experiments/online_alignment.png
+    .venv/bin/python -m training.experiments.online_alignment.run --events 300 --rounds 2 --test-images 300 \\
+        --gate-images 100 --work-dir runs/oa --tag arms      # results/<today>-arms.json and .png
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import io
 import json
 import logging
@@ -57,6 +58,7 @@ from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
 from training.tiny_llava import load_checkpoint
 
 logger = logging.getLogger(__name__)
+RESULTS = Path(__file__).parent / "results"
 
 HEADLINE = (
     "chair_s",
@@ -435,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", help="where stores and adapters go (default: a temporary directory)")
-    parser.add_argument("--output", help="write the JSON report here too")
-    parser.add_argument("--plot", help="save the plot here (PNG)")
+    parser.add_argument("--tag", default="arms", help="names the result files: results/<date>-<tag>.json and .png")
+    parser.add_argument("--output", help="the JSON report (default: this folder's results/<today>-<tag>.json)")
+    parser.add_argument("--plot", help="the PNG plot (default: results/<today>-<tag>.png)")
     args = parser.parse_args(argv)
+    stem = RESULTS / f"{datetime.date.today().isoformat()}-{args.tag}"
+    args.output = args.output or f"{stem}.json"
+    args.plot = args.plot or f"{stem}.png"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     arms = [arm.strip() for arm in args.arms.split(",")]
     unknown = sorted(set(arms) - set(ARMS))
@@ -457,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": "online alignment of the bundled SFT model from simulated feedback, per feedback kind, against "
         "the SFT model and offline DPO on as many pairs; metrics on held-out ShapesWorld test images",
-        "command": "python -m training.experiments.online_alignment " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m training.experiments.online_alignment.run " + " ".join(argv or sys.argv[1:]),
         "events_per_arm": args.events,
         "rounds": args.rounds,
         "events_per_round": args.events // args.rounds,
@@ -482,10 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
     }
     text = json.dumps(report, indent=1)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    if args.plot:
-        plot(report, args.plot)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text + "\n")
+    plot(report, args.plot)
     print(text)
     return 0
 

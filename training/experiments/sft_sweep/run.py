@@ -3,10 +3,11 @@
 Each variant is a set of SFTConfig overrides plus ShapesWorld overrides (e.g. `caption_noise`). Every variant runs in
 its own process (all on the same GPU when there is one, each with `--loader-workers` processes rendering batches),
 then is scored by the ShapesWorld benchmark in-process (float32, greedy), and one JSON report is printed with the
-training time and the headline metrics of every variant. It is how the recipe in `training/sft.py` was chosen; it
-is an experiment, not part of CI.
+training time and the headline metrics of every variant (also written to `--output`, by default this folder's
+`results/<today>-<variants file name>.json`). It is how the recipe in `training/sft.py` was chosen; the variant
+files and the results are in this folder (README.md).
 
-    python -m training.experiments.sft_sweep --variants training/experiments/sft_variants.json \\
+    python -m training.experiments.sft_sweep.run --variants training/experiments/sft_sweep/variants/sweep-1.json \\
         --output-dir runs/sft-sweep --eval-images 500 --loader-workers 2
 """
 
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
 
 HEADLINE = (
     "pope_random_accuracy",
@@ -74,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=500)
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--only", help="run this one variant in this process (used by the sweep itself)")
+    parser.add_argument("--tag", help="names the report: results/<date>-<tag>.json (default: the variants file's name)")
+    parser.add_argument(
+        "--output", type=Path, help="the JSON report (default: this folder's results/<today>-<tag>.json)"
+    )
     args = parser.parse_args(argv)
+    tag = args.tag or args.variants.stem
+    args.output = args.output or RESULTS / f"{datetime.date.today().isoformat()}-{tag}.json"
     try:
         variants = json.loads(args.variants.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [
             sys.executable,
             "-m",
-            "training.experiments.sft_sweep",
+            "training.experiments.sft_sweep.run",
             "--variants",
             str(args.variants),
             "--output-dir",
@@ -114,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.append({"name": name, "error": f"exit code {code}; see {args.output_dir / (name + '.log')}"})
     report = {"wall_minutes": round((time.monotonic() - started) / 60, 1), "variants": results}
-    (args.output_dir / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0 if all("error" not in r for r in results) else 1
 
