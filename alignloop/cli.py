@@ -26,12 +26,20 @@ COMMANDS: dict[str, str] = {
     "demo": "the browser demo alone, in front of a running gateway",
     "trainer": "the online alignment worker: feedback in, gated adapter versions out",
     "simulate": "simulated users against a running gateway: questions, thumbs, corrections",
+    "versions": "the adapter versions: status, gate metrics with intervals, decisions and their reasons",
     "feedback": "export feedback events or preference pairs; purge expired records",
-    "train": "run a training recipe: sft, reward or ppo",
+    "train": "run a training recipe: sft, reward, ppo or dpo (TRL, on exported feedback pairs)",
     "eval": "score a model on ShapesWorld or MMHal-Bench, in-process or through an endpoint",
     "data": "export a ShapesWorld split as JSONL+PNG and a datasets dataset",
+    "import": "convert a released checkpoint to the served layout: llava-rlhf (model + RLHF LoRA)",
 }
-TRAIN_RECIPES: dict[str, str] = {"sft": "training.sft", "reward": "training.reward_model", "ppo": "training.ppo"}
+LONG_RUNNING = frozenset({"up", "serve", "demo", "trainer", "simulate"})
+TRAIN_RECIPES: dict[str, str] = {
+    "sft": "training.sft",
+    "reward": "training.reward_model",
+    "ppo": "training.ppo",
+    "dpo": "online_rl.dpo_trl",
+}
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -101,6 +109,16 @@ def settings_flags(parser: argparse.ArgumentParser, settings_cls: type) -> Calla
     return load
 
 
+def quiet_progress_bars() -> None:
+    """No tqdm bars from transformers' weight loading or training loops in a service's log."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def settings_only(namespace: argparse.Namespace, *extra: str) -> argparse.Namespace:
     """The namespace without the command's own flags, which are not settings."""
     return argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in extra})
@@ -162,6 +180,7 @@ def _trainer(parser: argparse.ArgumentParser) -> Handler:
         from online_rl.trainer import OnlineTrainer
 
         settings = load(settings_only(args, "once"))
+        quiet_progress_bars()  # the trainer's log says what it does in phase lines
         if not (Path(settings.model) / "config.json").is_file():
             raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
         if settings.algorithm == "ppo":
@@ -183,11 +202,10 @@ def _trainer(parser: argparse.ArgumentParser) -> Handler:
             if result is None:
                 print(idle)
                 return 0
-            outcome = "promoted" if result.promoted else "rejected"
             trained_on = "ppo" if settings.algorithm == "ppo" else f"{result.pairs} pairs, {result.events} events"
             print(
-                f"policy-v{result.version}: {outcome} ({trained_on}, {result.seconds:.0f} s) "
-                f"{'; '.join(result.decision.reasons)}"
+                f"policy-v{result.version}: {result.outcome} ({trained_on}, {result.seconds:.0f} s) "
+                f"{'; '.join(result.reasons)}"
             )
         return 0
 
@@ -219,6 +237,43 @@ def _simulate(parser: argparse.ArgumentParser) -> Handler:
         if args.output:
             Path(args.output).write_text(text + "\n")
         print(text)
+        return 0
+
+    return run
+
+
+def _versions(parser: argparse.ArgumentParser) -> Handler:
+    from alignloop.settings import ClientSettings
+
+    parser.add_argument("--recent", type=int, default=10, help="how many of the newest versions to show")
+    parser.add_argument("--chart", help="also write a PNG chart of CHAIR_s, POPE-adversarial and recall here")
+    parser.add_argument("--json", action="store_true", help="print the gateway's answer as JSON instead")
+    load = settings_flags(parser, ClientSettings)
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from alignloop.client import GatewayClient, GatewayError
+        from demo.actions import metrics_frame, version_summary, versions_table, write_versions_chart
+
+        settings = load(settings_only(args, "recent", "chart", "json"))
+        client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value(), timeout_s=30)
+        try:
+            overview = client.versions(args.recent)
+        except GatewayError as error:
+            raise ConnectionError(str(error)) from None
+        finally:
+            client.close()
+        if args.json:
+            print(json.dumps(overview, indent=2))
+        else:
+            print(version_summary(overview).replace("**", "").replace("  \n", "\n"))
+            table = versions_table(overview["data"])
+            if not table.empty:
+                print()
+                print(table.to_string(index=False, max_colwidth=90))
+        if args.chart:
+            write_versions_chart(metrics_frame(overview["data"]), args.chart)
         return 0
 
     return run
@@ -305,16 +360,85 @@ def _data(parser: argparse.ArgumentParser) -> Handler:
     return run
 
 
+def _import(parser: argparse.ArgumentParser) -> Handler:
+    from online_rl.adapters import RegistrySettings
+
+    parser.add_argument("source", choices=("llava-rlhf",), help="what to import: the LLaVA-RLHF release")
+    parser.add_argument("--sft-model", required=True, help="the release's sft_model/ (original LLaVA format)")
+    parser.add_argument("--lora", required=True, help="the release's rlhf_lora_adapter_model/ (PEFT)")
+    parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument(
+        "--vision-tower", help="a local copy of the CLIP tower the config's mm_vision_tower names (no hub here)"
+    )
+    parser.add_argument(
+        "--register",
+        action="store_true",
+        help="install the LoRA as the next adapter version in --adapter-dir and promote it to --public-alias",
+    )
+    load = settings_flags(parser, RegistrySettings)
+    own = ("source", "sft_model", "lora", "output", "vision_tower", "register")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from online_rl.adapters import register_adapter_dir
+        from online_rl.store import open_store
+        from training.import_llava import import_llava_rlhf
+
+        settings = load(settings_only(args, *own))
+        store = open_store(settings.store_url) if args.register else None
+        try:
+            if store is not None:  # refuse before converting: one registry serves one base model
+                model_dir = str(Path(args.output).resolve() / "model")
+                others = {a.base_model for a in store.list_adapters()} - {model_dir}
+                if others:
+                    raise ValueError(
+                        f"the store at {settings.store_url} holds versions of another base model ({sorted(others)[0]});"
+                        " register the import in a new store (--store-url)"
+                    )
+            result = import_llava_rlhf(args.sft_model, args.lora, args.output, vision_tower=args.vision_tower)
+            summary = {"model": str(result.model_dir), "lora": str(result.lora_dir), "lora_rank": result.lora_rank}
+            if store is not None:
+                notes = json.dumps({"imported": result.provenance}, sort_keys=True)
+                record = register_adapter_dir(
+                    store, result.lora_dir, settings.adapter_dir, result.model_dir, "llava-rlhf-import", notes=notes
+                )
+                alias = settings.public_alias
+                store.promote(
+                    alias,
+                    record.version,
+                    expected=store.promoted_version(alias),
+                    actor="import",
+                    reason=f"imported LLaVA-RLHF from {args.lora}",
+                )
+                summary |= {"registered": record.name, "path": record.path, "promoted": alias}
+        finally:
+            if store is not None:
+                store.close()
+        print(json.dumps(summary))
+        print(
+            f"serve it: alignloop up --model {result.model_dir} --base-model-name {Path(args.output).name} "
+            f"--vllm-max-lora-rank {max(16, result.lora_rank or 0)}",
+            file=sys.stderr,
+        )
+        return 0
+
+    return run
+
+
 BUILDERS: dict[str, Callable[[argparse.ArgumentParser], Handler]] = {
     "up": _up,
     "serve": _serve,
     "demo": _demo,
     "trainer": _trainer,
     "simulate": _simulate,
+    "versions": _versions,
     "feedback": _feedback,
     "train": _train,
     "eval": _eval,
     "data": _data,
+    "import": _import,
 }
 
 
@@ -328,7 +452,9 @@ def top_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    parser.add_argument("--log-level", default="WARNING", help="logging level for library messages (default WARNING)")
+    parser.add_argument(
+        "--log-level", help="logging level (default: INFO for the long-running commands, WARNING for the others)"
+    )
     parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
@@ -343,7 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler = BUILDERS[top.command](parser)
     args = parser.parse_args(top.arguments)
-    logging.basicConfig(level=top.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    level = top.log_level or ("INFO" if top.command in LONG_RUNNING else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return handler(args)
     except user_errors() as error:

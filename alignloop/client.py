@@ -3,10 +3,11 @@ service from outside (the demo page, the simulated users, evaluation through an 
 external judge) goes through this module, over HTTP, and imports nothing else of alignloop.
 
 - `ChatEndpoint`: any OpenAI-compatible server (vLLM, the gateway, a judge model): a reachability check, and one
-  non-streamed chat answer at a time.
-- `GatewayClient`: the gateway's whole API as a user sees it: streamed chat through the `openai` SDK, and the
-  feedback, preference, facts and versions endpoints. It turns every failure (the API down, a rejected input, a
-  timeout) into `GatewayError` with one line a person can read.
+  non-streamed chat answer at a time, retried with exponential backoff (tenacity) when the failure is transient: a
+  refused or reset connection, a timeout, 429 (after its Retry-After) or a 5xx.
+- `GatewayClient`: the gateway's whole API as a user sees it: streamed chat (one answer, or `n` answers to one
+  request) through the `openai` SDK, and the feedback, preference, facts and versions endpoints. It turns every
+  failure (the API down, a rejected input, a timeout) into `GatewayError` with one line a person can read.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import tenacity
 from PIL import Image
 
 logger = logging.getLogger(__name__)
 DEMO_CLIENT_HEADER = {"x-alignloop-client": "demo"}
+EVAL_CLIENT_HEADER = {"x-alignloop-client": "eval"}
+TRANSIENT_ERRORS = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)  # timeouts too
+# What a call through this module raises when the other side fails or refuses: for callers that report it in one line.
+CALL_ERRORS = (openai.APIError, httpx.HTTPError, ConnectionError, TimeoutError)
 
 
 class GatewayError(Exception):
@@ -38,6 +44,12 @@ class Answer:
     response_id: str | None = None
     version: str | None = None
     finish_reason: str | None = None
+
+
+def choice_response_id(response_id: str, index: int) -> str:
+    """The id the gateway records choice `index` of an answer under: the response id itself for choice 0, and
+    `<id>-<index>` for the others (the gateway's convention for n > 1)."""
+    return response_id if index == 0 else f"{response_id}-{index}"
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -84,15 +96,46 @@ def check_endpoint(client: openai.OpenAI) -> None:
         logger.warning("endpoint has no /models route url=%s", url)
 
 
+def retry_wait(state: tenacity.RetryCallState) -> float:
+    """A 429's Retry-After when it gives one (at most a minute), else exponential backoff with jitter."""
+    error = state.outcome.exception() if state.outcome else None
+    if isinstance(error, openai.RateLimitError):
+        retry_after = error.response.headers.get("retry-after", "")
+        if retry_after.replace(".", "", 1).isdigit():
+            return min(float(retry_after), 60.0)
+    return tenacity.wait_exponential_jitter(initial=0.5, max=30.0)(state)
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    logger.warning(
+        "endpoint call failed error=%s attempt=%d retry_in_s=%.1f",
+        type(error).__name__,
+        state.attempt_number,
+        state.next_action.sleep if state.next_action else 0.0,
+    )
+
+
 class ChatEndpoint:
-    """An OpenAI-compatible chat server at `base_url` (ending in /v1): checked once, then asked one request at a time.
+    """An OpenAI-compatible chat server at `base_url` (ending in /v1): checked once, then asked one request at a time,
+    each tried up to `attempts` times while it fails transiently.
 
     Thread-safe: evaluation sends requests from a thread pool through one endpoint.
     """
 
-    def __init__(self, base_url: str, api_key: str = "EMPTY", timeout: float = 120.0, headers: dict | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "EMPTY",
+        timeout: float = 120.0,
+        headers: dict | None = None,
+        attempts: int = 6,
+    ):
         self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, default_headers=headers)
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout, default_headers=headers, max_retries=0
+        )
+        self.attempts = attempts
         self._checked = False
 
     def check(self) -> None:
@@ -102,10 +145,19 @@ class ChatEndpoint:
             self._checked = True
 
     def chat(self, model: str, messages: list[dict], max_tokens: int, temperature: float = 0.0) -> str:
-        """The text of one non-streamed answer."""
-        completion = self.client.chat.completions.create(
-            model=model, messages=messages, temperature=temperature, max_tokens=max_tokens
+        """The text of one non-streamed answer; a transient failure is retried, any other one raised at once."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=retry_wait,
+            retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+            before_sleep=_log_retry,
+            reraise=True,
         )
+        for attempt in retrying:
+            with attempt:
+                completion = self.client.chat.completions.create(
+                    model=model, messages=messages, temperature=temperature, max_tokens=max_tokens
+                )
         return completion.choices[0].message.content or ""
 
 
@@ -133,23 +185,47 @@ class GatewayClient:
         self, model: str, messages: list[dict], max_tokens: int, temperature: float, user: str | None = None
     ) -> Iterator[Answer]:
         """Yields the same `Answer` after every chunk, its text one delta longer each time."""
-        answer = Answer(model=model)
+        for answers in self.stream_choices(model, messages, max_tokens, temperature, user):
+            yield answers[0]
+
+    def stream_choices(
+        self,
+        model: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        user: str | None = None,
+        n: int = 1,
+    ) -> Iterator[list[Answer]]:
+        """`n` answers to one request (`n` choices), streamed together: yields the same list after every chunk.
+        Each answer's `response_id` is the id the gateway records it under, for feedback and preferences."""
+        answers = [Answer(model=model) for _ in range(n)]
         extra = {"user": user} if user else {}
+        if n > 1:
+            extra["n"] = n
         try:
             stream = self.openai.chat.completions.create(
                 model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True, **extra
             )
             for chunk in stream:
-                answer.response_id = answer.response_id or chunk.id
-                answer.version = answer.version or chunk.system_fingerprint
                 for choice in chunk.choices:
+                    answer = answers[choice.index]
+                    answer.response_id = answer.response_id or choice_response_id(chunk.id, choice.index)
+                    answer.version = answer.version or chunk.system_fingerprint
                     answer.text += choice.delta.content or ""
                     answer.finish_reason = choice.finish_reason or answer.finish_reason
-                yield answer
+                yield answers
         except (openai.OpenAIError, httpx.HTTPError) as error:
             raise GatewayError(_api_error_message(error, self.base_url)) from error
-        if answer.response_id is None:
+        if any(answer.response_id is None for answer in answers):
             raise GatewayError("The API closed the stream before answering. Try again.")
+
+    def ready(self) -> bool:
+        """Whether the gateway answers /ready with 200 (a model server is up behind it)."""
+        try:
+            return self.http.get("/ready", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def models(self) -> list[str]:
         try:

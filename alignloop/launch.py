@@ -13,6 +13,7 @@ import logging
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check and upstream call otherwise
 
 
 def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) -> int:
@@ -45,10 +46,18 @@ def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) 
 def up(settings, with_demo: bool = True, with_trainer: bool = True) -> int:
     """The whole service on one machine: the gateway with vLLM started beside it (any `vllm_urls` are ignored), the
     demo page at `/` on the same port, and the online trainer in a supervised process (its log is trainer.log next
-    to the adapter directory)."""
+    to the adapter directory), which gates versions with a service key generated for the run unless
+    ALIGNLOOP_SERVICE_KEY gives one."""
+    import secrets
+
+    from pydantic import SecretStr
+
     from alignloop.supervisor import trainer_process
 
-    settings = settings.model_copy(update={"vllm_urls": []})
+    update: dict = {"vllm_urls": []}
+    if settings.service_key is None:  # the trainer's own identity, for this run
+        update["service_key"] = SecretStr(secrets.token_urlsafe(32))
+    settings = settings.model_copy(update=update)
     helpers = [trainer_process(settings, settings.adapter_dir.parent / "trainer.log")] if with_trainer else []
     return run_gateway(settings, with_demo=with_demo, helpers=helpers)
 

@@ -146,7 +146,7 @@ def with_helpers(app, helpers: list[SupervisedProcess]):
 
 def trainer_process(settings, log_path: str | Path = "runs/trainer.log") -> SupervisedProcess:
     """The online trainer for a gateway with these settings: same store, model and adapter directory, gating through
-    this gateway on its local address with the first API key (or the trainer's default one in development)."""
+    this gateway on its local address with the gateway's service key."""
     env = {
         **os.environ,
         "ALIGNLOOP_TRAINER_STORE_URL": settings.store_url,
@@ -155,8 +155,7 @@ def trainer_process(settings, log_path: str | Path = "runs/trainer.log") -> Supe
         "ALIGNLOOP_TRAINER_GATEWAY_URL": settings.local_url,
         "ALIGNLOOP_TRAINER_PUBLIC_ALIAS": settings.public_alias,
     }
-    keys = settings.parsed_api_keys()
-    if keys:
-        env["ALIGNLOOP_TRAINER_API_KEY"] = keys[0][1]
+    if settings.service_key is not None:  # the gateway knows it as its own service, apart from users
+        env["ALIGNLOOP_TRAINER_API_KEY"] = settings.service_key.get_secret_value()
     command = [sys.executable, "-m", "alignloop.cli", "trainer"]
     return SupervisedProcess("trainer", command, env, log_path)

@@ -25,6 +25,7 @@ from training.shapes_world import ShapesWorld
 logger = logging.getLogger(__name__)
 
 NO_ANSWER_YET = "Ask something first; the latest answer appears here."
+TWO_ANSWERS_TEMPERATURE = 0.8  # "two answers, pick the better": at temperature 0 both would be the same
 
 
 @dataclasses.dataclass
@@ -91,15 +92,70 @@ def user_content(text: str, image_url: str | None) -> str | list[dict]:
     return [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
 
 
+CHARTED_METRICS = {"chair_s": "CHAIR_s", "pope_adversarial_accuracy": "POPE-adversarial", "object_recall": "recall"}
+
+
 def metrics_frame(versions: list[dict]) -> pd.DataFrame:
-    """Long-format rows (version, metric, value) of every numeric eval metric, for the version chart."""
+    """Long-format rows (version, metric, value) of the gate's three metrics, for the version chart."""
     rows = [
-        {"version": v["version"], "metric": name, "value": float(value)}
+        {"version": v["version"], "metric": label, "value": float(v["metrics"][name])}
         for v in versions
-        for name, value in sorted(v.get("metrics", {}).items())
-        if isinstance(value, int | float) and not isinstance(value, bool)
+        for name, label in CHARTED_METRICS.items()
+        if name in v.get("metrics", {})
     ]
     return pd.DataFrame(rows, columns=["version", "metric", "value"])
+
+
+def _difference(gate: dict, metric: str) -> str:
+    d = (gate.get("differences") or {}).get(metric)
+    if not d:
+        return ""
+    return f"{d['candidate']:.3f} ({d['difference']:+.3f}, [{d['low']:+.3f}, {d['high']:+.3f}])"
+
+
+def versions_table(versions: list[dict]) -> pd.DataFrame:
+    """One row per version: its status, the gate's metrics against its baseline with their intervals, the decision's
+    reasons, what it was trained on, newest first."""
+    columns = ["version", "status", "vs", *CHARTED_METRICS.values(), "gate s", "reasons", "pairs"]
+    rows = []
+    for v in reversed(versions):
+        gate = v.get("gate") or {}
+        canary = gate.get("canary") or {}
+        reasons = gate.get("reasons") or ([gate["error"]] if gate.get("error") else [])
+        if canary.get("reason"):
+            reasons = [*reasons, f"canary: {canary['reason']}"]
+        rows.append(
+            {
+                "version": f"v{v['version']}",
+                "status": v.get("status", ""),
+                "vs": gate.get("baseline", ""),
+                **{label: _difference(gate, name) for name, label in CHARTED_METRICS.items()},
+                "gate s": gate.get("seconds", ""),
+                "reasons": "; ".join(reasons),
+                "pairs": ", ".join(f"{n} {source}" for source, n in sorted((v.get("pair_sources") or {}).items())),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_versions_chart(frame: pd.DataFrame, path) -> None:
+    """A PNG line chart of `metrics_frame` rows: one line per metric across versions."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 3.5), layout="constrained")
+    axes = figure.add_subplot()
+    for label, rows in frame.groupby("metric", sort=False):
+        axes.plot(rows["version"], rows["value"], marker="o", label=label)
+    axes.set_xlabel("version")
+    axes.set_ylim(0, 1.05)
+    axes.set_title("Gate metrics per version (CHAIR_s: lower is better)")
+    axes.legend(loc="best")
+    if not frame.empty:
+        axes.set_xticks(sorted(frame["version"].unique()))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
 
 
 def version_summary(overview: dict) -> str:
@@ -274,6 +330,28 @@ class DemoActions:
 
         return safely(updates())
 
+    def two_answers(self, state: ChatSession, text: str, model: str) -> Iterator[dict]:
+        """The same image and question, two answers of one version in one request (n=2, sampled at a temperature
+        of at least `TWO_ANSWERS_TEMPERATURE` so they can differ); updates as in `compare`, and `prefer` then
+        records the better answer against the other."""
+
+        def updates() -> Iterator[dict]:
+            state.compared = {}
+            if not text.strip():
+                yield {"status": problem("Type a question first.")}
+                return
+            messages = [{"role": "user", "content": user_content(text, state.image_url)}]
+            temperature = max(self.temperature, TWO_ANSWERS_TEMPERATURE)
+            for a, b in self.client.stream_choices(model, messages, self.max_tokens, temperature, state.user, n=2):
+                yield {"answer_a": (a.text.strip(), a.version), "answer_b": (b.text.strip(), b.version)}
+            state.compared = {"a": a, "b": b}
+            if a.text.strip() == b.text.strip():
+                yield {"session": state, "status": problem("Both answers came out the same; ask again.")}
+                return
+            yield {"session": state, "status": ok(f"Two answers by {a.version}. Which one is better?")}
+
+        return safely(updates())
+
     def prefer(self, state: ChatSession, key: str) -> str:
         if set(state.compared) != {"a", "b"}:
             return problem("Ask both versions first.")
@@ -289,7 +367,8 @@ class DemoActions:
         return ok(f"Preference saved: {key.upper()} ({better.version}) over {worse.version} ({event['id']}).")
 
     # ---- versions ----------------------------------------------------------------------------------------------
-    def versions(self) -> tuple[str, pd.DataFrame, list[str]]:
-        """The version panel: summary text, the metrics of recent versions, and the model names to choose from."""
+    def versions(self) -> tuple[str, pd.DataFrame, pd.DataFrame, list[str]]:
+        """The Versions tab: summary text, the chart's rows, the table of recent versions, and the model names."""
         overview = self.client.versions(self.recent_versions)
-        return version_summary(overview), metrics_frame(overview["data"]), self.client.models()
+        data = overview["data"]
+        return version_summary(overview), metrics_frame(data), versions_table(data), self.client.models()

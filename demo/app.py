@@ -7,7 +7,8 @@ The page talks to the gateway only over HTTP (`alignloop.client.GatewayClient`);
 - a multi-turn chat with streamed answers, regenerate and clear; every answer says which adapter version wrote it;
 - thumbs under every answer, and "Correct this answer": an editable copy of an answer whose submission sends a
   correction (RLHF-V's fine-grained feedback) and then shows which words changed;
-- side by side: one question to two versions, and the better answer recorded as a preference;
+- side by side: one question to two versions, or two answers of one version to one request (n=2), and the better
+  answer recorded as a preference;
 - a version panel: the version the alias serves, feedback since its promotion, and recent versions' eval metrics.
 
 `build_demo(settings)` builds the page; `mount_demo(app, settings)` puts it at `/` on the gateway (`alignloop up`);
@@ -22,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from alignloop.client import GatewayClient, GatewayError
-from demo.actions import NO_ANSWER_YET, ChatSession, DemoActions, metrics_frame, problem
+from demo.actions import NO_ANSWER_YET, ChatSession, DemoActions, metrics_frame, problem, versions_table
 from demo.settings import DemoSettings
 from training.shapes_world import ShapesWorld
 
@@ -66,7 +67,7 @@ def build_demo(
     examples = example_scenes(world, settings)
 
     with gr.Blocks(title="alignloop demo", fill_width=True) as page:
-        session = gr.State(ChatSession)
+        session = gr.State(lambda: ChatSession())  # noqa: PLW0108 (gradio would take the dataclass type itself as the value)
         gr.Markdown(
             "# alignloop\nAsk about an image, then rate or correct the answers. Your feedback trains the next version."
         )
@@ -135,6 +136,7 @@ def build_demo(
                             elem_id="model-b",
                         )
                     ask_both = gr.Button("Ask both", variant="primary", elem_id="ask-both")
+                    two_answers = gr.Button("Two answers from version A, pick the better", elem_id="two-answers")
                     with gr.Row():
                         answer_a = gr.Textbox(label="Answer A", lines=5, interactive=False, elem_id="answer-a")
                         answer_b = gr.Textbox(label="Answer B", lines=5, interactive=False, elem_id="answer-b")
@@ -148,10 +150,18 @@ def build_demo(
                         x="version",
                         y="value",
                         color="metric",
-                        label="Eval metrics of recent versions",
-                        height=260,
+                        label="CHAIR_s (lower is better), POPE-adversarial and recall of each version on the gate",
+                        y_lim=[0, 1],
+                        height=280,
+                        elem_id="version-chart",
                     )
-                    table = gr.Dataframe(metrics_frame([]), label="Eval metrics", interactive=False)
+                    table = gr.Dataframe(
+                        versions_table([]),
+                        label="Versions: gate metrics (difference, 95% interval) against the version each replaced",
+                        interactive=False,
+                        wrap=True,
+                        elem_id="version-table",
+                    )
                     refresh = gr.Button("Refresh versions", elem_id="refresh-versions")
 
         # ---- wiring: each handler calls one action and maps its named updates onto components ---------------
@@ -196,13 +206,27 @@ def build_demo(
                         row.append(gr.update())
                 yield update.get("session", gr.update()), *row, update.get("status", gr.update())
 
+        def pick_better(text, name_a, state):
+            """Two answers of version A to one request (n=2) in the A and B boxes; "A/B is better" then records it."""
+            yield gr.update(), gr.update(value="", label="Answer A"), gr.update(value="", label="Answer B"), ""
+            for update in actions.two_answers(state, text, name_a):
+                row = [
+                    gr.update(
+                        value=update[f"answer_{key}"][0], label=f"Answer {key.upper()}, by {update[f'answer_{key}'][1]}"
+                    )
+                    if f"answer_{key}" in update
+                    else gr.update()
+                    for key in ("a", "b")
+                ]
+                yield update.get("session", gr.update()), *row, update.get("status", gr.update())
+
         def load_versions():
             try:
-                summary_text, frame, names = actions.versions()
+                summary_text, frame, rows, names = actions.versions()
             except GatewayError as error:
                 return (problem(str(error)), *[gr.update()] * 5)
             choices = gr.update(choices=names)
-            return summary_text, frame, frame, choices, choices, choices
+            return summary_text, frame, rows, choices, choices, choices
 
         chat_outputs = [session, chatbot, question, status, correction, correction_target]  # CHAT_OUTPUTS' order
         new_scene.click(actions.random_scene, outputs=[image, facts])
@@ -222,6 +246,9 @@ def build_demo(
         )
         ask_both.click(
             compare, inputs=[compare_question, model_a, model_b, session], outputs=[session, answer_a, answer_b, status]
+        )
+        two_answers.click(
+            pick_better, inputs=[compare_question, model_a, session], outputs=[session, answer_a, answer_b, status]
         )
         prefer_a.click(lambda state: actions.prefer(state, "a"), inputs=[session], outputs=[status])
         prefer_b.click(lambda state: actions.prefer(state, "b"), inputs=[session], outputs=[status])

@@ -21,6 +21,8 @@ from training.ppo import PPOPrompt
 from training.rollouts import Prompt
 from training.shapes_world import QAItem, Scene, ShapesWorld
 
+SERVICE_CLIENTS = frozenset({"eval"})  # records of evaluation requests made with a user's key
+
 
 def image_facts(store: FeedbackStore, image_sha256: str) -> list[str]:
     """The facts registered for an image (by the simulator, a user or an admin), each once, in registration order.
@@ -41,10 +43,11 @@ class LoggedPrompt:
 
 
 def logged_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> Iterator[LoggedPrompt]:
-    """The distinct single-image prompts among the last `limit` generation records, newest first."""
+    """The distinct single-image prompts among the last `limit` generation records, newest first; evaluation
+    traffic (records marked `client: eval`) is never a training prompt."""
     seen = set()
     for record in store.list_generations(limit=limit):
-        if record.prompt_hash in seen or len(record.image_hashes) != 1:
+        if record.client in SERVICE_CLIENTS or record.prompt_hash in seen or len(record.image_hashes) != 1:
             continue
         seen.add(record.prompt_hash)
         facts = image_facts(store, record.image_hashes[0])

@@ -145,8 +145,21 @@ def pairs_from_preferences(events: Iterable[PreferenceEvent], lookup: Generation
     return pairs
 
 
+def chat_records(lookup: GenerationLookup) -> GenerationLookup:
+    """The lookup, blind to records of raw text completions (`GenerationRecord.prompt` set)."""
+
+    def chat_only(generation_id: str) -> GenerationRecord | None:
+        generation = lookup(generation_id)
+        return generation if generation is not None and generation.prompt is None else None
+
+    return chat_only
+
+
 def build_pairs(events: list[FeedbackEvent | PreferenceEvent], lookup: GenerationLookup) -> list[PreferencePair]:
-    """Every pair the stored feedback supports: corrections, then thumbs, then explicit preferences."""
+    """Every pair the stored feedback supports: corrections, then thumbs, then explicit preferences.
+
+    Answers to raw text prompts (/v1/completions) are left out: the trainers train on chat prompts."""
+    lookup = chat_records(lookup)
     feedback = [e for e in events if isinstance(e, FeedbackEvent)]
     preferences = [e for e in events if isinstance(e, PreferenceEvent)]
     return (

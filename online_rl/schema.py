@@ -32,8 +32,10 @@ BASE_VERSION_NAME = "base"
 Rating = Literal[-1, 1]
 Client = Literal["api", "demo", "simulator", "eval"]
 FactsSource = Literal["shapesworld", "user", "correction"]
-AdapterStatus = Literal["candidate", "promoted", "rejected", "retired"]
-AliasAction = Literal["promote", "rollback"]
+# candidate: published, not yet gated; gate_failed: its gate could not finish (retried later); canary: passed the gate
+# and serves a share of the alias's traffic; promoted; rejected; retired: promoted once, replaced since.
+AdapterStatus = Literal["candidate", "gate_failed", "canary", "promoted", "rejected", "retired"]
+AliasAction = Literal["promote", "rollback", "canary_start", "canary_stop"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,12 @@ def adapter_name(version: int) -> str:
     return f"policy-v{version}"
 
 
+def choice_record_id(response_id: str, index: int) -> str:
+    """The generation record id of choice `index` of an answer: the response id itself for choice 0 (so every n = 1
+    answer is recorded under the id the client received), `<id>-<index>` for the others."""
+    return response_id if index == 0 else f"{response_id}-{index}"
+
+
 def image_refs(messages: list[dict]) -> list[str]:
     """The sha256 of every image a stored message list refers to (`image_url.url == "sha256:<hex>"`), in order."""
     refs: list[str] = []
@@ -104,13 +112,19 @@ class Record(BaseModel):
 
 
 class GenerationRecord(Record):
-    """An answer the service gave. `id` is the OpenAI response id the client received."""
+    """An answer the service gave. `id` is the OpenAI response id the client received; with `n > 1`, choice 0 keeps
+    that id and choice i is `<id>-<i>` (`choice_record_id`)."""
 
     id: str = Field(min_length=1, max_length=200)
     created: float = Field(default_factory=now)
     alias: str = Field(description="the model name the client asked for, e.g. llava-rlhf or llava-rlhf@v3")
     adapter_version: int | None = Field(default=None, ge=1, description="None: the base model answered")
     messages: list[dict[str, Any]] = Field(description="OpenAI messages; image URLs replaced by sha256:<hex>")
+    prompt: str | None = Field(
+        default=None,
+        description="the raw text prompt of a /v1/completions request (no chat template, `messages` empty); such "
+        "records are kept and may be rated, but never become training pairs",
+    )
     sampling: dict[str, Any] = Field(default_factory=dict, description="temperature, max_tokens, ...")
     response: str = ""
     finish_reason: str | None = None
@@ -126,7 +140,7 @@ class GenerationRecord(Record):
     @model_validator(mode="after")
     def _fill_prompt_hash(self) -> GenerationRecord:
         if not self.prompt_hash:
-            self.prompt_hash = prompt_hash(self.messages)
+            self.prompt_hash = prompt_hash(self.messages if self.prompt is None else [{"prompt": self.prompt}])
         for ref in self.image_hashes:
             if not SHA256_PATTERN.match(ref):
                 raise ValueError(f"image reference sha256:{ref[:16]}... is not a sha256 hex digest")
@@ -142,7 +156,9 @@ class GenerationRecord(Record):
 
     @property
     def question(self) -> str:
-        """The text of the last user turn."""
+        """The text of the last user turn (a raw completion's whole prompt)."""
+        if self.prompt is not None:
+            return self.prompt
         for message in reversed(self.messages):
             if message.get("role") == "user":
                 content = message.get("content")
@@ -269,6 +285,10 @@ class AdapterVersion(Record):
     )
     num_feedback_events: int = 0
     metrics: dict[str, float] = Field(default_factory=dict)
+    pair_sources: dict[str, int] = Field(default_factory=dict, description="training pairs by source")
+    gate: dict[str, Any] = Field(
+        default_factory=dict, description="the gate's decision: baseline, metric differences with intervals, reasons"
+    )
     status: AdapterStatus = "candidate"
     created: float = Field(default_factory=now)
     updated: float = Field(default_factory=now)

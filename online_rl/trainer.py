@@ -37,20 +37,37 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from alignloop.settings import ClientSettings, ModelSettings
+from online_rl.canary import CanaryMonitor, CanaryRules
+from online_rl.gate import Gate, GateResult, Scorer, gateway_scorer
 from online_rl.pairs import PairSource, PreferencePair, build_pairs
-from online_rl.schema import Delivery
+from online_rl.schema import AdapterVersion, Delivery, adapter_name
 from online_rl.store import ConflictError, FeedbackStore
+from online_rl.trainer_metrics import TrainerMetrics
+from training.evaluation.paired import GATE_METRICS, with_margins
 
 logger = logging.getLogger(__name__)
 
-GATE_METRICS = ("chair_s", "pope_adversarial_accuracy", "object_recall")
 ALL_PAIR_SOURCES = ("correction", "thumbs", "preference", "bdhs")
+UNGATED = ("candidate", "gate_failed")
+
+
+def log_phase(phase: str, **fields: Any) -> None:
+    """One structured line per phase of a round: `phase=<name> key=value ...`."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return ",".join(f"{k}:{text(v)}" for k, v in value.items()) or "-"
+        return str(value).replace(" ", "_") if isinstance(value, str) and len(str(value)) < 40 else repr(value)
+
+    logger.info("phase=%s %s", phase, " ".join(f"{key}={text(value)}" for key, value in fields.items()))
 
 
 class TrainerSettings(ModelSettings, ClientSettings):
@@ -117,10 +134,39 @@ class TrainerSettings(ModelSettings, ClientSettings):
         default="validation", description="the ShapesWorld split the gate scores on"
     )
     eval_images: int = Field(default=100, ge=1, description="images the gate scores each version on")
-    chair_tolerance: float = Field(default=0.02, ge=0, description="gate: how much CHAIR_s may rise")
-    pope_tolerance: float = Field(default=0.02, ge=0, description="gate: how much POPE-adversarial may fall")
-    recall_tolerance: float = Field(default=0.02, ge=0, description="gate: how much object recall may fall")
+    gate_confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="gate: a metric blocks a version only when worse with this confidence"
+    )
+    gate_chair_margin: float = Field(
+        default=0.0, ge=0, le=1, description="gate: CHAIR_s may rise this much with confidence and still pass"
+    )
+    gate_pope_margin: float = Field(
+        default=0.0, ge=0, le=1, description="gate: POPE-adversarial may fall this much with confidence and still pass"
+    )
+    gate_recall_margin: float = Field(
+        default=0.02, ge=0, le=1, description="gate: object recall may fall this much with confidence and still pass"
+    )
+    gate_concurrency: int = Field(default=8, ge=1, description="gate: requests in flight to the gateway")
+    gate_retry_interval_s: float = Field(
+        default=60.0, gt=0, description="seconds before a version whose gate failed is gated again"
+    )
+    canary_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="live canary: share of unpinned traffic a gated version serves first; 0: off",
+    )
+    canary_min_rated: int = Field(default=30, ge=1, description="live canary: rated answers between two looks")
+    canary_max_looks: int = Field(default=10, ge=1, description="live canary: looks before it must decide")
+    canary_margin: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="live canary: how much lower its thumbs-up rate may be and count as no worse",
+    )
     poll_interval_s: float = Field(default=2.0, gt=0, description="seconds between reads of the feedback stream")
+    metrics_host: str = Field(default="127.0.0.1", description="the address of the trainer's /metrics")
+    metrics_port: int = Field(default=9101, ge=0, le=65535, description="the port of the trainer's /metrics; 0: none")
 
     @field_validator("pair_sources", mode="before")
     @classmethod
@@ -129,49 +175,75 @@ class TrainerSettings(ModelSettings, ClientSettings):
 
 
 @dataclasses.dataclass
-class GateDecision:
-    passed: bool
-    candidate: dict[str, float]
-    baseline: dict[str, float]
-    reasons: list[str]
-
-
-def gate(candidate: dict[str, float], baseline: dict[str, float], settings: TrainerSettings) -> GateDecision:
-    """Promote only if hallucination does not regress beyond the tolerances and recall holds within 2 points."""
-    reasons = []
-    if candidate["chair_s"] > baseline["chair_s"] + settings.chair_tolerance:
-        reasons.append(f"CHAIR_s rose {baseline['chair_s']:.3f} -> {candidate['chair_s']:.3f}")
-    if candidate["pope_adversarial_accuracy"] < baseline["pope_adversarial_accuracy"] - settings.pope_tolerance:
-        reasons.append(
-            f"POPE-adversarial fell {baseline['pope_adversarial_accuracy']:.3f} -> "
-            f"{candidate['pope_adversarial_accuracy']:.3f}"
-        )
-    if candidate["object_recall"] < baseline["object_recall"] - settings.recall_tolerance:
-        reasons.append(f"object recall fell {baseline['object_recall']:.3f} -> {candidate['object_recall']:.3f}")
-    return GateDecision(not reasons, candidate, baseline, reasons)
-
-
-@dataclasses.dataclass
 class RoundResult:
     version: int
-    promoted: bool
+    outcome: str  # promoted, canary, rejected or gate_failed
     pairs: int
     events: int
-    decision: GateDecision
+    gate: GateResult | None
     train_metrics: dict[str, float]
     seconds: float
     pair_sources: dict[str, int] = dataclasses.field(default_factory=dict)  # pairs per source (correction, ...)
+    reasons: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promoted"
+
+
+def version_label(version: int | None) -> str:
+    return "base" if version is None else adapter_name(version)
 
 
 class OnlineTrainer:
-    def __init__(self, settings: TrainerSettings, store: FeedbackStore, scorer=None):
-        """`scorer(model_name) -> metrics` scores a served model name; by default through the gateway."""
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        store: FeedbackStore,
+        scorer: Scorer | None = None,
+        metrics: TrainerMetrics | None = None,
+    ):
+        """`scorer(model_name) -> report` scores a served model name with per-scene tallies; by default through the
+        gateway (`online_rl.gate.gateway_scorer`)."""
+        from training.lora import vllm_base_model
+
         self.settings = settings
         self.store = store
-        self.scorer = scorer or self._score_through_gateway
+        self.metrics = metrics or TrainerMetrics()
+        scorer = scorer or gateway_scorer(
+            settings.gateway_url,
+            settings.api_key.get_secret_value(),
+            settings.eval_split,
+            settings.eval_images,
+            settings.gate_concurrency,
+        )
+        self.gate = Gate(
+            scorer,
+            Path(settings.adapter_dir) / ".gate-scores",
+            {
+                "base_model": vllm_base_model(settings.model),
+                "split": settings.eval_split,
+                "images": settings.eval_images,
+            },
+            confidence=settings.gate_confidence,
+            seed=settings.seed,
+            metrics=with_margins(
+                {
+                    "chair_s": settings.gate_chair_margin,
+                    "pope_adversarial_accuracy": settings.gate_pope_margin,
+                    "object_recall": settings.gate_recall_margin,
+                }
+            ),
+        )
+        rules = CanaryRules(settings.canary_min_rated, settings.canary_max_looks, settings.gate_confidence)
+        self.canary = CanaryMonitor(
+            store, settings.public_alias, dataclasses.replace(rules, margin=settings.canary_margin)
+        )
         self.deliveries: list[Delivery] = []
         self.bdhs_candidates: list = []  # (generation, event ids) of up-rated answers without a rejected partner
         self.first_pair_at: float | None = None
+        self.rounds = 0
+        self.event_times: dict[int, list[float]] = {}  # version -> arrival times of the events it was trained on
         self._resumed = False
 
     # ---- events -> pairs ---------------------------------------------------------------------------------------
@@ -241,7 +313,8 @@ class OnlineTrainer:
             policy = get_peft_model(model, language_model_lora(rank=self.settings.lora_rank))
         return policy, processor, promoted
 
-    def train(self, policy, processor, pairs: list[PreferencePair]) -> dict[str, float]:
+    def train(self, policy, processor, pairs: list[PreferencePair]) -> tuple[dict[str, float], int]:
+        """`epochs` passes of DPO or Dense DPO over the pairs; the final epoch's mean metrics, and the step count."""
         import torch
 
         from online_rl.dpo import PreferenceLossConfig, preference_loss
@@ -270,33 +343,7 @@ class OnlineTrainer:
                 history.append(metrics)
         policy.eval()
         last = history[-max(1, len(history) // settings.epochs) :]  # the final epoch
-        return {key: sum(m[key] for m in last) / len(last) for key in last[0]}
-
-    # ---- gate ----------------------------------------------------------------------------------------------------
-    def _score_through_gateway(self, model_name: str) -> dict[str, float]:
-        from training.evaluation.models import OpenAIChatModel
-        from training.evaluation.shapes_bench import evaluate_shapes
-        from training.shapes_world import ShapesWorld
-
-        served = OpenAIChatModel(
-            f"{self.settings.gateway_url}/v1", model_name, self.settings.api_key.get_secret_value()
-        )
-        report = evaluate_shapes(
-            served, ShapesWorld(), self.settings.eval_split, self.settings.eval_images, progress=False
-        )
-        return {key: float(value) for key, value in report.items() if isinstance(value, int | float)}
-
-    def baseline_metrics(self, promoted: int | None) -> dict[str, float]:
-        """The metrics of what the alias serves now: stored with its version, or measured (and for the base model,
-        measured every time, since the base has no registry record)."""
-        if promoted is not None:
-            adapter = self.store.get_adapter(promoted)
-            if adapter is not None and all(key in adapter.metrics for key in GATE_METRICS):
-                return adapter.metrics
-            metrics = self.scorer(f"{self.settings.public_alias}@v{promoted}")
-            self.store.update_adapter(promoted, metrics=metrics)
-            return metrics
-        return self.scorer("base")
+        return {key: sum(m[key] for m in last) / len(last) for key in last[0]}, len(history)
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def run_round(self, pairs: list[PreferencePair]) -> RoundResult | None:
@@ -305,12 +352,26 @@ class OnlineTrainer:
 
         started = time.monotonic()
         settings = self.settings
+        self.rounds += 1
+        deliveries = list(self.deliveries)
+        log_phase(
+            "read",
+            round=self.rounds,
+            events=len(deliveries),
+            pairs=len(pairs),
+            sources=dict(Counter(pair.source for pair in pairs)),
+            bdhs_candidates=len(self.bdhs_candidates),
+        )
+        phase_started = time.monotonic()
         policy, processor, parent = self.load_policy()
         if self.bdhs_candidates:
-            pairs = pairs + self.bdhs_pairs(policy, processor)
+            bdhs = self.bdhs_pairs(policy, processor)
+            pairs = pairs + bdhs
+            log_phase("bdhs", round=self.rounds, pairs=len(bdhs), seconds=time.monotonic() - phase_started)
         if not pairs:  # BDHS made nothing of the waiting answers: they support no pair, so they are done with
-            self.store.ack_events(settings.group, [d.delivery_id for d in self.deliveries])
-            logger.info("no pairs from %d events; acknowledged them", len(self.deliveries))
+            self.store.ack_events(settings.group, [d.delivery_id for d in deliveries])
+            log_phase("read", round=self.rounds, outcome="no_pairs", acknowledged=len(deliveries))
+            self.metrics.rounds.labels(outcome="no_pairs").inc()
             self.deliveries, self.bdhs_candidates, self.first_pair_at = [], [], None
             return None
         if settings.online_share > 0:
@@ -325,8 +386,14 @@ class OnlineTrainer:
                 rng,
                 settings.online_share,
             )
-        train_metrics = self.train(policy, processor, pairs)
-        deliveries = list(self.deliveries)
+        sources = dict(Counter(pair.source for pair in pairs))
+        phase_started = time.monotonic()
+        train_metrics, steps = self.train(policy, processor, pairs)
+        seconds = time.monotonic() - phase_started
+        self.metrics.phase_seconds.labels(phase="train").observe(seconds)
+        log_phase(
+            "train", round=self.rounds, pairs=len(pairs), sources=sources, steps=steps, **train_metrics, seconds=seconds
+        )
         delivery_ids = [d.delivery_id for d in deliveries]
         adapter = publish_adapter(
             self.store,
@@ -338,22 +405,27 @@ class OnlineTrainer:
             feedback_range=(delivery_ids[0], delivery_ids[-1]),
             num_feedback_events=len(deliveries),
             ack=(settings.group, delivery_ids),
-            notes=f"{len(pairs)} pairs ({sum(p.source == 'online' for p in pairs)} online, "
-            f"{sum(p.source == 'bdhs' for p in pairs)} bdhs); "
-            + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
+            pair_sources=sources,
+            notes=f"{len(pairs)} pairs; " + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
         )
         self.deliveries, self.bdhs_candidates, self.first_pair_at = [], [], None
-        logger.info("published %s from %d pairs (%d events)", adapter.name, len(pairs), len(deliveries))
-        promoted, decision = self.gate_and_promote(adapter, parent)
+        self.event_times[adapter.version] = [d.event.created for d in deliveries]
+        for source, count in sources.items():
+            self.metrics.pairs.labels(source=source).inc(count)
+        log_phase(
+            "publish", round=self.rounds, version=adapter.name, parent=version_label(parent), events=len(deliveries)
+        )
+        outcome, result, reasons = self.gate_version(adapter)
         return RoundResult(
             adapter.version,
-            promoted,
+            outcome,
             len(pairs),
             len(deliveries),
-            decision,
+            result,
             train_metrics,
             time.monotonic() - started,
-            dict(Counter(pair.source for pair in pairs)),
+            sources,
+            reasons,
         )
 
     def run_ppo_round(self) -> RoundResult | None:
@@ -365,9 +437,12 @@ class OnlineTrainer:
 
         started = time.monotonic()
         settings = self.settings
+        self.rounds += 1
         prompts = traffic_prompts(self.store)
         if len(prompts) < settings.ppo_min_prompts:
-            logger.info("ppo: %d distinct recent prompts, waiting for %d", len(prompts), settings.ppo_min_prompts)
+            log_phase(
+                "read", round=self.rounds, algorithm="ppo", prompts=len(prompts), waiting_for=settings.ppo_min_prompts
+            )
             return None
         parent = self.store.promoted_version(settings.public_alias)
         adapter = self.store.get_adapter(parent) if parent else None
@@ -389,10 +464,11 @@ class OnlineTrainer:
         history = [
             trainer.step(rng.sample(prompts, min(len(prompts), config.rollout_batch))) for _ in range(config.steps)
         ]
-        train_metrics = {
-            key: history[-1][key] for key in ("rm_score", "reward", "kl_to_reference") if key in history[-1]
-        }
+        train_metrics = {k: history[-1][k] for k in ("rm_score", "reward", "kl_to_reference") if k in history[-1]}
         train_metrics["rm_score_first"] = history[0]["rm_score"]
+        log_phase(
+            "train", round=self.rounds, algorithm="ppo", prompts=len(prompts), steps=config.steps, **train_metrics
+        )
         published = publish_adapter(
             self.store,
             trainer.unwrapped_policy,
@@ -400,69 +476,211 @@ class OnlineTrainer:
             settings.model,
             algorithm="ppo",
             parent_version=parent,
-            notes=f"ppo: {config.steps} steps x {config.rollout_batch} of {len(prompts)} "
-            f"recent prompts, reward model {settings.reward_model}; "
-            + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
+            notes=f"ppo: {config.steps} steps x {config.rollout_batch} of {len(prompts)} recent prompts, reward model "
+            f"{settings.reward_model}; " + ", ".join(f"{k}={v:.4f}" for k, v in train_metrics.items()),
         )
-        logger.info("published %s from %d ppo steps", published.name, config.steps)
-        promoted, decision = self.gate_and_promote(published, parent)
+        log_phase("publish", round=self.rounds, version=published.name, parent=version_label(parent))
+        outcome, result, reasons = self.gate_version(published)
         return RoundResult(
             published.version,
-            promoted,
+            outcome,
             0,
             0,
-            decision,
+            result,
             train_metrics,
             time.monotonic() - started,
             {"ppo_prompts": len(prompts)},
+            reasons,
         )
 
-    def gate_and_promote(self, adapter, parent: int | None) -> tuple[bool, GateDecision]:
-        """Scores the new version against the one it would replace; promotes it (compare-and-set) or rejects it."""
-        settings = self.settings
-        baseline = self.baseline_metrics(parent)
-        candidate = self.scorer(f"{settings.public_alias}@v{adapter.version}")
-        decision = gate(candidate, baseline, settings)
-        self.store.update_adapter(adapter.version, metrics=candidate)
-        promoted = False
-        if decision.passed:
-            try:
-                self.store.promote(
-                    settings.public_alias,
-                    adapter.version,
-                    expected=parent,
-                    actor="trainer",
-                    reason=f"gate passed on {settings.eval_split} ({settings.eval_images} images)",
-                )
-                promoted = True
-            except ConflictError as error:  # the alias moved meanwhile (an admin): keep their choice
-                logger.warning("not promoting %s: %s", adapter.name, error)
-                self.store.update_adapter(adapter.version, status="rejected", notes=f"alias moved meanwhile: {error}")
-        else:
-            self.store.update_adapter(
-                adapter.version, status="rejected", notes=f"{adapter.notes}; rejected: {'; '.join(decision.reasons)}"
+    # ---- gate, canary, promotion --------------------------------------------------------------------------------
+    def gate_version(self, adapter: AdapterVersion) -> tuple[str, GateResult | None, list[str]]:
+        """Gates a published version against what the alias serves now; promotes it, puts it on canary, rejects it,
+        or marks it gate_failed (gated again later). Returns the outcome, the gate's result and the reasons."""
+        from alignloop.client import CALL_ERRORS
+
+        settings, alias = self.settings, self.settings.public_alias
+        promoted = self.store.promoted_version(alias)
+        if adapter.parent_version != promoted:  # the alias moved since it was trained: its parent is gone
+            reason = f"superseded: trained from {version_label(adapter.parent_version)}, the alias serves "
+            reason += f"{version_label(promoted)} now"
+            return self._reject(adapter, [reason], {"passed": False, "reasons": [reason]}, None)
+        baseline = (f"{alias}@v{promoted}" if promoted else "base", version_label(promoted))
+        try:
+            result = self.gate.compare((f"{alias}@v{adapter.version}", adapter.name), baseline)
+        except CALL_ERRORS as error:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
+            self.store.update_adapter(adapter.version, status="gate_failed", gate={"error": reason, "at": time.time()})
+            self.metrics.rounds.labels(outcome="gate_failed").inc()
+            log_phase(
+                "gate",
+                version=adapter.name,
+                decision="gate_failed",
+                error=reason,
+                retry_in_s=settings.gate_retry_interval_s,
             )
-        logger.info(
-            "%s %s: %s",
-            adapter.name,
-            "promoted" if promoted else "rejected",
-            "; ".join(decision.reasons) or "gate passed",
+            return "gate_failed", None, [reason]
+        self.metrics.phase_seconds.labels(phase="gate").observe(result.seconds)
+        for metric in GATE_METRICS:
+            self.metrics.gate_metric.labels(version=adapter.name, metric=metric.name).set(result.candidate[metric.name])
+        summary = "; ".join(
+            f"{d.metric} {d.baseline:.3f}->{d.candidate:.3f} [{d.low:+.3f},{d.high:+.3f}]"
+            for d in result.decision.differences.values()
         )
-        return promoted, decision
+        record = result.record(baseline[1])
+        fields = {
+            d.metric: f"{d.baseline:.3f}->{d.candidate:.3f}[{d.low:+.3f},{d.high:+.3f}]"
+            for d in result.decision.differences.values()
+        }
+        if not result.passed:
+            log_phase(
+                "gate",
+                version=adapter.name,
+                baseline=baseline[1],
+                decision="rejected",
+                **fields,
+                reasons=result.reasons,
+                seconds=result.seconds,
+                baseline_cached=result.baseline_cached,
+            )
+            return self._reject(adapter, result.reasons, record, result)
+        self.store.update_adapter(adapter.version, metrics=result.candidate, gate=record)
+        try:
+            if settings.canary_share > 0:
+                self.store.set_canary(
+                    alias, adapter.version, settings.canary_share, actor="trainer", reason=f"gate passed: {summary}"
+                )
+                self.store.update_adapter(adapter.version, status="canary")
+                outcome = "canary"
+            else:
+                self.store.promote(
+                    alias, adapter.version, expected=promoted, actor="trainer", reason=f"gate passed: {summary}"
+                )
+                self.observe_served(adapter.version)
+                outcome = "promoted"
+        except ConflictError as error:  # the alias moved meanwhile (an admin): keep their choice
+            return self._reject(adapter, [f"alias moved meanwhile: {error}"], record, result)
+        self.metrics.rounds.labels(outcome=outcome).inc()
+        self.metrics.last_round.set(time.time())
+        log_phase(
+            "gate",
+            version=adapter.name,
+            baseline=baseline[1],
+            decision=outcome,
+            **fields,
+            seconds=result.seconds,
+            baseline_cached=result.baseline_cached,
+        )
+        return outcome, result, []
+
+    def _reject(self, adapter: AdapterVersion, reasons: list[str], record: dict, result: GateResult | None):
+        notes = f"{adapter.notes}; rejected: {'; '.join(reasons)}"
+        metrics = result.candidate if result is not None else None
+        self.store.update_adapter(adapter.version, status="rejected", notes=notes, gate=record, metrics=metrics)
+        self.metrics.rounds.labels(outcome="rejected").inc()
+        self.metrics.last_round.set(time.time())
+        if result is None:
+            log_phase("gate", version=adapter.name, decision="rejected", reasons=reasons)
+        return "rejected", result, reasons
+
+    def observe_served(self, version: int) -> None:
+        """Feedback-to-served latency of the events a newly promoted version was trained on (when this process
+        trained it)."""
+        served_at = time.time()
+        for created in self.event_times.pop(version, []):
+            self.metrics.feedback_to_served.observe(max(0.0, served_at - created))
+
+    def gate_pending(self) -> list[tuple[int, str]]:
+        """Gates every version a crash left ungated (candidate) and, after `gate_retry_interval_s`, every version whose
+        gate failed; returns (version, outcome) for each."""
+        gated = []
+        for adapter in self.store.list_adapters():
+            if (
+                adapter.status == "gate_failed"
+                and time.time() - adapter.gate.get("at", 0) < self.settings.gate_retry_interval_s
+            ):
+                continue
+            if adapter.status in UNGATED:
+                log_phase("gate", version=adapter.name, pending=adapter.status)
+                outcome, _, _ = self.gate_version(adapter)
+                gated.append((adapter.version, outcome))
+        return gated
+
+    def warm_baseline(self) -> str | None:
+        """Scores what the alias serves now, when the gateway is up and the score is not cached, so that the next
+        gate has only its candidate to score; returns the label it scored."""
+        from alignloop.client import GatewayClient
+
+        promoted = self.store.promoted_version(self.settings.public_alias)
+        label = version_label(promoted)
+        if self.gate.is_cached(label):
+            return None
+        client = GatewayClient(self.settings.gateway_url, self.settings.api_key.get_secret_value(), timeout_s=10)
+        try:
+            if not client.ready():
+                return None
+        finally:
+            client.close()
+        started = time.monotonic()
+        self.gate.scores(f"{self.settings.public_alias}@v{promoted}" if promoted else "base", label)
+        log_phase("warm", version=label, seconds=time.monotonic() - started)
+        return label
+
+    def update_gauges(self) -> None:
+        self.metrics.backlog.set(self.store.pending_count(self.settings.group))
+        self.metrics.ungated.set(sum(a.status in UNGATED for a in self.store.list_adapters()))
 
     def run_forever(self, stop=None) -> None:
-        """Polls, and runs a round whenever one is due, until `stop()` is true. With algorithm "ppo", a PPO round
-        runs every `ppo_interval_s` on recent traffic instead (feedback events are left to a DPO worker)."""
-        last_ppo = float("-inf")
+        """Gates what a crash left ungated, then polls and runs a round whenever one is due, looks at the canary and
+        gates failed versions again, until `stop()` is true. With algorithm "ppo", a PPO round runs every
+        `ppo_interval_s` on recent traffic instead (feedback events are left to a DPO worker). A round that fails
+        is logged and retried; the loop never ends on its own."""
+        from alignloop.client import CALL_ERRORS
+
+        settings = self.settings
+        if settings.metrics_port:
+            self.metrics.serve(settings.metrics_host, settings.metrics_port)
+        log_phase(
+            "start",
+            algorithm=settings.algorithm,
+            store=settings.store_url.split("?")[0],
+            gateway=settings.gateway_url,
+            canary_share=settings.canary_share,
+        )
+        last_ppo, failures = float("-inf"), 0
         while not (stop and stop()):
-            if self.settings.algorithm == "ppo":
-                if time.monotonic() - last_ppo >= self.settings.ppo_interval_s:
-                    self.run_ppo_round()
-                    last_ppo = time.monotonic()
-                time.sleep(self.settings.poll_interval_s)
-                continue
-            pairs = self.poll()
-            if self.round_due(pairs):
-                self.run_round(pairs)
-            else:
-                time.sleep(self.settings.poll_interval_s)
+            try:
+                self.gate_pending()
+                decision = self.canary.check()
+                if decision is not None and decision.action == "promote":
+                    self.observe_served(self.store.promoted_version(settings.public_alias) or 0)
+                ran = False
+                if settings.algorithm == "ppo":
+                    if time.monotonic() - last_ppo >= settings.ppo_interval_s:
+                        self.run_ppo_round()
+                        last_ppo, ran = time.monotonic(), True
+                else:
+                    pairs = self.poll()
+                    if self.round_due(pairs):
+                        self.run_round(pairs)
+                        ran = True
+                self.update_gauges()
+                failures = 0
+                if ran:
+                    continue
+                if self.warm_baseline():
+                    continue
+            except (*CALL_ERRORS, OSError) as error:  # the gateway or the store is unreachable: say so, retry
+                failures += 1
+                logger.warning(
+                    "phase=error error=%s message=%r failures=%d",
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
+                    failures,
+                )
+            except Exception:  # a bug: the traceback, then carry on
+                failures += 1
+                logger.exception("phase=error unexpected failures=%d", failures)
+            time.sleep(
+                min(settings.poll_interval_s * (2 ** min(failures, 5)), 60.0) if failures else settings.poll_interval_s
+            )

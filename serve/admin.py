@@ -2,7 +2,9 @@
 delete a user's data. Every change goes through the store, so every gateway replica picks it up.
 
 `version_overview` is the one read any API key may make: which version the public alias serves, how much feedback
-arrived since it was promoted, and the eval metrics of recent versions (what the demo's version panel shows)."""
+arrived since it was promoted, and for recent versions their status, gate metrics, the gate's decision with its
+intervals and reasons, and the pairs they were trained on (what the demo's Versions tab and `alignloop versions`
+show)."""
 
 from __future__ import annotations
 
@@ -55,9 +57,12 @@ class AdminService:
                         "name": a.name,
                         "model": f"{alias}@v{a.version}",
                         "status": a.status,
+                        "parent_version": a.parent_version,
                         "algorithm": a.algorithm,
                         "created": a.created,
                         "metrics": a.metrics,
+                        "pair_sources": a.pair_sources,
+                        "gate": a.gate,
                     }
                     for a in adapters
                 ],
@@ -88,7 +93,9 @@ class AdminService:
 
     async def canary(self, alias: str, body: CanaryRequest) -> dict:
         with store_errors("version"):
-            await anyio.to_thread.run_sync(self.store.set_canary, alias, body.version, body.fraction)
+            await anyio.to_thread.run_sync(
+                lambda: self.store.set_canary(alias, body.version, body.fraction, actor="admin", reason=body.reason)
+            )
         await self.watcher.refresh(force=True)
         canaries = await anyio.to_thread.run_sync(self.store.canaries)
         return {

@@ -28,6 +28,7 @@ from serve.images import ImageResolver
 from serve.metrics import GatewayMetrics
 from serve.protocol import APIError
 from serve.recorder import RecordWriter
+from serve.responses import ResponsesService
 from serve.routes import api
 from serve.routing import AliasTable, RegistrySnapshot, RegistryWatcher
 from serve.serving import ChatService
@@ -106,6 +107,7 @@ def create_app(
             settings.max_images_per_request,
             settings.upstream_timeout_s,
         )
+        state.responses = ResponsesService(state.chat, store)
         state.feedback = FeedbackService(store, recorder, metrics, salt)
         state.admin = AdminService(store, watcher, settings.public_alias)
         engine = None
@@ -204,9 +206,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             failure = APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
         else:
-            location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-            message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-            param = ".".join(location) or None
+            # A union (text or a list of parts) fails in each of its branches; the deepest error is about what
+            # the client meant.
+            deepest = max(error.errors(), key=lambda e: len(e.get("loc", ())))
+            message = str(deepest.get("msg", "invalid request")).removeprefix("Value error, ")
+            param = error_param(deepest.get("loc", ()), error.body)
             failure = APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
         return JSONResponse(failure.body(), status_code=400)
 
@@ -225,6 +229,29 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             APIError(500, "The server had an error while processing your request.").body(), status_code=500
         )
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def error_param(loc: tuple, body) -> str | None:
+    """The parameter a validation error is about, as the client sent it: pydantic's location less the parts it
+    adds itself (`body`, the union branch it tried such as `str` or `list[...]`, a discriminator's tag)."""
+    parts, value = [], body
+    for position, part in enumerate(loc):
+        if position == 0 and part in ("body", "query", "path", "header"):
+            continue
+        present = isinstance(value, dict) and part in value
+        if present or (isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)):
+            value = value[part]
+        elif isinstance(value, dict) and part == value.get("type"):
+            continue  # the tag of a discriminated union
+        elif isinstance(part, str) and ("[" in part or part in _TYPE_NAMES):
+            continue  # the branch of a union
+        else:
+            value = None  # a field that is missing or unknown
+        parts.append(str(part))
+    return ".".join(parts) or None
 
 
 class BodySizeLimit:

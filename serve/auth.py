@@ -3,6 +3,8 @@ caps on concurrent requests.
 
 In development with no API keys configured, requests without a key are accepted as the `anonymous` key (a laptop
 needs no setup); in production the settings refuse to start without keys. Admin endpoints always need the admin key.
+The service key identifies alignloop's own traffic (the trainer's gate): it is not rate-limited as a user is, and
+what it asks is neither recorded as a user's generation nor counted in per-version user metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from serve.settings import GatewaySettings, key_digest
 
 ANONYMOUS_KEY_ID = "k-anonymous"
 ADMIN_KEY_ID = "k-admin"
+SERVICE_KEY_ID = "k-service"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +26,14 @@ class Caller:
     key_name: str
     key_id: str
     is_admin: bool = False
+    is_service: bool = False
 
 
 class Authenticator:
     def __init__(self, settings: GatewaySettings):
         self.keys = settings.api_key_table()
         self.admin_digest = key_digest(settings.admin_key.get_secret_value()) if settings.admin_key else None
+        self.service_digest = key_digest(settings.service_key.get_secret_value()) if settings.service_key else None
         self.anonymous_allowed = settings.environment == "development" and not self.keys
 
     def authenticate(self, authorization: str | None) -> Caller:
@@ -45,6 +50,8 @@ class Authenticator:
         digest = key_digest(token)
         if self.admin_digest is not None and hmac.compare_digest(digest, self.admin_digest):
             return Caller("admin", ADMIN_KEY_ID, is_admin=True)
+        if self.service_digest is not None and hmac.compare_digest(digest, self.service_digest):
+            return Caller("service", SERVICE_KEY_ID, is_service=True)
         key = self.keys.get(digest)
         if key is not None:
             return Caller(key.name, key.key_id)

@@ -2,7 +2,8 @@
 
 Requests by status and adapter version, time to first token and end-to-end latency, tokens in and out, feedback by
 kind and version with the thumbs-up rate, hot-swap events, the version each alias serves, and record writes that
-failed or are waiting.
+failed or are waiting. Service traffic (the trainer's gate) is counted apart, in `alignloop_service_requests`, and
+in none of the per-version user metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("alignloop_requests", "Chat completion requests", ["status", "adapter"], registry=r)
+        self.service_requests = Counter(
+            "alignloop_service_requests",
+            "Requests of alignloop's own services (the gate)",
+            ["status", "adapter"],
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "alignloop_time_to_first_token_seconds",
             "Time to the first content token",

@@ -1,7 +1,8 @@
-"""The gateway's wire format: OpenAI's chat request (as far as the gateway reads it), alignloop's feedback, preference,
-facts and admin bodies, and OpenAI's error shape. Fields follow the order of OpenAI's API reference.
+"""The gateway's wire format: OpenAI's chat, completions and responses requests (as far as the gateway reads them),
+alignloop's feedback, preference, facts and admin bodies, and OpenAI's error shape. Fields follow the order of
+OpenAI's API reference.
 
-The chat request keeps unknown fields (`extra="allow"`): everything vLLM accepts is passed through unchanged. The
+The OpenAI requests keep unknown fields (`extra="allow"`): everything vLLM accepts is passed through unchanged. The
 feedback bodies refuse unknown fields, so a typo is an error instead of silently lost data.
 """
 
@@ -61,6 +62,9 @@ class APIError(Exception):
 
 
 # ---- chat completions ------------------------------------------------------------------------------------------
+MAX_CHOICES = 8  # `n`: every choice costs a full generation and a record
+
+
 class ImageURL(BaseModel):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
@@ -102,7 +106,12 @@ class ChatCompletionRequest(BaseModel):
     model: str = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="choices to generate; each is recorded: choice 0 under the response id, choice i as <id>-<i>",
+    )
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -110,12 +119,150 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     user: str | None = Field(default=None, max_length=256)
 
-    @field_validator("n")
+
+# ---- completions (legacy, plain text) --------------------------------------------------------------------------
+class CompletionRequest(BaseModel):
+    """POST /v1/completions: one text prompt, continued as plain text (no chat template). Fields the gateway reads
+    are typed; all others go to vLLM as they came."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(description="one prompt, as text (lists of prompts and token ids are not accepted)")
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
-            raise ValueError("n must be 1: each answer is recorded and rated on its own; send separate requests")
-        return n
+    def _one_text_prompt(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("prompt must be one string: this server takes one text prompt per request")
+        return value
+
+
+# ---- responses -------------------------------------------------------------------------------------------------
+class InputText(BaseModel):
+    type: Literal["input_text"]
+    text: str
+
+
+class InputImage(BaseModel):
+    type: Literal["input_image"]
+    image_url: str | None = Field(default=None, min_length=1, description="a data: URL, or an allow-listed http(s) URL")
+    file_id: str | None = None
+    detail: Literal["low", "high", "auto", "original"] | None = None
+
+    @model_validator(mode="after")
+    def _by_url(self) -> InputImage:
+        if self.image_url is None:
+            raise ValueError("send the image as image_url (a data: URL); file ids are not supported here")
+        return self
+
+
+class OutputText(BaseModel):
+    """Text of an earlier assistant answer, as a client replays it in `input`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["output_text"]
+    text: str
+
+
+InputContent = Annotated[InputText | InputImage | OutputText, Field(discriminator="type")]
+
+
+class InputMessage(BaseModel):
+    """One message of `input` (an easy input message, or an earlier output message replayed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputContent]
+
+    @model_validator(mode="after")
+    def _parts_fit_the_role(self) -> InputMessage:
+        if isinstance(self.content, str):
+            return self
+        for part in self.content:
+            if self.role == "assistant" and part.type == "input_image":
+                raise ValueError("an assistant message cannot carry an image")
+            if self.role != "assistant" and part.type == "output_text":
+                raise ValueError(f"a {self.role} message takes input_text and input_image parts, not output_text")
+        return self
+
+
+class ResponseTextFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"] = Field(description="plain text only: structured output formats are not supported")
+
+
+class ResponseTextConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: ResponseTextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses, served by translating it into a chat completion. Fields the gateway reads are typed;
+    other fields that vLLM's chat endpoint reads (top_k, seed, ...) go to vLLM as they came."""
+
+    model_config = ConfigDict(extra="allow")
+
+    background: bool | None = Field(default=None, description="must be false: answers are not run in the background")
+    conversation: Any = Field(default=None, description="not supported: use previous_response_id")
+    include: list[str] | None = None
+    input: str | list[InputMessage]
+    instructions: str | None = Field(
+        default=None, description="a system message first; not carried over by previous_response_id"
+    )
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=16)
+    model: str = Field(min_length=1)
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = Field(
+        default=None, min_length=1, max_length=200, description="an earlier answer of this key, by the id it got"
+    )
+    prompt: Any = Field(default=None, description="not supported: prompt templates are not stored here")
+    reasoning: Any = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    store: bool | None = Field(default=None, description="accepted; every answer is recorded for feedback anyway")
+    stream: bool | None = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    text: ResponseTextConfig | None = None
+    tool_choice: Any = None
+    tools: list[Any] | None = Field(default=None, description="must be empty: the model calls no tools")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: str | list[InputMessage]) -> str | list[InputMessage]:
+        if isinstance(value, list) and not value:
+            raise ValueError("input needs at least one message")
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> ResponsesRequest:
+        if self.background:
+            raise ValueError("background responses are not supported: send background=false")
+        if self.conversation is not None:
+            raise ValueError("conversations are not supported: chain answers with previous_response_id")
+        if self.prompt is not None:
+            raise ValueError("prompt templates are not supported: send the input itself")
+        if self.tools:
+            raise ValueError("tools are not supported: the model answers in text only")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice must be 'none' or 'auto': the model calls no tools")
+        return self
 
 
 # ---- feedback --------------------------------------------------------------------------------------------------
@@ -234,3 +381,4 @@ class RollbackRequest(_Body):
 class CanaryRequest(_Body):
     version: VersionNumber | None
     fraction: float = Field(ge=0.0, le=1.0)
+    reason: str = Field(default="", max_length=500)

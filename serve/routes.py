@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
+from online_rl.schema import AdapterVersion
 from serve.admin import AdminService
 from serve.auth import Caller
 from serve.event_stream import EventStreamResponse
@@ -20,6 +21,7 @@ from serve.protocol import (
     APIError,
     CanaryRequest,
     ChatCompletionRequest,
+    CompletionRequest,
     ErrorResponse,
     FactsObject,
     FactsRequest,
@@ -28,8 +30,10 @@ from serve.protocol import (
     PreferenceObject,
     PreferenceRequest,
     PromoteRequest,
+    ResponsesRequest,
     RollbackRequest,
 )
+from serve.responses import ResponsesService
 from serve.serving import ChatService, encode_json
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -49,7 +53,8 @@ async def require_json(content_type: Annotated[str | None, Header()] = None) -> 
 async def current_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     state = request.app.state
     caller = state.auth.authenticate(authorization)
-    state.rate_limiter.check(caller.key_id)
+    if not caller.is_service:  # the trainer's gate has no user rate limit (its concurrency is still capped)
+        state.rate_limiter.check(caller.key_id)
     return caller
 
 
@@ -69,34 +74,34 @@ async def admin_service(request: Request) -> AdminService:
     return request.app.state.admin
 
 
+async def responses_service(request: Request) -> ResponsesService:
+    return request.app.state.responses
+
+
 CallerDep = Annotated[Caller, Depends(current_caller)]
 AdminDep = Annotated[Caller, Depends(current_admin)]
 ChatDep = Annotated[ChatService, Depends(chat_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(feedback_service)]
 AdminServiceDep = Annotated[AdminService, Depends(admin_service)]
+ResponsesDep = Annotated[ResponsesService, Depends(responses_service)]
 IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+ClientHeader = Annotated[str | None, Header(alias="x-alignloop-client")]
 JSON = [Depends(require_json)]
 
 api = APIRouter()
 
 
-@api.post("/v1/chat/completions", dependencies=JSON, responses=ERRORS)
-async def chat_completions(
-    body: ChatCompletionRequest,
-    caller: CallerDep,
-    chat: ChatDep,
-    request: Request,
-    client: Annotated[str | None, Header(alias="x-alignloop-client")] = None,
-):
+async def answer(request: Request, caller: Caller, stream: bool, prepare, complete, open_stream) -> Response:
+    """One answer, streamed or not, holding one of the caller's concurrency slots until its last byte."""
     limiter = request.app.state.concurrency
     limiter.acquire(caller.key_id)
     streaming = False
     try:
-        prepared = await chat.prepare(body, caller, client or "api")
-        if not body.stream:
-            answer = encode_json(await chat.complete(prepared))
-            return Response(answer, media_type="application/json", headers=prepared.headers())
-        relay = await chat.open_stream(prepared)
+        prepared = await prepare()
+        if not stream:
+            body = encode_json(await complete(prepared))
+            return Response(body, media_type="application/json", headers=prepared.headers())
+        relay = await open_stream(prepared)
         streaming = True  # from here the stream releases the slot when it ends
     finally:
         if not streaming:
@@ -105,21 +110,62 @@ async def chat_completions(
     return EventStreamResponse(relay, prepared.headers(), on_close=lambda: limiter.release(caller.key_id))
 
 
+@api.post("/v1/chat/completions", dependencies=JSON, responses=ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest, caller: CallerDep, chat: ChatDep, request: Request, client: ClientHeader = None
+):
+    def prepare():
+        return chat.prepare(body, caller, client or "api")
+
+    return await answer(request, caller, bool(body.stream), prepare, chat.complete, chat.open_stream)
+
+
+@api.post("/v1/completions", dependencies=JSON, responses=ERRORS)
+async def completions(
+    body: CompletionRequest, caller: CallerDep, chat: ChatDep, request: Request, client: ClientHeader = None
+):
+    """Plain text in and out, passed through to vLLM, recorded like chat answers (with the prompt as text)."""
+
+    def prepare():
+        return chat.prepare_completion(body, caller, client or "api")
+
+    return await answer(request, caller, bool(body.stream), prepare, chat.complete, chat.open_stream)
+
+
+@api.post("/v1/responses", dependencies=JSON, responses=ERRORS)
+async def create_response(
+    body: ResponsesRequest, caller: CallerDep, responses: ResponsesDep, request: Request, client: ClientHeader = None
+):
+    def prepare():
+        return responses.prepare(body, caller, client or "api")
+
+    return await answer(request, caller, bool(body.stream), prepare, responses.create, responses.open_stream)
+
+
+def model_object(name: str, adapter: AdapterVersion | None) -> dict:
+    entry = {"id": name, "object": "model", "created": int(adapter.created) if adapter else 0, "owned_by": "alignloop"}
+    if adapter is not None:
+        entry["adapter"] = {"name": adapter.name, "status": adapter.status, "metrics": adapter.metrics}
+    return entry
+
+
 @api.get("/v1/models", responses=ERRORS)
 async def list_models(caller: CallerDep, request: Request) -> dict:
-    table = request.app.state.table
-    data = []
-    for name, adapter in table.public_names():
-        entry = {
-            "id": name,
-            "object": "model",
-            "created": int(adapter.created) if adapter else 0,
-            "owned_by": "alignloop",
-        }
-        if adapter is not None:
-            entry["adapter"] = {"name": adapter.name, "status": adapter.status, "metrics": adapter.metrics}
-        data.append(entry)
+    data = [model_object(name, adapter) for name, adapter in request.app.state.table.public_names()]
     return {"object": "list", "data": data}
+
+
+@api.get("/v1/models/{model}", responses=ERRORS)
+async def retrieve_model(model: str, caller: CallerDep, request: Request) -> dict:
+    """One model of /v1/models by its id: the alias, `base`, or a pinned version `llava-rlhf@vN`."""
+    state = request.app.state
+    found = state.table.public_model(model)
+    if found is None and "@v" in model and state.chat.watcher is not None:
+        await state.chat.watcher.refresh(force=True)  # a version registered a moment ago
+        found = state.table.public_model(model)
+    if found is None:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return model_object(*found)
 
 
 @api.post("/v1/feedback", dependencies=JSON, responses=ERRORS, status_code=200)

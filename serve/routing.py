@@ -113,6 +113,11 @@ class AliasTable:
         names += [(f"{self.public_alias}@v{v}", a) for v, a in sorted(snapshot.versions.items())]
         return names
 
+    def public_model(self, model: str) -> tuple[str, AdapterVersion | None] | None:
+        """One of `public_names()` by name (the base model's served name is `base`); None if unknown."""
+        model = BASE_VERSION_NAME if model == self.base_model_name else model
+        return next(((name, adapter) for name, adapter in self.public_names() if name == model), None)
+
 
 class RegistryWatcher:
     """Keeps an AliasTable in step with the store; `on_change(old, new, initial)` runs after each applied change

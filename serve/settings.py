@@ -94,6 +94,11 @@ class GatewaySettings(ModelSettings):
     user_id_salt: CliSuppress[SecretStr] = Field(
         default=SecretStr(DEFAULT_SALT), description="salt of the hashed user ids in records"
     )
+    service_key: CliSuppress[SecretStr | None] = Field(
+        default=None,
+        description="the key of alignloop's own services (the trainer's gate): no user rate limit, its requests are "
+        "not stored as users' generations nor counted in per-version user metrics; `alignloop up` generates one",
+    )
 
     # ---- limits --------------------------------------------------------------------------------------------------
     rate_limit_per_minute: int = Field(default=600, ge=1, description="requests a minute per API key")
@@ -134,12 +139,17 @@ class GatewaySettings(ModelSettings):
             problems.append(f"set ALIGNLOOP_ADMIN_KEY to at least {MIN_SECRET_CHARS} characters")
         if self.user_id_salt.get_secret_value() == DEFAULT_SALT:
             problems.append("set ALIGNLOOP_USER_ID_SALT")
+        service = self.service_key.get_secret_value() if self.service_key else None
+        if service is None or len(service) < MIN_SECRET_CHARS:
+            problems.append(f"set ALIGNLOOP_SERVICE_KEY (the trainer's key) to at least {MIN_SECRET_CHARS} characters")
         short = [key for key in self.parsed_api_keys() if len(key[1]) < MIN_SECRET_CHARS]
         if short:
             problems.append(f"API key {short[0][0]!r} is shorter than {MIN_SECRET_CHARS} characters")
         admin = self.admin_key.get_secret_value() if self.admin_key else None
         if admin and any(secret == admin for _, secret in self.parsed_api_keys()):
             problems.append("the admin key must not also be an API key")
+        if service and (service == admin or any(secret == service for _, secret in self.parsed_api_keys())):
+            problems.append("the service key must be a key of its own, neither the admin key nor an API key")
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self
@@ -169,7 +179,7 @@ class GatewaySettings(ModelSettings):
     def redacted(self) -> dict:
         """The settings as a dict fit for a log line: secrets masked."""
         data = self.model_dump()
-        for field in ("api_keys", "admin_key", "user_id_salt"):
+        for field in ("api_keys", "admin_key", "user_id_salt", "service_key"):
             value = data.get(field)
             data[field] = f"<{len(value)} keys>" if isinstance(value, list) else ("<set>" if value else None)
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}

@@ -47,6 +47,9 @@ def test_the_gateway_config_is_valid_production_settings(monkeypatch):
     monkeypatch.setenv("ALIGNLOOP_API_KEYS", "team:sk-team-0123456789abcdef")
     monkeypatch.setenv("ALIGNLOOP_ADMIN_KEY", "admin-0123456789abcdef0123")
     monkeypatch.setenv("ALIGNLOOP_USER_ID_SALT", "a-real-salt-0123456789")
+    with pytest.raises(ValueError, match="set ALIGNLOOP_SERVICE_KEY"):
+        GatewaySettings()  # the trainer's key is missing
+    monkeypatch.setenv("ALIGNLOOP_SERVICE_KEY", "service-0123456789abcdef0123")
     settings = GatewaySettings()
     assert not settings.embedded and settings.store_url.startswith("redis://")
     vllm = documents()[("StatefulSet", "vllm")]

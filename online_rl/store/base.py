@@ -302,8 +302,9 @@ class FeedbackStore(abc.ABC):
         status: AdapterStatus | None = None,
         metrics: dict[str, float] | None = None,
         notes: str | None = None,
+        gate: dict | None = None,
     ) -> AdapterVersion:
-        """Sets a version's status, merges eval metrics into it, or replaces its notes."""
+        """Sets a version's status, merges eval metrics into it, replaces its notes or its gate decision."""
 
         def change(adapter: AdapterVersion) -> AdapterVersion:
             update: dict = {"updated": time.time()}
@@ -313,6 +314,8 @@ class FeedbackStore(abc.ABC):
                 update["metrics"] = {**adapter.metrics, **{k: float(v) for k, v in metrics.items()}}
             if notes is not None:
                 update["notes"] = notes
+            if gate is not None:
+                update["gate"] = gate
             return AdapterVersion.model_validate({**adapter.model_dump(), **update})
 
         return self._update_adapter(version, change)
@@ -362,19 +365,33 @@ class FeedbackStore(abc.ABC):
     def alias_history(self, alias: str) -> list[AliasChange]:
         """Every move of the alias, oldest first."""
 
-    def set_canary(self, alias: str, version: int | None, fraction: float) -> None:
+    def set_canary(
+        self, alias: str, version: int | None, fraction: float, actor: str = "system", reason: str = ""
+    ) -> AliasChange:
         """Sends `fraction` of the alias's unpinned traffic to `version` (a candidate under observation).
-        `version=None` or `fraction=0` ends the canary. Bumps the registry revision, so gateways pick it up."""
+        `version=None` or `fraction=0` ends the canary. Records a `canary_start` or `canary_stop` entry in the
+        alias history (with `reason`, e.g. the numbers behind the decision) and bumps the registry revision, so
+        gateways pick it up, in one atomic write."""
         if not 0.0 <= fraction <= 1.0:
             raise InvalidInputError("the canary fraction must be between 0 and 1")
         if version is not None and self.get_adapter(version) is None:
             raise NotFoundError(f"adapter version {version} is not registered")
         if version is None or fraction == 0.0:
             version, fraction = None, 0.0
-        self._set_canary(alias, version, fraction)
+        previous = self.canaries().get(alias)
+        change = AliasChange(
+            alias=alias,
+            from_version=previous[0] if previous else None,
+            to_version=version,
+            action="canary_start" if version is not None else "canary_stop",
+            actor=actor,
+            reason=reason or (f"{fraction:.0%} of unpinned traffic" if version is not None else ""),
+        )
+        return self._set_canary(alias, version, fraction, change)
 
     @abc.abstractmethod
-    def _set_canary(self, alias: str, version: int | None, fraction: float) -> None: ...
+    def _set_canary(self, alias: str, version: int | None, fraction: float, change: AliasChange) -> AliasChange:
+        """Atomic: the canary row, the history entry (its `seq` set to the new revision) and the revision bump."""
 
     @abc.abstractmethod
     def canaries(self) -> dict[str, tuple[int, float]]:

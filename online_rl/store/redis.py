@@ -396,17 +396,24 @@ class RedisStore(FeedbackStore):
             AliasChange.model_validate_json(v) for v in self.client.lrange(self.key("alias", alias, "history"), 0, -1)
         ]
 
-    def _set_canary(self, alias: str, version: int | None, fraction: float) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        if version is None:
-            pipe.delete(self.key("canary", alias))
-            pipe.srem(self.key("canaries"), alias)
-        else:
-            pipe.hset(self.key("canary", alias), mapping={"version": version, "fraction": repr(fraction)})
-            pipe.sadd(self.key("canaries"), alias)
-        pipe.incr(self.key("registry", "revision"))
-        pipe.publish(self.key("registry"), f'{{"canary": "{alias}"}}')
-        pipe.execute()
+    def _set_canary(self, alias: str, version: int | None, fraction: float, change: AliasChange) -> AliasChange:
+        revision_key = self.key("registry", "revision")
+
+        def write(pipe) -> AliasChange:
+            entry = change.model_copy(update={"seq": int(pipe.get(revision_key) or 0) + 1})
+            pipe.multi()
+            if version is None:
+                pipe.delete(self.key("canary", alias))
+                pipe.srem(self.key("canaries"), alias)
+            else:
+                pipe.hset(self.key("canary", alias), mapping={"version": version, "fraction": repr(fraction)})
+                pipe.sadd(self.key("canaries"), alias)
+            pipe.set(revision_key, entry.seq)
+            pipe.rpush(self.key("alias", alias, "history"), entry.to_json())
+            pipe.publish(self.key("registry"), entry.to_json())
+            return entry
+
+        return self.client.transaction(write, revision_key, value_from_callable=True)
 
     def canaries(self) -> dict[str, tuple[int, float]]:
         result = {}

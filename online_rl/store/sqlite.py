@@ -451,7 +451,7 @@ class SQLiteStore(FeedbackStore):
         rows = self._read("SELECT record FROM alias_history WHERE alias = ? ORDER BY seq", (alias,))
         return [AliasChange.model_validate_json(row["record"]) for row in rows]
 
-    def _set_canary(self, alias: str, version: int | None, fraction: float) -> None:
+    def _set_canary(self, alias: str, version: int | None, fraction: float, change: AliasChange) -> AliasChange:
         with self._write() as db:
             if version is None:
                 db.execute("DELETE FROM canaries WHERE alias = ?", (alias,))
@@ -460,7 +460,9 @@ class SQLiteStore(FeedbackStore):
                     "INSERT OR REPLACE INTO canaries (alias, version, fraction) VALUES (?, ?, ?)",
                     (alias, version, fraction),
                 )
-            self._increment(db, "registry_revision")
+            change = change.model_copy(update={"seq": self._increment(db, "registry_revision")})
+            db.execute("INSERT INTO alias_history (alias, record) VALUES (?, ?)", (alias, change.to_json()))
+        return change
 
     def canaries(self) -> dict[str, tuple[int, float]]:
         return {r["alias"]: (r["version"], r["fraction"]) for r in self._read("SELECT * FROM canaries ORDER BY alias")}

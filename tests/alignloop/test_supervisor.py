@@ -51,7 +51,7 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_pat
     assert process.stop(grace_s=0.5) == -signal.SIGKILL
 
 
-def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_first_key(tmp_path):
+def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_the_service_key(tmp_path):
     settings = GatewaySettings(
         host="0.0.0.0",
         port=8123,
@@ -59,6 +59,7 @@ def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_first_ke
         model="models/x",
         adapter_dir=tmp_path / "adapters",
         api_keys=["ops:key-one-123456", "key-two-123456"],
+        service_key="the-trainers-own-key",
     )
     trainer = trainer_process(settings, tmp_path / "trainer.log")
     assert trainer.command[-3:] == ["-m", "alignloop.cli", "trainer"]
@@ -68,7 +69,7 @@ def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_first_ke
         "ALIGNLOOP_TRAINER_ADAPTER_DIR": str(tmp_path / "adapters"),
         "ALIGNLOOP_TRAINER_GATEWAY_URL": "http://127.0.0.1:8123",
         "ALIGNLOOP_TRAINER_PUBLIC_ALIAS": "llava-rlhf",
-        "ALIGNLOOP_TRAINER_API_KEY": "key-one-123456",
+        "ALIGNLOOP_TRAINER_API_KEY": "the-trainers-own-key",
     }
 
 

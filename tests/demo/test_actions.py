@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from alignloop.client import GatewayClient
-from demo.actions import DemoActions, metrics_frame
+from demo.actions import DemoActions, metrics_frame, versions_table
 from online_rl.schema import PreferenceEvent
 from tests.serve.conftest import ALICE, wait_until
 from tests.serve.test_gateway_api import register
@@ -101,15 +101,30 @@ def test_side_by_side_records_a_preference_with_both_versions(actions, client, s
 def test_the_version_panel_reads_the_registry(actions, client, store, fake_vllm):
     version = register(store, fake_vllm, promote=True)
     wait_until(lambda: client.app.state.table.resolve("llava-rlhf").version == version)
-    store.update_adapter(version, metrics={"pope_random_accuracy": 0.9, "chair_s": 0.2})
-    summary, frame, names = actions.versions()
+    store.update_adapter(
+        version,
+        metrics={"pope_random_accuracy": 0.9, "chair_s": 0.2, "object_recall": 0.95},
+        gate={
+            "passed": True,
+            "baseline": "base",
+            "seconds": 41.5,
+            "reasons": [],
+            "differences": {
+                "chair_s": {"candidate": 0.2, "baseline": 0.3, "difference": -0.1, "low": -0.16, "high": -0.04}
+            },
+        },
+    )
+    summary, frame, table, names = actions.versions()
     assert "serves:** policy-v1" in summary and "Feedback since then:** 0 events" in summary
-    assert frame.to_dict("records") == [
-        {"version": 1, "metric": "chair_s", "value": 0.2},
-        {"version": 1, "metric": "pope_random_accuracy", "value": 0.9},
+    assert frame.to_dict("records") == [  # the gate's metrics only, with readable names
+        {"version": 1, "metric": "CHAIR_s", "value": 0.2},
+        {"version": 1, "metric": "recall", "value": 0.95},
     ]
+    (row,) = table.to_dict("records")
+    assert row["version"] == "v1" and row["status"] == "promoted" and row["vs"] == "base"
+    assert row["CHAIR_s"] == "0.200 (-0.100, [-0.160, -0.040])" and row["gate s"] == 41.5
     assert names == ["llava-rlhf", "base", "llava-rlhf@v1"]
-    assert metrics_frame([]).empty
+    assert metrics_frame([]).empty and versions_table([]).empty
 
 
 def test_api_failures_become_one_status_line_and_leave_the_conversation_as_it_was(actions, client):
@@ -126,3 +141,21 @@ def test_api_failures_become_one_status_line_and_leave_the_conversation_as_it_wa
     status = last_status(down.send(down.new_conversation(None), "Hello?", "llava-rlhf"))["status"]
     assert status == "Error: The alignloop API at http://127.0.0.1:9 is not reachable. Is the gateway running?"
     assert actions.correct(state, "x") == ("Error: There is no answer to correct yet.", [])
+
+
+def test_two_answers_of_one_version_and_the_better_one_recorded(actions, store, fake_vllm):
+    state = actions.new_conversation(Image.new("RGB", (32, 32), "red"))
+    updates = list(actions.two_answers(state, "Describe the image in detail.", "base"))
+    assert updates[-2] == {
+        "answer_a": ("shapes-llava saw 1 image(s).", "base"),
+        "answer_b": ("shapes-llava saw 1 image(s), take 2.", "base"),
+    }
+    assert updates[-1]["status"] == "Done: Two answers by base. Which one is better?"
+    sent = fake_vllm.requests[-1]
+    assert sent["n"] == 2 and sent["temperature"] == 0.8  # the actions' temperature is 0: raised so they can differ
+    a, b = state.compared["a"].response_id, state.compared["b"].response_id
+    assert b == f"{a}-1"  # the choices' record ids
+    assert actions.prefer(state, "b").startswith("Done: Preference saved: B (base) over base")
+    (preference,) = [e for e in events(store) if isinstance(e, PreferenceEvent)]
+    assert preference.generation_ids == (a, b) and preference.preferred_id == b
+    assert last_status(actions.two_answers(state, " ", "base"))["status"] == "Error: Type a question first."

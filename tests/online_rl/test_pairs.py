@@ -93,3 +93,27 @@ def test_dense_weights_mark_the_tokens_a_correction_changed():
     chosen_w, rejected_w = correction_token_weights([7, 7, 7, 8, 8, 8], [7, 7, 7, 1, 2, 8, 8, 8], gamma=2.0)
     assert rejected_w == [1, 1, 1, 2, 2, 1, 1, 1] and chosen_w == [1] * 6
     assert correction_token_weights([], [1, 2], gamma=3.0) == ([], [3.0, 3.0])
+
+
+def test_answers_to_raw_text_prompts_never_become_pairs():
+    """/v1/completions records (a raw prompt, no chat template) are rated like any answer, but the trainers train on
+    chat prompts: build_pairs leaves them out, whatever the feedback."""
+
+    def completion(gid: str, response: str) -> GenerationRecord:
+        return GenerationRecord(
+            id=gid, alias="base", messages=[], prompt="There is a", response=response, user_id="u-1"
+        )
+
+    records = {"c1": completion("c1", " red star."), "c2": completion("c2", " blue moon.")}
+    chat = GenerationRecord(
+        id="m1", alias="base", messages=[{"role": "user", "content": "There is a"}], response="x", user_id="u-1"
+    )
+    assert records["c1"].prompt_hash == records["c2"].prompt_hash != chat.prompt_hash
+    assert records["c1"].question == "There is a"
+    events = [
+        fb("c1", 1),
+        fb("c2", -1, correction="A red star."),
+        PreferenceEvent(generation_ids=("c1", "c2"), preferred_id="c1", user_id="u-1"),
+    ]
+    assert pairs_from_thumbs(events[:2], records.get)  # the builders themselves would pair them
+    assert build_pairs(events, records.get) == []

@@ -83,7 +83,7 @@ def test_corrupted_short_answers_are_always_wrong(scene, item, truth):
 
 
 def test_a_run_sends_every_event_with_its_facts_and_reports_per_version(client, store, fake_vllm):  # noqa: F811
-    fake_vllm.answer_for = lambda body: "Yes."  # right for present shapes, a hallucination for absent ones
+    fake_vllm.answer_for = lambda body, index=0: "Yes."  # right for present shapes, a hallucination for absent ones
     sim_settings = SimulatorSettings(
         events=12, users=4, adversarial_share=0.25, correction_share=1.0, concurrency=1, description_share=0.0, seed=3
     )
@@ -148,7 +148,9 @@ def test_regenerated_answers_are_rated_one_by_one_and_make_thumbs_pairs(client, 
         truth[image_data_url(sim.world.render(scene))] = item.answer
     calls = Counter()
 
-    def sampled_policy(body: dict) -> str:  # right the first time it is asked about an image, wrong the second
+    def sampled_policy(
+        body: dict, index: int = 0
+    ) -> str:  # right the first time it is asked about an image, wrong the second
         url = body["messages"][0]["content"][0]["image_url"]["url"]
         calls[url] += 1
         return truth[url] if calls[url] == 1 else "I don't know."

@@ -345,12 +345,19 @@ def test_store_urls_are_checked(tmp_path):
             open_store(url)
 
 
-def test_a_canary_is_set_and_cleared_with_the_registry_revision(store):
+def test_a_canary_is_set_and_cleared_with_the_registry_revision_and_its_history(store):
     store.register_adapter(adapter(store.allocate_adapter_version()))
-    store.set_canary("llava-rlhf", 1, 0.25)
+    started = store.set_canary("llava-rlhf", 1, 0.25, actor="trainer", reason="gate passed")
     assert store.canaries() == {"llava-rlhf": (1, 0.25)} and store.registry_revision() == 2
-    store.set_canary("llava-rlhf", 1, 0.0)
+    stopped = store.set_canary("llava-rlhf", 1, 0.0, actor="trainer", reason="thumbs-up 0.41 vs 0.63: worse")
     assert store.canaries() == {} and store.registry_revision() == 3
+    history = store.alias_history("llava-rlhf")
+    assert [(c.action, c.from_version, c.to_version, c.actor, c.seq) for c in history] == [
+        ("canary_start", None, 1, "trainer", 2),
+        ("canary_stop", 1, None, "trainer", 3),
+    ]
+    assert (history[0].reason, history[1].reason) == ("gate passed", "thumbs-up 0.41 vs 0.63: worse")
+    assert (started.seq, stopped.seq) == (2, 3) and store.promoted_version("llava-rlhf") is None
     with pytest.raises(InvalidInputError, match="between 0 and 1"):
         store.set_canary("llava-rlhf", 1, 1.5)
     with pytest.raises(NotFoundError):

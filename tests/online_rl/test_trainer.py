@@ -5,16 +5,31 @@ the events it never acknowledged."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from PIL import Image
 
 from online_rl.schema import FeedbackEvent, GenerationRecord
 from online_rl.store import open_store
-from online_rl.trainer import OnlineTrainer, TrainerSettings, gate
+from online_rl.trainer import OnlineTrainer, TrainerSettings
+from training.evaluation.paired import ratio
 from training.tiny_llava import TinyLlavaSpec, build_untrained
 
-GOOD = {"chair_s": 0.10, "pope_adversarial_accuracy": 0.80, "object_recall": 0.90}
+
+def report(hallucinating: int = 2, recall_misses: int = 2, pope_misses: int = 4, scenes: int = 20) -> dict:
+    """A scorer's report: `scenes` scenes, the first `hallucinating` descriptions naming an absent object, the first
+    `recall_misses` naming one of their two objects, the first `pope_misses` adversarial probes answered wrong."""
+    per_scene = {
+        "scenes": list(range(scenes)),
+        "chair_s": [[int(i < hallucinating), 1] for i in range(scenes)],
+        "object_recall": [[2 - int(i < recall_misses), 2] for i in range(scenes)],
+        "pope_adversarial_accuracy": [[int(i >= pope_misses), 1] for i in range(scenes)],
+    }
+    return {**{metric: ratio(per_scene[metric]) for metric in per_scene if metric != "scenes"}, "per_scene": per_scene}
+
+
+GOOD = report()  # CHAIR_s 0.10, object recall 0.95, POPE-adversarial 0.80
 
 
 @pytest.fixture(scope="module")
@@ -68,48 +83,55 @@ def settings_for(base_model, tmp_path, **overrides) -> TrainerSettings:
     )
 
 
-def test_the_gate_by_hand():
-    settings = TrainerSettings()
-    assert gate(GOOD, GOOD, settings).passed
-    worse = gate({**GOOD, "chair_s": 0.13, "object_recall": 0.87}, GOOD, settings)
-    assert not worse.passed and len(worse.reasons) == 2 and "CHAIR_s rose 0.100 -> 0.130" in worse.reasons[0]
-    assert gate({**GOOD, "chair_s": 0.115, "object_recall": 0.885}, GOOD, settings).passed  # within tolerances
-
-
 def test_a_round_publishes_acks_gates_and_promotes(base_model, store, tmp_path):
     add_corrections(store, 3)
     scored = []
-    trainer = OnlineTrainer(
-        settings_for(base_model, tmp_path), store, scorer=lambda name: scored.append(name) or dict(GOOD)
-    )
+    trainer = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: scored.append(name) or GOOD)
     pairs = trainer.poll()
     assert len(pairs) == 3 and trainer.round_due(pairs)
     result = trainer.run_round(pairs)
     assert result.promoted and result.version == 1 and result.events == 3 and result.pair_sources == {"correction": 3}
     assert scored == ["base", "llava-rlhf@v1"]  # the baseline, then the candidate
     adapter = store.get_adapter(1)
-    assert adapter.status == "promoted" and adapter.metrics == GOOD and adapter.algorithm == "dense-dpo"
+    assert (
+        adapter.status == "promoted" and adapter.algorithm == "dense-dpo" and adapter.pair_sources == {"correction": 3}
+    )
+    assert (adapter.metrics["chair_s"], adapter.metrics["object_recall"]) == (0.1, 0.95)
+    assert adapter.gate["passed"] and adapter.gate["baseline"] == "base" and adapter.gate["confidence"] == 0.95
+    assert adapter.gate["differences"]["chair_s"] == {
+        "metric": "chair_s",
+        "candidate": 0.1,
+        "baseline": 0.1,
+        "difference": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+    }
     assert adapter.num_feedback_events == 3 and (tmp_path / "adapters" / "policy-v1" / "adapter_config.json").is_file()
     assert store.promoted_version("llava-rlhf") == 1 and store.pending_count("trainer") == 0
+    assert "gate passed: chair_s 0.100->0.100" in store.alias_history("llava-rlhf")[-1].reason
     assert trainer.poll() == []  # nothing is trained on twice
 
-    # The next round starts from v1; a candidate that hallucinates more is rejected and the alias stays.
+    # The next round starts from v1, whose scores are cached; a candidate that hallucinates more is rejected.
     add_corrections(store, 2, start=10)
-    worse = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: {**GOOD, "chair_s": 0.3})
+    asked = []
+    worse = OnlineTrainer(
+        settings_for(base_model, tmp_path), store, scorer=lambda name: asked.append(name) or report(hallucinating=12)
+    )
     second = worse.run_round(worse.poll())
+    assert asked == ["llava-rlhf@v2"]  # the baseline v1 was scored once, when it was the candidate
     assert not second.promoted and store.get_adapter(2).status == "rejected"
     notes = store.get_adapter(2).notes
-    assert store.get_adapter(2).parent_version == 1 and notes.startswith("2 pairs (0 online, 0 bdhs); loss=")
-    assert "; rejected: CHAIR_s rose 0.100 -> 0.300" in notes  # the training notes are kept, the reason appended
-    assert store.promoted_version("llava-rlhf") == 1
+    assert store.get_adapter(2).parent_version == 1 and notes.startswith("2 pairs; loss=")
+    assert "; rejected: CHAIR_s rose 0.100 -> 0.600 (95% interval of the difference [+" in notes
+    assert store.get_adapter(2).gate["baseline"] == "policy-v1" and store.promoted_version("llava-rlhf") == 1
 
 
 def test_a_restarted_trainer_gets_back_only_what_it_never_acknowledged(base_model, store, tmp_path):
     add_corrections(store, 2)
-    crashed = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: dict(GOOD))
+    crashed = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: GOOD)
     assert len(crashed.poll()) == 2  # read, then "killed" before publishing
     add_corrections(store, 1, start=5)
-    restarted = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: dict(GOOD))
+    restarted = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: GOOD)
     pairs = restarted.poll()
     assert sorted(p.rejected_generation_id for p in pairs) == ["gen-0", "gen-1", "gen-5"]
     restarted.run_round(pairs)
@@ -149,12 +171,13 @@ def test_mixed_dpo_trains_on_judged_online_pairs_from_logged_prompts(bundled_mod
             FeedbackEvent(generation_id=f"gen-{index}", correction=world.description(scene, noisy=False), user_id="u-1")
         )
     trainer = OnlineTrainer(
-        settings_for(bundled_model, tmp_path, online_share=1.0, online_samples=4), store, scorer=lambda name: dict(GOOD)
+        settings_for(bundled_model, tmp_path, online_share=1.0, online_samples=4), store, scorer=lambda name: GOOD
     )
     result = trainer.run_round(trainer.poll())
-    notes = store.get_adapter(result.version).notes
-    online = int(notes.split("(")[1].split(" online")[0])
-    assert notes.startswith("6 pairs (") and 1 <= online <= 6, notes  # slots whose samples tied keep their correction
+    sources = store.get_adapter(result.version).pair_sources
+    online = sources.get("online", 0)
+    assert sum(sources.values()) == 6 and 1 <= online <= 6, sources  # slots whose samples tied keep their correction
+    assert sources.get("correction", 0) == 6 - online
 
 
 def add_thumbs_up(store, world, count: int) -> None:
@@ -189,14 +212,12 @@ def test_lone_thumbs_up_become_bdhs_pairs_and_trigger_a_round(bundled_model, sto
     from training.shapes_world import ShapesWorld
 
     add_thumbs_up(store, ShapesWorld(), 3)
-    trainer = OnlineTrainer(
-        settings_for(bundled_model, tmp_path, bdhs_per_round=2), store, scorer=lambda name: dict(GOOD)
-    )
+    trainer = OnlineTrainer(settings_for(bundled_model, tmp_path, bdhs_per_round=2), store, scorer=lambda name: GOOD)
     pairs = trainer.poll()
     assert pairs == [] and len(trainer.bdhs_candidates) == 2 and trainer.round_due(pairs)  # 2 BDHS pairs due
     result = trainer.run_round(pairs)
     adapter = store.get_adapter(result.version)
-    assert adapter.notes.startswith("2 pairs (0 online, 2 bdhs)"), adapter.notes
+    assert adapter.pair_sources == {"bdhs": 2} and adapter.notes.startswith("2 pairs; loss="), adapter.notes
     assert adapter.num_feedback_events == 3 and store.pending_count("trainer") == 0
 
 
@@ -208,7 +229,7 @@ def test_events_that_support_no_pair_at_all_are_acknowledged_without_a_version(b
             return []
 
     add_thumbs_up(store, ShapesWorld(), 2)
-    trainer = NoBDHS(settings_for(bundled_model, tmp_path), store, scorer=lambda name: dict(GOOD))
+    trainer = NoBDHS(settings_for(bundled_model, tmp_path), store, scorer=lambda name: GOOD)
     assert trainer.run_round(trainer.poll()) is None
     assert store.list_adapters() == [] and store.pending_count("trainer") == 0 and trainer.poll() == []
 
@@ -216,7 +237,7 @@ def test_events_that_support_no_pair_at_all_are_acknowledged_without_a_version(b
 def test_pair_sources_pick_what_a_round_trains_on(base_model, store, tmp_path):
     add_corrections(store, 3)
     trainer = OnlineTrainer(
-        settings_for(base_model, tmp_path, pair_sources=frozenset({"thumbs"})), store, scorer=lambda name: dict(GOOD)
+        settings_for(base_model, tmp_path, pair_sources=frozenset({"thumbs"})), store, scorer=lambda name: GOOD
     )
     assert trainer.poll() == []  # corrections only, and this trainer takes thumbs only
     assert (
@@ -224,7 +245,7 @@ def test_pair_sources_pick_what_a_round_trains_on(base_model, store, tmp_path):
             OnlineTrainer(
                 settings_for(base_model, tmp_path, pair_sources=frozenset({"correction"})),
                 store,
-                scorer=lambda name: dict(GOOD),
+                scorer=lambda name: GOOD,
             ).poll()
         )
         == 3
@@ -291,7 +312,7 @@ def test_a_ppo_round_trains_on_recent_traffic_then_publishes_and_gates(
         ppo_min_prompts=6,
     )
     scored = []
-    trainer = OnlineTrainer(settings, store, scorer=lambda name: scored.append(name) or dict(GOOD))
+    trainer = OnlineTrainer(settings, store, scorer=lambda name: scored.append(name) or GOOD)
     result = trainer.run_ppo_round()
     adapter = store.get_adapter(result.version)
     assert adapter.algorithm == "ppo" and adapter.notes.startswith("ppo: 2 steps x 4 of 6 recent prompts")
@@ -309,5 +330,66 @@ def test_a_ppo_round_waits_for_enough_distinct_prompts(bundled_model, store, tmp
     prompts = traffic_prompts(store)  # without facts: nothing to judge them by, but still prompts to roll out
     assert [p.kind for p in prompts] == ["other"] * 3 and all(p.facts == () and p.scene is None for p in prompts)
     settings = settings_for(bundled_model, tmp_path, algorithm="ppo", reward_model=reward_model_dir, ppo_min_prompts=4)
-    trainer = OnlineTrainer(settings, store, scorer=lambda name: dict(GOOD))
+    trainer = OnlineTrainer(settings, store, scorer=lambda name: GOOD)
     assert trainer.run_ppo_round() is None and store.list_adapters() == []
+
+
+def test_a_gate_that_fails_marks_the_version_and_it_is_gated_again_later(base_model, store, tmp_path):
+    import httpx
+    import openai
+
+    add_corrections(store, 2)
+    down = {"calls": 0}
+
+    def flaky(name: str) -> dict:
+        down["calls"] += 1
+        if down["calls"] == 1:  # what the scorer raises once the client's retries are spent
+            request = httpx.Request("POST", "http://127.0.0.1:8000/v1/chat/completions")
+            raise openai.APIConnectionError(message="Server disconnected without sending a response.", request=request)
+        return GOOD
+
+    trainer = OnlineTrainer(settings_for(base_model, tmp_path, gate_retry_interval_s=3600), store, scorer=flaky)
+    result = trainer.run_round(trainer.poll())
+    adapter = store.get_adapter(result.version)
+    assert (result.outcome, adapter.status) == ("gate_failed", "gate_failed")
+    assert adapter.gate["error"] == "APIConnectionError: Server disconnected without sending a response."
+    assert store.pending_count("trainer") == 0  # the events are trained on: published and acknowledged
+    assert trainer.gate_pending() == []  # not before gate_retry_interval_s
+    trainer.settings = settings_for(base_model, tmp_path, gate_retry_interval_s=0.01)
+    time.sleep(0.05)
+    assert trainer.gate_pending() == [(1, "promoted")]
+    assert store.get_adapter(1).status == "promoted" and store.promoted_version("llava-rlhf") == 1
+
+
+def test_a_version_a_crash_left_ungated_is_gated_on_start_and_a_superseded_one_rejected(base_model, store, tmp_path):
+    from online_rl.adapters import publish_adapter
+    from training.lora import language_model_lora
+    from training.tiny_llava import load_checkpoint
+
+    model, _ = load_checkpoint(base_model)
+    from peft import get_peft_model
+
+    policy = get_peft_model(model, language_model_lora(rank=2))
+    adapters = tmp_path / "adapters"
+    first = publish_adapter(store, policy, adapters, str(base_model), "dense-dpo")  # published, then "killed"
+    stale = publish_adapter(store, policy, adapters, str(base_model), "dense-dpo", parent_version=7)
+    trainer = OnlineTrainer(settings_for(base_model, tmp_path), store, scorer=lambda name: GOOD)
+    assert trainer.gate_pending() == [(first.version, "promoted"), (stale.version, "rejected")]
+    assert [a.status for a in store.list_adapters()] == ["promoted", "rejected"]
+    assert store.get_adapter(stale.version).gate["reasons"] == [
+        "superseded: trained from policy-v7, the alias serves policy-v1 now"
+    ]
+    assert not [a for a in store.list_adapters() if a.status in ("candidate", "gate_failed")]
+
+
+def test_evaluation_records_are_never_training_prompts(store):
+    from online_rl.logged_prompts import traffic_prompts
+    from training.shapes_world import ShapesWorld
+
+    log_traffic(store, ShapesWorld(), 2)
+    record = store.get_generation("traffic-1").model_dump(exclude={"prompt_hash"})
+    record["messages"][0]["content"][1]["text"] = "Is there a star in the image?"  # a prompt no user asked
+    store.add_generation(GenerationRecord.model_validate({**record, "id": "gate-0", "client": "eval"}))
+    assert store.get_generation("gate-0").client == "eval"
+    questions = sorted(p.prompt.messages[0]["content"][1]["text"] for p in traffic_prompts(store))
+    assert questions == ["Describe the image in detail.", "Is there a moon in the image?"]

@@ -198,10 +198,10 @@ def assert_openai_error(response: httpx.Response, status: int, fragment: str, pa
         (b'{"model": "base", "messages": [{"role": "user", "content": "x"}]}', "text/plain", 415, "application/json"),
         (b'{"model": "base", "messages": [{"role": "wizard", "content": "x"}]}', "application/json", 400, "role"),
         (
-            b'{"model": "base", "n": 2, "messages": [{"role": "user", "content": "x"}]}',
+            b'{"model": "base", "n": 9, "messages": [{"role": "user", "content": "x"}]}',
             "application/json",
             400,
-            "n must be 1",
+            "less than or equal to 8",
         ),
     ],
 )

@@ -115,11 +115,11 @@ class OpenAIChatModel:
         concurrency: int = 8,
         timeout: float = 120.0,
     ):
-        from alignloop.client import ChatEndpoint
+        from alignloop.client import EVAL_CLIENT_HEADER, ChatEndpoint
 
         self.model = model
         self.concurrency = concurrency
-        self.endpoint = ChatEndpoint(base_url, api_key, timeout)
+        self.endpoint = ChatEndpoint(base_url, api_key, timeout, headers=EVAL_CLIENT_HEADER)
 
     def check(self) -> None:
         """Raises ConnectionError unless the endpoint answers; runs once."""

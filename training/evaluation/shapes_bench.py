@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from training.evaluation.metrics import ANSWER_KINDS, ATTRIBUTE_KINDS, POPE_SETTINGS, score_items
 from training.evaluation.models import ChatModel, ChatRequest
+from training.evaluation.paired import scene_tallies
 from training.shapes_world import QAItem, ShapesWorld
 
 logger = logging.getLogger(__name__)
@@ -51,15 +53,21 @@ def evaluate_shapes(
     progress: bool = True,
     scenes_per_call: int = 16,
     samples_per_kind: int = 2,
+    per_scene: bool = False,
+    only: Callable[[QAItem], bool] | None = None,
 ) -> dict:
     """Runs the benchmark on scenes 0..num_images-1 of `split` and returns the report.
 
     Requests for `scenes_per_call` scenes go to the model at once, so backends can batch or run them concurrently.
-    `samples` keeps the first `samples_per_kind` answers of every question kind.
+    `samples` keeps the first `samples_per_kind` answers of every question kind. With `per_scene`, the report also
+    holds each scene's tallies of the gate metrics (`training.evaluation.paired.scene_tallies`), for paired tests.
+    With `only`, just the items it accepts are asked (the gate asks what its metrics need: `gate_items`), and the
+    report keeps only the metrics those items measure.
     """
     popular = world.popular_shapes()
     all_items: list[QAItem] = []
     all_responses: list[str] = []
+    all_scenes: list[int] = []
     samples: list[dict] = []
     sampled: Counter[str] = Counter()
     with tqdm(total=num_images, desc=f"ShapesWorld {split}", unit="image", disable=not progress) as bar:
@@ -71,6 +79,8 @@ def evaluate_shapes(
             for scene in scenes:
                 image = world.render(scene)
                 for item in world.benchmark_items(scene, popular):
+                    if only is not None and not only(item):
+                        continue
                     items.append(item)
                     requests.append(ChatRequest(image, item.question, max_tokens_for(item)))
                     scene_indices.append(scene.index)
@@ -91,17 +101,39 @@ def evaluate_shapes(
                     )
             all_items += items
             all_responses += responses
+            all_scenes += scene_indices
             bar.update(len(scenes))
-    report = {"split": split, "num_images": num_images, **score_items(all_items, all_responses), "samples": samples}
+    scores = score_items(all_items, all_responses)
+    if only is not None:  # the metrics of kinds never asked would read 0
+        asked = {(item.kind, item.pope) for item in all_items}
+        scores = {key: value for key, value in scores.items() if measured(key, asked)}
+    report = {"split": split, "num_images": num_images, **scores, "samples": samples}
+    if per_scene:
+        report["per_scene"] = scene_tallies(all_items, all_responses, all_scenes)
     logger.info(
-        "shapes eval split=%s num_images=%d pope_adversarial_accuracy=%.4f chair_s=%.4f chair_i=%.4f",
+        "shapes eval split=%s num_images=%d %s",
         split,
         num_images,
-        report["pope_adversarial_accuracy"],
-        report["chair_s"],
-        report["chair_i"],
+        " ".join(f"{key}={report[key]:.4f}" for key in ("pope_adversarial_accuracy", "chair_s", "object_recall")),
     )
     return report
+
+
+def gate_items(item: QAItem) -> bool:
+    """What the gate's metrics need: descriptions (CHAIR_s, recall) and adversarial POPE probes."""
+    return item.kind == "description" or (item.kind == "presence" and item.pope == "adversarial")
+
+
+def measured(metric: str, asked: set[tuple[str, str | None]]) -> bool:
+    """Whether `metric` of `score_items` comes from items of the (kind, POPE setting) pairs asked."""
+    if metric == "counts":
+        return True
+    if metric.startswith("pope_"):
+        return ("presence", metric.split("_")[1]) in asked
+    if metric in ("chair_s", "chair_i", "object_recall"):
+        return ("description", None) in asked
+    kinds = ATTRIBUTE_KINDS if metric == "attribute_accuracy" else (metric.removesuffix("_accuracy"),)
+    return any((kind, None) in asked for kind in kinds)
 
 
 def format_table(report: dict) -> str:

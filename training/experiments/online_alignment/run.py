@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from alignloop.client import Answer, image_data_url
+from online_rl.gate import metrics
 from online_rl.pairs import PreferencePair
 from online_rl.schema import IMAGE_REF_PREFIX, FactsRecord, FeedbackEvent, GenerationRecord, hash_user_id
 from online_rl.simulator import FeedbackSimulator, SimulatorSettings
@@ -201,19 +202,22 @@ class VersionScorer:
     def __init__(self, base_model: str, store: FeedbackStore, split: str, images: int):
         self.base_model, self.store, self.split, self.images = base_model, store, split, images
 
-    def __call__(self, model_name: str) -> dict[str, float]:
+    def __call__(self, model_name: str) -> dict:
         path = None
         if model_name != "base":
             path = str(self.store.get_adapter(int(model_name.rpartition("@v")[2])).path)
-        return score(self.base_model, path, self.split, self.images)
+        return report(self.base_model, path, self.split, self.images)
 
 
 def score(base_model: str, adapter_path: str | None, split: str, images: int) -> dict[str, float]:
+    return metrics(report(base_model, adapter_path, split, images))
+
+
+def report(base_model: str, adapter_path: str | None, split: str, images: int) -> dict:
+    """The benchmark's report of a version, with the per-scene tallies the paired gate compares."""
     model, processor = load_version(base_model, adapter_path)
-    report = evaluate_shapes(
-        TransformersChatModel.from_loaded(model, processor, batch_size=32), ShapesWorld(), split, images, progress=False
-    )
-    return {key: float(value) for key, value in report.items() if isinstance(value, int | float)}
+    chat_model = TransformersChatModel.from_loaded(model, processor, batch_size=32)
+    return evaluate_shapes(chat_model, ShapesWorld(), split, images, progress=False, per_scene=True)
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -279,8 +283,8 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
                     "promoted": result.promoted,
                     "pairs": result.pairs,
                     "pair_sources": result.pair_sources,
-                    "gate_reasons": result.decision.reasons,
-                    "validation": headline(result.decision.candidate),
+                    "gate_reasons": result.reasons,
+                    "validation": headline(result.gate.candidate) if result.gate else None,
                     "train": {k: round(v, 4) for k, v in result.train_metrics.items()},
                     "test": headline(score(args.model, str(adapter.path), "test", args.test_images)),
                 }
@@ -344,10 +348,10 @@ def run_offline(args: argparse.Namespace, work_dir: Path, count: int) -> dict:
             beta=args.beta,
             epochs=args.epochs,
         )
-        trainer = OnlineTrainer(settings, store, scorer=lambda name: {})
+        trainer = OnlineTrainer(settings, store, scorer=VersionScorer(args.model, store, "validation", 1))
         pairs = offline_pairs(store, count, random.Random(args.seed))
         policy, processor, _ = trainer.load_policy()
-        train_metrics = trainer.train(policy, processor, pairs)
+        train_metrics, _ = trainer.train(policy, processor, pairs)
         adapter = publish_adapter(
             store, policy, settings.adapter_dir, args.model, "dense-dpo", notes=f"{len(pairs)} offline pairs"
         )
