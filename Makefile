@@ -13,21 +13,26 @@ PYTEST_ARGS ?=
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup browser lint test test-fast up eval model clean-venv
+.PHONY: setup browser promtool lint test test-fast up eval model clean-venv
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser promtool
 
 # Debian's Chromium for the browser tests (Playwright drives it; no browser is ever downloaded by Playwright).
 browser:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
+# Debian's promtool (package prometheus; its service is not started) for the alert-rule tests in tests/deploy.
+promtool:
+	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 $(STAMP): pyproject.toml requirements/*.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "pip==26.3"
 	$(PIP) install -q -c $(LOCK) -r requirements/torch.txt
 	$(PIP) install -q --no-deps -c $(LOCK) -r requirements/vllm.txt
-	$(PIP) install -q -c $(LOCK) -r requirements/vllm-deps.txt -r requirements/app.txt
+	$(PIP) install -q -c $(LOCK) -r requirements/vllm-deps.txt -r requirements/app.txt -r requirements/test.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "import": "convert a released checkpoint to the served layout: llava-rlhf (model + RLHF LoRA)",
 }
 LONG_RUNNING = frozenset({"up", "serve", "demo", "trainer", "simulate"})
+NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai")
 TRAIN_RECIPES: dict[str, str] = {
     "sft": "training.sft",
     "reward": "training.reward_model",
@@ -226,7 +227,7 @@ def _simulate(parser: argparse.ArgumentParser) -> Handler:
         from online_rl.simulator import FeedbackSimulator
 
         settings = load(settings_only(args, "output"))
-        client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value())
+        client = GatewayClient(settings.gateway_url, settings.api_key.get_secret_value(), rate_limit_attempts=10)
         try:
             report = FeedbackSimulator(settings, client).run()
         except GatewayError as error:
@@ -471,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(top.arguments)
     level = top.log_level or ("INFO" if top.command in LONG_RUNNING else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    for chatty in NOISY_LOGGERS:  # a line per HTTP request otherwise
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return handler(args)
     except user_errors() as error:

@@ -6,8 +6,10 @@ external judge) goes through this module, over HTTP, and imports nothing else of
   non-streamed chat answer at a time, retried with exponential backoff (tenacity) when the failure is transient: a
   refused or reset connection, a timeout, 429 (after its Retry-After) or a 5xx.
 - `GatewayClient`: the gateway's whole API as a user sees it: streamed chat (one answer, or `n` answers to one
-  request) through the `openai` SDK, and the feedback, preference, facts and versions endpoints. It turns every
-  failure (the API down, a rejected input, a timeout) into `GatewayError` with one line a person can read.
+  request) through the `openai` SDK, and the feedback, preference, facts and versions endpoints; and, with the
+  admin or the service key, `promote` (the gateway stages the version on every vLLM replica before the alias
+  moves). It turns every failure (the API down, a rejected input, a timeout) into `GatewayError` with one line a
+  person can read; a promotion the gateway refused or lost to a concurrent move raises `PromotionConflict`.
 """
 
 from __future__ import annotations
@@ -27,12 +29,23 @@ logger = logging.getLogger(__name__)
 DEMO_CLIENT_HEADER = {"x-alignloop-client": "demo"}
 EVAL_CLIENT_HEADER = {"x-alignloop-client": "eval"}
 TRANSIENT_ERRORS = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)  # timeouts too
-# What a call through this module raises when the other side fails or refuses: for callers that report it in one line.
-CALL_ERRORS = (openai.APIError, httpx.HTTPError, ConnectionError, TimeoutError)
 
 
 class GatewayError(Exception):
     """A failed call to the gateway, with a message fit for the page."""
+
+
+class PromotionConflict(GatewayError):
+    """The gateway did not move the alias: staging failed on a vLLM replica (`code` promote_refused; the refusal is
+    in the alias history) or the alias no longer served the expected version (`code` conflict)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+# What a call through this module raises when the other side fails or refuses: for callers that report it in one line.
+CALL_ERRORS = (openai.APIError, httpx.HTTPError, ConnectionError, TimeoutError, GatewayError)
 
 
 @dataclasses.dataclass
@@ -130,10 +143,16 @@ class ChatEndpoint:
         timeout: float = 120.0,
         headers: dict | None = None,
         attempts: int = 6,
+        http_client: httpx.Client | None = None,
     ):
         self.base_url = base_url
         self.client = openai.OpenAI(
-            base_url=base_url, api_key=api_key, timeout=timeout, default_headers=headers, max_retries=0
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout,
+            default_headers=headers,
+            max_retries=0,
+            http_client=http_client,
         )
         self.attempts = attempts
         self._checked = False
@@ -161,12 +180,36 @@ class ChatEndpoint:
         return completion.choices[0].message.content or ""
 
 
+def _rate_limited(error: BaseException) -> bool:
+    if isinstance(error, openai.RateLimitError):
+        return True
+    return isinstance(error, httpx.HTTPStatusError) and error.response.status_code == 429
+
+
+def _retry_after(state: tenacity.RetryCallState) -> float:
+    """The 429's Retry-After (at most a minute), else exponential backoff."""
+    error = state.outcome.exception() if state.outcome else None
+    response = getattr(error, "response", None)
+    retry_after = response.headers.get("retry-after", "") if response is not None else ""
+    if retry_after.replace(".", "", 1).isdigit():
+        return min(float(retry_after), 60.0)
+    return tenacity.wait_exponential_jitter(initial=1.0, max=30.0)(state)
+
+
 class GatewayClient:
     def __init__(
-        self, gateway_url: str, api_key: str, timeout_s: float = 120.0, http_client: httpx.Client | None = None
+        self,
+        gateway_url: str,
+        api_key: str,
+        timeout_s: float = 120.0,
+        http_client: httpx.Client | None = None,
+        rate_limit_attempts: int = 1,
     ):
-        """`http_client` replaces the HTTP connection in tests (e.g. a TestClient on an in-process gateway)."""
+        """`http_client` replaces the HTTP connection in tests (e.g. a TestClient on an in-process gateway). With
+        `rate_limit_attempts` > 1, a request refused with 429 waits for its Retry-After and is sent again, up to that
+        many times in all (the simulated users do; the demo page shows the refusal)."""
         self.base_url = gateway_url.rstrip("/")
+        self.rate_limit_attempts = rate_limit_attempts
         self.http = http_client or httpx.Client(base_url=self.base_url, timeout=timeout_s, trust_env=False)
         self.http.headers.update({"Authorization": f"Bearer {api_key}", **DEMO_CLIENT_HEADER})
         self.openai = openai.OpenAI(
@@ -204,8 +247,10 @@ class GatewayClient:
         if n > 1:
             extra["n"] = n
         try:
-            stream = self.openai.chat.completions.create(
-                model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True, **extra
+            stream = self._within_rate_limit(
+                lambda: self.openai.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True, **extra
+                )
             )
             for chunk in stream:
                 for choice in chunk.choices:
@@ -234,11 +279,24 @@ class GatewayClient:
             raise GatewayError(_api_error_message(error, self.base_url)) from error
 
     # ---- feedback ----------------------------------------------------------------------------------------------
+    def _within_rate_limit(self, call):
+        """`call()`, sent again after each 429's Retry-After while `rate_limit_attempts` allow."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.rate_limit_attempts),
+            wait=_retry_after,
+            retry=tenacity.retry_if_exception(_rate_limited),
+            reraise=True,
+        )
+        return retrying(call)
+
     def _request(self, method: str, path: str, **kwargs) -> dict:
-        try:
+        def send() -> dict:
             response = self.http.request(method, path, **kwargs)
             response.raise_for_status()
             return response.json()
+
+        try:
+            return self._within_rate_limit(send)
         except httpx.HTTPError as error:
             raise GatewayError(_api_error_message(error, self.base_url)) from error
 
@@ -274,3 +332,36 @@ class GatewayClient:
 
     def versions(self, recent: int) -> dict:
         return self._request("GET", "/v1/versions", params={"recent": recent})
+
+    # ---- operations (the admin key or the service key) -------------------------------------------------------------
+    def promote(
+        self,
+        alias: str,
+        version: int | None,
+        expected: int | None,
+        reason: str = "",
+        actor: str | None = None,
+        require_effect: bool = True,
+    ) -> dict:
+        """Moves `alias` to `version` (None: the base model) if it still serves `expected`, after the gateway has
+        staged the version on every healthy vLLM replica. Returns the alias change (with the staging report);
+        raises PromotionConflict when the gateway refused or the alias moved meanwhile, GatewayError otherwise.
+        `actor` names the promoter in the alias history (service key only); `require_effect=False` lets a version
+        whose answers equal the base model's through staging."""
+        body = {"version": version, "expected_version": expected, "check_expected": True, "reason": reason}
+        body |= {"require_effect": require_effect} | ({"actor": actor} if actor else {})
+        try:
+            response = self.http.post(f"/v1/admin/aliases/{alias}/promote", json=body)
+        except httpx.HTTPError as error:
+            raise GatewayError(_api_error_message(error, self.base_url)) from error
+        if response.status_code == 409:
+            try:
+                detail = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                detail = {"message": response.text[:300], "code": "conflict"}
+            raise PromotionConflict(detail.get("message") or "promotion refused", detail.get("code") or "conflict")
+        try:
+            response.raise_for_status()
+            return response.json()
+        except (httpx.HTTPError, ValueError) as error:
+            raise GatewayError(_api_error_message(error, self.base_url)) from error

@@ -13,7 +13,8 @@ import logging
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check and upstream call otherwise
+    for chatty in ("httpx", "httpx2", "httpcore", "openai"):  # a line per health check and upstream call otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def run_gateway(settings, with_demo: bool = False, helpers: list | None = None) -> int:

@@ -96,9 +96,18 @@ CHARTED_METRICS = {"chair_s": "CHAIR_s", "pope_adversarial_accuracy": "POPE-adve
 
 
 def metrics_frame(versions: list[dict]) -> pd.DataFrame:
-    """Long-format rows (version, metric, value) of the gate's three metrics, for the version chart."""
-    rows = [
-        {"version": v["version"], "metric": label, "value": float(v["metrics"][name])}
+    """Long-format rows (version, metric, value) of the gate's three metrics, for the version chart: the base model
+    first (from the gate of the first version that was compared with it), then each version, in order."""
+    rows = []
+    base = next((v["gate"] for v in versions if (v.get("gate") or {}).get("baseline") == "base"), None)
+    if base and base.get("differences"):
+        rows += [
+            {"version": "base", "metric": label, "value": float(base["differences"][name]["baseline"])}
+            for name, label in CHARTED_METRICS.items()
+            if name in base["differences"]
+        ]
+    rows += [
+        {"version": f"v{v['version']}", "metric": label, "value": float(v["metrics"][name])}
         for v in versions
         for name, label in CHARTED_METRICS.items()
         if name in v.get("metrics", {})
@@ -110,13 +119,14 @@ def _difference(gate: dict, metric: str) -> str:
     d = (gate.get("differences") or {}).get(metric)
     if not d:
         return ""
-    return f"{d['candidate']:.3f} ({d['difference']:+.3f}, [{d['low']:+.3f}, {d['high']:+.3f}])"
+    return f"{d['candidate']:.3f} ({d['difference']:+.3f}; {d['low']:+.2f}..{d['high']:+.2f})"
 
 
 def versions_table(versions: list[dict]) -> pd.DataFrame:
-    """One row per version: its status, the gate's metrics against its baseline with their intervals, the decision's
-    reasons, what it was trained on, newest first."""
-    columns = ["version", "status", "vs", *CHARTED_METRICS.values(), "gate s", "reasons", "pairs"]
+    """One row per version, newest first: its status; each gate metric as the version's value (its difference from
+    the version it would replace; the 95% interval of that difference); the decision: what it was compared with, the
+    reasons, and the pairs it was trained on."""
+    columns = ["version", "status", *CHARTED_METRICS.values(), "decision"]
     rows = []
     for v in reversed(versions):
         gate = v.get("gate") or {}
@@ -124,15 +134,20 @@ def versions_table(versions: list[dict]) -> pd.DataFrame:
         reasons = gate.get("reasons") or ([gate["error"]] if gate.get("error") else [])
         if canary.get("reason"):
             reasons = [*reasons, f"canary: {canary['reason']}"]
+        pairs = ", ".join(f"{n} {source}" for source, n in sorted((v.get("pair_sources") or {}).items()))
+        parts = [
+            f"vs {gate['baseline']}" if gate.get("baseline") else "",
+            "; ".join(reasons),
+            pairs and f"pairs: {pairs}",
+        ]
+        if gate.get("seconds") is not None:
+            parts.append(f"gate {gate['seconds']:.0f} s")
         rows.append(
             {
                 "version": f"v{v['version']}",
                 "status": v.get("status", ""),
-                "vs": gate.get("baseline", ""),
                 **{label: _difference(gate, name) for name, label in CHARTED_METRICS.items()},
-                "gate s": gate.get("seconds", ""),
-                "reasons": "; ".join(reasons),
-                "pairs": ", ".join(f"{n} {source}" for source, n in sorted((v.get("pair_sources") or {}).items())),
+                "decision": " | ".join(part for part in parts if part),
             }
         )
     return pd.DataFrame(rows, columns=columns)
@@ -146,14 +161,13 @@ def write_versions_chart(frame: pd.DataFrame, path) -> None:
 
     figure = Figure(figsize=(7, 3.5), layout="constrained")
     axes = figure.add_subplot()
-    for label, rows in frame.groupby("metric", sort=False):
-        axes.plot(rows["version"], rows["value"], marker="o", label=label)
+    colors = {"CHAIR_s": "tab:red", "POPE-adversarial": "tab:blue", "recall": "tab:green"}
+    for label, rows in frame.groupby("metric", sort=False):  # versions as categories, in order
+        axes.plot(rows["version"], rows["value"], marker="o", label=label, color=colors.get(label))
     axes.set_xlabel("version")
     axes.set_ylim(0, 1.05)
     axes.set_title("Gate metrics per version (CHAIR_s: lower is better)")
-    axes.legend(loc="best")
-    if not frame.empty:
-        axes.set_xticks(sorted(frame["version"].unique()))
+    axes.legend(loc="center right")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
 
@@ -170,6 +184,8 @@ def version_summary(overview: dict) -> str:
         lines.append(f"**Canary:** policy-v{canary['version']} gets {canary['fraction']:.0%} of traffic")
     if not overview.get("data"):
         lines.append("No adapter versions yet: the base model answers.")
+    for row in versions_table(overview.get("data", [])).to_dict("records"):
+        lines.append(f"**{row['version']}** {row['status']}: {row['decision']}")
     return "  \n".join(lines)
 
 

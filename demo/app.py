@@ -23,11 +23,19 @@ from pathlib import Path
 import gradio as gr
 
 from alignloop.client import GatewayClient, GatewayError
-from demo.actions import NO_ANSWER_YET, ChatSession, DemoActions, metrics_frame, problem, versions_table
+from demo.actions import (
+    NO_ANSWER_YET,
+    ChatSession,
+    DemoActions,
+    metrics_frame,
+    problem,
+    versions_table,
+)
 from demo.settings import DemoSettings
 from training.shapes_world import ShapesWorld
 
 logger = logging.getLogger(__name__)
+CHART_COLORS = {"CHAIR_s": "#d62728", "POPE-adversarial": "#1f77b4", "recall": "#2ca02c"}
 
 DEFAULT_QUESTION = "Describe the image in detail."
 CHAT_OUTPUTS = ("session", "chatbot", "question", "status", "correction", "correction_target")
@@ -150,9 +158,10 @@ def build_demo(
                         x="version",
                         y="value",
                         color="metric",
-                        label="CHAIR_s (lower is better), POPE-adversarial and recall of each version on the gate",
+                        color_map=CHART_COLORS,
+                        label="CHAIR_s (red, lower is better), POPE-adversarial (blue) and recall (green) on the gate",
                         y_lim=[0, 1],
-                        height=280,
+                        height=360,
                         elem_id="version-chart",
                     )
                     table = gr.Dataframe(
@@ -226,7 +235,8 @@ def build_demo(
             except GatewayError as error:
                 return (problem(str(error)), *[gr.update()] * 5)
             choices = gr.update(choices=names)
-            return summary_text, frame, rows, choices, choices, choices
+            in_order = gr.update(value=frame, sort=list(dict.fromkeys(frame["version"])))  # base, v1, v2, ..., v10
+            return summary_text, in_order, rows, choices, choices, choices
 
         chat_outputs = [session, chatbot, question, status, correction, correction_target]  # CHAT_OUTPUTS' order
         new_scene.click(actions.random_scene, outputs=[image, facts])

@@ -100,13 +100,22 @@ class BDHSSampler:
         return inputs
 
     @torch.no_grad()
-    def complete(self, messages: Sequence[dict], image: Image.Image, answer_prefix: str, max_new_tokens: int) -> str:
-        """The masked policy's continuation of `answer_prefix` (greedy), as text."""
+    def complete(
+        self,
+        messages: Sequence[dict],
+        image: Image.Image,
+        answer_prefix: str,
+        max_new_tokens: int,
+        one_sentence: bool = False,
+    ) -> str:
+        """The masked policy's continuation of `answer_prefix` (greedy), as text; with `one_sentence`, generation
+        stops at the first sentence end (only the first sentence of a guided completion is kept)."""
         inputs = self.masked_inputs(messages, image, answer_prefix)
         was_training = self.policy.training
         self.policy.eval()
+        stop = {"stop_strings": [".", "!", "?"], "tokenizer": self.tokenizer} if one_sentence else {}
         output = self.policy.generate(
-            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **stop
         )
         self.policy.train(was_training)
         return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -119,7 +128,7 @@ class BDHSSampler:
             before = " ".join(sentences[:index])
             prefix = sentence_prefix(sentence, self.rng, self.config.flip_prob)
             answer_prefix = " ".join(part for part in (before, prefix) if part)
-            continuation = self.complete(messages, image, answer_prefix, self.config.max_new_tokens)
+            continuation = self.complete(messages, image, answer_prefix, self.config.max_new_tokens, one_sentence=True)
             completed = (
                 (prefix + continuation)
                 if not prefix or continuation[:1] in ",.!?"

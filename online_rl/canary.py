@@ -155,8 +155,11 @@ def window_tallies(
 class CanaryMonitor:
     """Watches the alias's canary (whoever started it) and promotes or rolls it back by `sequential_decision`."""
 
-    def __init__(self, store: FeedbackStore, alias: str, rules: CanaryRules, actor: str = "canary"):
+    def __init__(self, store: FeedbackStore, alias: str, rules: CanaryRules, actor: str = "canary", promote=None):
+        """`promote` moves the alias when the canary wins (`online_rl.promotion`): the store's own by default; the
+        trainer passes its promoter, which goes through the gateway and stages the version first."""
         self.store, self.alias, self.rules, self.actor = store, alias, rules, actor
+        self.promote = promote or store.promote
 
     def started_at(self, version: int) -> float | None:
         history = self.store.alias_history(self.alias)
@@ -182,9 +185,9 @@ class CanaryMonitor:
         record = {**(adapter.gate if adapter else {}), "canary": decision.as_dict()}
         if decision.action == "promote":
             try:
-                self.store.promote(self.alias, version, expected=promoted, actor=self.actor, reason=decision.reason)
-            except ConflictError as error:  # the alias moved meanwhile: the new one wins, this canary ends
-                decision = dataclasses.replace(decision, action="rollback", reason=f"alias moved meanwhile: {error}")
+                self.promote(self.alias, version, expected=promoted, actor=self.actor, reason=decision.reason)
+            except ConflictError as error:  # the alias moved meanwhile, or staging refused it: this canary ends
+                decision = dataclasses.replace(decision, action="rollback", reason=f"not promoted: {error}")
         self.store.set_canary(self.alias, None, 0.0, actor=self.actor, reason=decision.reason)
         if decision.action == "rollback":
             self.store.update_adapter(version, status="rejected", gate=record)

@@ -35,7 +35,8 @@ FactsSource = Literal["shapesworld", "user", "correction"]
 # candidate: published, not yet gated; gate_failed: its gate could not finish (retried later); canary: passed the gate
 # and serves a share of the alias's traffic; promoted; rejected; retired: promoted once, replaced since.
 AdapterStatus = Literal["candidate", "gate_failed", "canary", "promoted", "rejected", "retired"]
-AliasAction = Literal["promote", "rollback", "canary_start", "canary_stop"]
+# promote_refused: a promotion that did not happen (a vLLM replica could not stage the version); the alias stayed.
+AliasAction = Literal["promote", "rollback", "canary_start", "canary_stop", "promote_refused"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,7 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,6 +47,7 @@ from alignloop.settings import ClientSettings, ModelSettings
 from online_rl.canary import CanaryMonitor, CanaryRules
 from online_rl.gate import Gate, GateResult, Scorer, gateway_scorer
 from online_rl.pairs import PairSource, PreferencePair, build_pairs
+from online_rl.promotion import Promote, gateway_promoter
 from online_rl.schema import AdapterVersion, Delivery, adapter_name
 from online_rl.store import ConflictError, FeedbackStore
 from online_rl.trainer_metrics import TrainerMetrics
@@ -164,6 +166,10 @@ class TrainerSettings(ModelSettings, ClientSettings):
         le=1,
         description="live canary: how much lower its thumbs-up rate may be and count as no worse",
     )
+    served_check: bool = Field(
+        default=True,
+        description="before gating a version, check that the gateway serves it exactly as transformers + PEFT answer",
+    )
     poll_interval_s: float = Field(default=2.0, gt=0, description="seconds between reads of the feedback stream")
     metrics_host: str = Field(default="127.0.0.1", description="the address of the trainer's /metrics")
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="the port of the trainer's /metrics; 0: none")
@@ -202,14 +208,28 @@ class OnlineTrainer:
         store: FeedbackStore,
         scorer: Scorer | None = None,
         metrics: TrainerMetrics | None = None,
+        promote: Promote | None = None,
+        served_checker: Callable[[AdapterVersion], list[str]] | None = None,
     ):
         """`scorer(model_name) -> report` scores a served model name with per-scene tallies; by default through the
-        gateway (`online_rl.gate.gateway_scorer`)."""
+        gateway (`online_rl.gate.gateway_scorer`). `promote` moves the alias (`online_rl.promotion`): by default
+        through the gateway, which stages the version on every vLLM replica first, when the gate scores through it
+        too; with a scorer of the caller's own (no gateway), straight in the store. `served_checker(version) ->
+        problems` runs before the gate; by default, with the gateway, it checks that the gateway serves the version
+        exactly as transformers + PEFT answer (`online_rl.served_check`)."""
         from training.lora import vllm_base_model
 
+        through_gateway = scorer is None
         self.settings = settings
         self.store = store
         self.metrics = metrics or TrainerMetrics()
+        if promote is None:
+            promote = (
+                store.promote
+                if scorer is not None
+                else gateway_promoter(settings.gateway_url, settings.api_key.get_secret_value())
+            )
+        self.promote = promote
         scorer = scorer or gateway_scorer(
             settings.gateway_url,
             settings.api_key.get_secret_value(),
@@ -237,13 +257,18 @@ class OnlineTrainer:
         )
         rules = CanaryRules(settings.canary_min_rated, settings.canary_max_looks, settings.gate_confidence)
         self.canary = CanaryMonitor(
-            store, settings.public_alias, dataclasses.replace(rules, margin=settings.canary_margin)
+            store, settings.public_alias, dataclasses.replace(rules, margin=settings.canary_margin), promote=promote
         )
         self.deliveries: list[Delivery] = []
         self.bdhs_candidates: list = []  # (generation, event ids) of up-rated answers without a rejected partner
         self.first_pair_at: float | None = None
         self.rounds = 0
         self.event_times: dict[int, list[float]] = {}  # version -> arrival times of the events it was trained on
+        self.served_checker = served_checker
+        if served_checker is None and through_gateway and settings.served_check:
+            self.served_checker = self._check_served_through_gateway
+        self._runner = None
+        self._parent_path: str | None = None
         self._resumed = False
 
     # ---- events -> pairs ---------------------------------------------------------------------------------------
@@ -297,53 +322,31 @@ class OnlineTrainer:
         return pairs
 
     # ---- training ----------------------------------------------------------------------------------------------
+    def preference_trainer(self):
+        """The DPO / Dense DPO runner (`online_rl.dpo_runner`): the base model, loaded once onto the GPU when there
+        is one (bf16 autocast there), and kept between rounds."""
+        if self._runner is None:
+            from online_rl.dpo_runner import PreferenceTrainer, RoundConfig
+
+            self._runner = PreferenceTrainer(
+                self.settings.model, RoundConfig.from_settings(self.settings), self.store.get_image
+            )
+        return self._runner
+
     def load_policy(self):
-        """The policy to train: the promoted version's adapter on the base model, or a fresh LoRA."""
-        from peft import PeftModel, get_peft_model
-
-        from training.lora import language_model_lora
-        from training.tiny_llava import load_checkpoint
-
-        model, processor = load_checkpoint(self.settings.model)
+        """The round's policy: the promoted version's adapter (trainable) on the base model, or a fresh LoRA; with its
+        processor and the promoted version."""
+        runner = self.preference_trainer()
         promoted = self.store.promoted_version(self.settings.public_alias)
         adapter = self.store.get_adapter(promoted) if promoted else None
-        if adapter is not None:
-            policy = PeftModel.from_pretrained(model, adapter.path, is_trainable=True)
-        else:
-            policy = get_peft_model(model, language_model_lora(rank=self.settings.lora_rank))
-        return policy, processor, promoted
+        self._parent_path = adapter.path if adapter is not None else None
+        return runner.wrap(self._parent_path), runner.processor, promoted
 
     def train(self, policy, processor, pairs: list[PreferencePair]) -> tuple[dict[str, float], int]:
-        """`epochs` passes of DPO or Dense DPO over the pairs; the final epoch's mean metrics, and the step count."""
-        import torch
-
-        from online_rl.dpo import PreferenceLossConfig, preference_loss
-        from online_rl.preference_batch import PreferenceEncoder
-
-        settings = self.settings
-        torch.manual_seed(settings.seed)
-        dense = settings.algorithm == "dense-dpo"
-        encoder = PreferenceEncoder(processor, dense_gamma=settings.gamma if dense else None)
-        loss_config = PreferenceLossConfig(
-            beta=settings.beta, normalize=dense and settings.dense_normalize, sft_weight=settings.sft_weight
-        )
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=settings.learning_rate)
-        order = random.Random(settings.seed)
-        policy.train()
-        history: list[dict[str, float]] = []
-        for _ in range(settings.epochs):
-            shuffled = order.sample(pairs, len(pairs))
-            for start in range(0, len(shuffled), settings.batch_pairs):
-                batch = encoder.collate(shuffled[start : start + settings.batch_pairs], self.store.get_image)
-                loss, metrics = preference_loss(policy, batch, loss_config)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                history.append(metrics)
-        policy.eval()
-        last = history[-max(1, len(history) // settings.epochs) :]  # the final epoch
-        return {key: sum(m[key] for m in last) / len(last) for key in last[0]}, len(history)
+        """`epochs` passes of DPO or Dense DPO over the pairs on the policy `load_policy` gave; the final epoch's mean
+        metrics, and the step count."""
+        output = self.preference_trainer().train_round(pairs, parent_adapter=self._parent_path)
+        return output.metrics, output.steps
 
     # ---- one round -----------------------------------------------------------------------------------------------
     def run_round(self, pairs: list[PreferencePair]) -> RoundResult | None:
@@ -507,6 +510,14 @@ class OnlineTrainer:
             return self._reject(adapter, [reason], {"passed": False, "reasons": [reason]}, None)
         baseline = (f"{alias}@v{promoted}" if promoted else "base", version_label(promoted))
         try:
+            problems = self.served_checker(adapter) if self.served_checker is not None else []
+            if problems:
+                reason = f"not served as trained: {problems[0]}" + (
+                    f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                )
+                return self._reject(
+                    adapter, [reason], {"passed": False, "reasons": [reason], "served_check": problems}, None
+                )
             result = self.gate.compare((f"{alias}@v{adapter.version}", adapter.name), baseline)
         except CALL_ERRORS as error:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
@@ -553,13 +564,13 @@ class OnlineTrainer:
                 self.store.update_adapter(adapter.version, status="canary")
                 outcome = "canary"
             else:
-                self.store.promote(
+                self.promote(
                     alias, adapter.version, expected=promoted, actor="trainer", reason=f"gate passed: {summary}"
                 )
                 self.observe_served(adapter.version)
                 outcome = "promoted"
-        except ConflictError as error:  # the alias moved meanwhile (an admin): keep their choice
-            return self._reject(adapter, [f"alias moved meanwhile: {error}"], record, result)
+        except ConflictError as error:  # the alias moved meanwhile (an admin), or staging refused the version
+            return self._reject(adapter, [f"not promoted: {error}"], record, result)
         self.metrics.rounds.labels(outcome=outcome).inc()
         self.metrics.last_round.set(time.time())
         log_phase(
@@ -572,6 +583,21 @@ class OnlineTrainer:
             baseline_cached=result.baseline_cached,
         )
         return outcome, result, []
+
+    def _check_served_through_gateway(self, adapter: AdapterVersion) -> list[str]:
+        """Greedy answers of `llava-rlhf@vN` through the gateway against transformers + PEFT's on a few probes."""
+        from online_rl.served_check import check_served_exactly
+
+        started = time.monotonic()
+        mismatches = check_served_exactly(
+            self.settings.gateway_url,
+            f"{self.settings.public_alias}@v{adapter.version}",
+            adapter.path,
+            self.settings.model,
+            api_key=self.settings.api_key.get_secret_value(),
+        )
+        log_phase("served_check", version=adapter.name, mismatches=len(mismatches), seconds=time.monotonic() - started)
+        return [m.reason or f"probe {m.probe}: served {m.served!r}, expected {m.expected!r}" for m in mismatches]
 
     def _reject(self, adapter: AdapterVersion, reasons: list[str], record: dict, result: GateResult | None):
         notes = f"{adapter.notes}; rejected: {'; '.join(reasons)}"

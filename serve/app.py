@@ -4,6 +4,10 @@ Start-up opens the store, reads the registry, starts the record writer, the regi
 checks and (embedded mode) vLLM itself; `/health` answers at once, `/ready` and chat requests wait for vLLM.
 Shutdown drains the record queue, then stops vLLM. Nothing is built at import time.
 
+On a Redis store the gateway is one of several replicas: the per-key rate and concurrency limits are kept in Redis
+(`serve.shared_limits`), and feedback waits a little for a generation record another replica may still be writing.
+On SQLite (one gateway) both stay in the process.
+
 Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: validation errors as 400,
 bodies over the size limit as 413, unknown routes as 404, and unexpected failures as a 500 that names no internals.
 """
@@ -20,7 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from online_rl.schema import BASE_VERSION_NAME, adapter_name
 from online_rl.store import open_store
+from online_rl.store.redis import RedisStore
 from serve.admin import AdminService
 from serve.auth import Authenticator, ConcurrencyLimiter, RateLimiter
 from serve.feedback import FeedbackService
@@ -33,6 +39,8 @@ from serve.routes import api
 from serve.routing import AliasTable, RegistrySnapshot, RegistryWatcher
 from serve.serving import ChatService
 from serve.settings import GatewaySettings
+from serve.shared_limits import SharedConcurrencyLimiter, SharedRateLimiter
+from serve.staging import StagingService
 from serve.upstream import EmbeddedEngine, UpstreamPool, upstream_client
 from serve.vllm_process import VLLMServerConfig
 
@@ -85,8 +93,16 @@ def create_app(
         salt = settings.user_id_salt.get_secret_value()
         state.settings, state.store, state.metrics, state.pool, state.table = settings, store, metrics, pool, table
         state.auth = Authenticator(settings)
-        state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
-        state.concurrency = ConcurrencyLimiter(settings.max_concurrent_per_key)
+        shared = isinstance(store, RedisStore)
+        limits_pool = store.async_connection_pool() if shared else None
+        if shared:
+            state.rate_limiter = SharedRateLimiter(limits_pool, store.prefix, settings.rate_limit_per_minute)
+            state.concurrency = SharedConcurrencyLimiter(
+                limits_pool, store.prefix, settings.max_concurrent_per_key, settings.concurrency_lease_s
+            )
+        else:
+            state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+            state.concurrency = ConcurrencyLimiter(settings.max_concurrent_per_key)
         images = ImageResolver(
             image_client,
             settings.image_url_allowlist,
@@ -108,8 +124,11 @@ def create_app(
             settings.upstream_timeout_s,
         )
         state.responses = ResponsesService(state.chat, store)
-        state.feedback = FeedbackService(store, recorder, metrics, salt)
-        state.admin = AdminService(store, watcher, settings.public_alias)
+        state.feedback = FeedbackService(
+            store, recorder, metrics, salt, other_replicas_wait_s=settings.feedback_wait_s if shared else 0.0
+        )
+        state.staging = StagingService(pool, settings.base_model_name, timeout_s=settings.staging_timeout_s)
+        state.admin = AdminService(store, watcher, settings.public_alias, state.staging, metrics)
         engine = None
         if settings.embedded and upstream_transport is None:
             engine = EmbeddedEngine(
@@ -127,6 +146,8 @@ def create_app(
         ]
         if engine is not None:
             tasks.append(asyncio.create_task(engine.run(), name="vllm-engine"))
+        if shared:
+            tasks.append(asyncio.create_task(state.concurrency.renew_forever(), name="concurrency-leases"))
         try:
             yield
         finally:
@@ -140,6 +161,9 @@ def create_app(
                 await asyncio.to_thread(engine.stop)
             await upstream.aclose()
             await image_client.aclose()
+            if shared:
+                await state.concurrency.aclose()
+                await limits_pool.aclose()
             store.close()
             logger.info("gateway stopped")
 
@@ -170,6 +194,7 @@ def _on_registry_change(
     metrics.registry_revision.set(new.revision)
     for alias, version in new.promoted.items():
         metrics.current_version.labels(alias=alias).set(version or 0)
+        metrics.serve_alias(alias, BASE_VERSION_NAME if version is None else adapter_name(version))
         if old.promoted.get(alias) != version and not initial:
             metrics.swaps.labels(alias=alias, action="move").inc()
             logger.info(
@@ -177,6 +202,7 @@ def _on_registry_change(
             )
     if public_alias not in new.promoted:
         metrics.current_version.labels(alias=public_alias).set(0)
+        metrics.serve_alias(public_alias, BASE_VERSION_NAME)
 
 
 async def _health_loop(pool: UpstreamPool, metrics: GatewayMetrics, interval_s: float) -> None:
@@ -196,8 +222,14 @@ async def _retention_loop(store, interval_s: float) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    def count(request: Request, status: int, code: str | None) -> None:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.errors.labels(status=str(status), code=code or "").inc()
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
+        count(request, error.status, error.code)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -226,6 +258,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.error("unhandled error path=%s error=%s", request.url.path, type(error).__name__, exc_info=error)
+        count(request, 500, "internal_error")
         return JSONResponse(
             APIError(500, "The server had an error while processing your request.").body(), status_code=500
         )

@@ -1,6 +1,10 @@
 """Who is calling, and how much they may: API keys (kept hashed), the separate admin key, per-key rate limits and
 caps on concurrent requests.
 
+The limiters here count in this process: right for one gateway (the SQLite store). Gateway replicas that share a
+Redis store share their limits through it instead (`serve.shared_limits`), with the same interface: `await
+check(key_id)`, `await acquire(key_id)`, `release(key_id)`.
+
 In development with no API keys configured, requests without a key are accepted as the `anonymous` key (a laptop
 needs no setup); in production the settings refuse to start without keys. Admin endpoints always need the admin key.
 The service key identifies alignloop's own traffic (the trainer's gate): it is not rate-limited as a user is, and
@@ -61,6 +65,14 @@ class Authenticator:
             401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )
 
+    def require_operator(self, authorization: str | None) -> Caller:
+        """The admin key, or the service key (the trainer promoting the versions its gate passed)."""
+        token = _bearer(authorization)
+        service = self.service_digest
+        if token is not None and service is not None and hmac.compare_digest(key_digest(token), service):
+            return Caller("service", SERVICE_KEY_ID, is_service=True)
+        return self.require_admin(authorization)
+
     def require_admin(self, authorization: str | None) -> Caller:
         if self.admin_digest is None:
             raise APIError(403, "admin endpoints are disabled: set ALIGNLOOP_ADMIN_KEY", code="admin_disabled")
@@ -86,6 +98,24 @@ def _bearer(authorization: str | None) -> str | None:
     return token.strip()
 
 
+def rate_limit_error(per_minute: int, retry_after_s: int) -> APIError:
+    return APIError(
+        429,
+        f"Rate limit reached: {per_minute} requests per minute for this key.",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, retry_after_s))},
+    )
+
+
+def concurrency_error(limit: int) -> APIError:
+    return APIError(
+        429,
+        f"Too many concurrent requests: at most {limit} in flight per key.",
+        code="concurrency_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
+
+
 class RateLimiter:
     """A token bucket per key: `per_minute` requests a minute on average, bursts up to `per_minute`."""
 
@@ -94,19 +124,14 @@ class RateLimiter:
         self.refill_per_s = per_minute / 60.0
         self.buckets: dict[str, tuple[float, float]] = {}  # key_id -> (tokens, last update)
 
-    def check(self, key_id: str) -> None:
+    async def check(self, key_id: str) -> None:
         now = time.monotonic()
         tokens, last = self.buckets.get(key_id, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - last) * self.refill_per_s)
         if tokens < 1.0:
             retry_after = max(1, round((1.0 - tokens) / self.refill_per_s))
             self.buckets[key_id] = (tokens, now)
-            raise APIError(
-                429,
-                f"Rate limit reached: {int(self.capacity)} requests per minute for this key.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry_after)},
-            )
+            raise rate_limit_error(int(self.capacity), retry_after)
         self.buckets[key_id] = (tokens - 1.0, now)
 
 
@@ -119,14 +144,9 @@ class ConcurrencyLimiter:
         self.limit = limit
         self.in_flight: dict[str, int] = {}
 
-    def acquire(self, key_id: str) -> None:
+    async def acquire(self, key_id: str) -> None:
         if self.in_flight.get(key_id, 0) >= self.limit:
-            raise APIError(
-                429,
-                f"Too many concurrent requests: at most {self.limit} in flight per key.",
-                code="concurrency_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+            raise concurrency_error(self.limit)
         self.in_flight[key_id] = self.in_flight.get(key_id, 0) + 1
 
     def release(self, key_id: str) -> None:

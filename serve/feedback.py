@@ -54,11 +54,21 @@ def store_errors(param: str | None = None) -> Iterator[None]:
 
 
 class FeedbackService:
-    def __init__(self, store: FeedbackStore, recorder: RecordWriter, metrics: GatewayMetrics, user_id_salt: str):
+    def __init__(
+        self,
+        store: FeedbackStore,
+        recorder: RecordWriter,
+        metrics: GatewayMetrics,
+        user_id_salt: str,
+        other_replicas_wait_s: float = 0.0,
+    ):
+        """`other_replicas_wait_s` (replicas sharing a Redis store): how long a generation record that is not in the
+        store may still be on its way from another replica's record writer; 0 with one gateway."""
         self.store = store
         self.recorder = recorder
         self.metrics = metrics
         self.user_id_salt = user_id_salt
+        self.other_replicas_wait_s = other_replicas_wait_s
 
     def user_id(self, caller: Caller, user: str | None) -> str:
         return hash_user_id(f"{caller.key_id}:{user or ''}", self.user_id_salt)
@@ -67,6 +77,8 @@ class FeedbackService:
         """The caller's own generation record; 404 for unknown ids and for other keys' answers."""
         await self.recorder.wait_written(response_id)
         record = await anyio.to_thread.run_sync(self.store.get_generation, response_id)
+        if record is None and self.other_replicas_wait_s > 0:
+            record = await self._wait_for_other_replica(response_id)
         if record is None or not (caller.is_admin or record.key_id == caller.key_id):
             raise APIError(
                 404,
@@ -75,6 +87,39 @@ class FeedbackService:
                 code="response_not_found",
             )
         return record
+
+    async def _sent_image(self, caller: Caller, image_sha256: str) -> bool:
+        """Whether a generation record of the caller's key uses the image; with other replicas, waits as
+        `_wait_for_other_replica` does for a record one of them may still be writing."""
+
+        def sent() -> bool:
+            ids = self.store.generations_using_image(image_sha256)
+            return any(
+                record is not None and record.key_id == caller.key_id
+                for record in (self.store.get_generation(i) for i in ids)
+            )
+
+        deadline = anyio.current_time() + self.other_replicas_wait_s
+        delay = 0.01
+        while not await anyio.to_thread.run_sync(sent):
+            if anyio.current_time() >= deadline:
+                return False
+            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+            delay = min(delay * 2, 0.25)
+        return True
+
+    async def _wait_for_other_replica(self, response_id: str) -> GenerationRecord | None:
+        """Another replica may have given the answer and not written its record yet (records are written after the
+        last byte, in the background): reads the store again, more and more slowly, for `other_replicas_wait_s`."""
+        deadline = anyio.current_time() + self.other_replicas_wait_s
+        delay = 0.01
+        while anyio.current_time() < deadline:
+            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+            record = await anyio.to_thread.run_sync(self.store.get_generation, response_id)
+            if record is not None:
+                return record
+            delay = min(delay * 2, 0.25)
+        return None
 
     async def add_feedback(self, caller: Caller, body: FeedbackRequest, idempotency_key: str | None) -> FeedbackObject:
         await self.generation(caller, body.response_id, "response_id")
@@ -134,16 +179,13 @@ class FeedbackService:
         await self.recorder.wait_image_written(
             image_sha256
         )  # an answer just given may still be on its way to the store
-        if not caller.is_admin:
-            ids = await anyio.to_thread.run_sync(self.store.generations_using_image, image_sha256)
-            records = [await anyio.to_thread.run_sync(self.store.get_generation, i) for i in ids]
-            if not any(r is not None and r.key_id == caller.key_id for r in records):
-                raise APIError(
-                    404,
-                    f"No image sha256:{image_sha256} was sent with this API key.",
-                    param="sha256",
-                    code="image_not_found",
-                )
+        if not caller.is_admin and not await self._sent_image(caller, image_sha256):
+            raise APIError(
+                404,
+                f"No image sha256:{image_sha256} was sent with this API key.",
+                param="sha256",
+                code="image_not_found",
+            )
         record = FactsRecord(
             image_sha256=image_sha256,
             caption=body.caption,

@@ -372,6 +372,18 @@ class PromoteRequest(_Body):
     )
     check_expected: bool = Field(default=False, description="set true to use expected_version (null is meaningful)")
     reason: str = Field(default="", max_length=500)
+    require_effect: bool = Field(
+        default=True,
+        description="staging: refuse a version whose answer and token log-probabilities on the probe equal the base "
+        "model's (false promotes such an adapter on purpose)",
+    )
+    actor: str | None = Field(
+        default=None,
+        max_length=40,
+        pattern=r"^[a-z][a-z0-9_-]*$",
+        description="with the service key: the part of alignloop that promotes (trainer, canary), for the alias "
+        "history; the admin key is always `admin`",
+    )
 
 
 class RollbackRequest(_Body):

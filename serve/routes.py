@@ -54,12 +54,17 @@ async def current_caller(request: Request, authorization: Annotated[str | None, 
     state = request.app.state
     caller = state.auth.authenticate(authorization)
     if not caller.is_service:  # the trainer's gate has no user rate limit (its concurrency is still capped)
-        state.rate_limiter.check(caller.key_id)
+        await state.rate_limiter.check(caller.key_id)
     return caller
 
 
 async def current_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
     return request.app.state.auth.require_admin(authorization)
+
+
+async def current_operator(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The admin key or the service key (the trainer promotes the versions its gate passed)."""
+    return request.app.state.auth.require_operator(authorization)
 
 
 async def chat_service(request: Request) -> ChatService:
@@ -80,6 +85,7 @@ async def responses_service(request: Request) -> ResponsesService:
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
 AdminDep = Annotated[Caller, Depends(current_admin)]
+OperatorDep = Annotated[Caller, Depends(current_operator)]
 ChatDep = Annotated[ChatService, Depends(chat_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(feedback_service)]
 AdminServiceDep = Annotated[AdminService, Depends(admin_service)]
@@ -94,7 +100,7 @@ api = APIRouter()
 async def answer(request: Request, caller: Caller, stream: bool, prepare, complete, open_stream) -> Response:
     """One answer, streamed or not, holding one of the caller's concurrency slots until its last byte."""
     limiter = request.app.state.concurrency
-    limiter.acquire(caller.key_id)
+    await limiter.acquire(caller.key_id)
     streaming = False
     try:
         prepared = await prepare()
@@ -219,8 +225,10 @@ async def admin_history(alias: str, _: AdminDep, admin: AdminServiceDep) -> dict
 
 
 @api.post("/v1/admin/aliases/{alias}/promote", dependencies=JSON, responses=ERRORS)
-async def admin_promote(alias: str, body: PromoteRequest, _: AdminDep, admin: AdminServiceDep) -> dict:
-    return await admin.promote(alias, body)
+async def admin_promote(alias: str, body: PromoteRequest, caller: OperatorDep, admin: AdminServiceDep) -> dict:
+    """Stages the version on every healthy vLLM replica, then moves the alias; 409 `promote_refused` (recorded in
+    the alias history) when a replica cannot load it. The admin key or the service key."""
+    return await admin.promote(alias, body, caller)
 
 
 @api.post("/v1/admin/aliases/{alias}/rollback", dependencies=JSON, responses=ERRORS)

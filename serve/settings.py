@@ -118,6 +118,23 @@ class GatewaySettings(ModelSettings):
         default=10_000, description="generation records queued for the store; past it, new ones are dropped and counted"
     )
 
+    # ---- replicas (a shared Redis store) and staging ---------------------------------------------------------------
+    feedback_wait_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="Redis store: how long feedback waits for a generation record another gateway replica may still "
+        "be writing (an unknown response id answers 404 after it)",
+    )
+    concurrency_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Redis store: a request's concurrency slot expires after this long unless its replica renews it "
+        "(so a crashed replica frees its slots)",
+    )
+    staging_timeout_s: float = Field(
+        default=60.0, gt=0, description="seconds a vLLM replica may take to load and answer a version being staged"
+    )
+
     @field_validator("vllm_urls", "vllm_extra_args", "image_url_allowlist", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value):
@@ -179,7 +196,19 @@ class GatewaySettings(ModelSettings):
     def redacted(self) -> dict:
         """The settings as a dict fit for a log line: secrets masked."""
         data = self.model_dump()
+        data["store_url"] = _without_password(self.store_url)
         for field in ("api_keys", "admin_key", "user_id_salt", "service_key"):
             value = data.get(field)
             data[field] = f"<{len(value)} keys>" if isinstance(value, list) else ("<set>" if value else None)
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def _without_password(url: str) -> str:
+    """A URL fit for a log line: a password in it (redis://:PASSWORD@host) masked."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

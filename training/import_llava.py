@@ -50,7 +50,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -378,18 +378,17 @@ def meta_model(config):
         return LlavaForConditionalGeneration(config)
 
 
-def in_memory_name(model, checkpoint_key: str) -> str:
-    """The name transformers 5 gives a llava-hf checkpoint key once loaded (`model.language_model.*`, `lm_head`, ...):
-    transformers' own loading map for the model, so the LoRA is named as PEFT names the loaded model's modules."""
+def in_memory_namer(model) -> Callable[[str], str]:
+    """Maps a llava-hf checkpoint key to the name transformers 5 gives it once loaded (`model.language_model.*`,
+    `lm_head`, ...), with transformers' own loading map for `model`, so the LoRA is named as PEFT names the loaded
+    model's modules."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    if not hasattr(model, "_alignloop_renamings"):
-        transforms = get_model_conversion_mapping(model)
-        model._alignloop_renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        model._alignloop_converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    name, _ = rename_source_key(checkpoint_key, model._alignloop_renamings, model._alignloop_converters)
-    return name
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    return lambda key: rename_source_key(key, renamings, converters)[0]
 
 
 # ---- the weights ----------------------------------------------------------------------------------------------------
@@ -457,6 +456,7 @@ def _write_weights(release: OriginalRelease, model, config, model_dir: Path, pro
     from tqdm.auto import tqdm
 
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    loaded_name = in_memory_namer(model)
     shards = itertools.chain(
         _language_shards(release, config.text_config.vocab_size), (_vision_tensors(release.vision_tower),)
     )
@@ -465,7 +465,7 @@ def _write_weights(release: OriginalRelease, model, config, model_dir: Path, pro
     for number, tensors in enumerate(tqdm(shards, total=count, desc="converting", disable=not progress), start=1):
         name = f"model-{number:05d}-of-{count:05d}.safetensors"
         for key, tensor in tensors.items():
-            loaded = in_memory_name(model, key)
+            loaded = loaded_name(key)
             if loaded not in expected:
                 raise ValueError(
                     f"converted weight {key} ({loaded}) is not a parameter of LlavaForConditionalGeneration"
@@ -499,6 +499,7 @@ def _convert_lora(release: OriginalRelease, model, lora_dir: Path, base_model: s
     if not targets:
         raise ValueError("LoRA: adapter_config.json lists no target_modules")
     linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    loaded_name = in_memory_namer(model)
     original_modules = {k.removesuffix(".weight") for k in release.weight_map if k.endswith(".weight")}
     language = {m for m in original_modules if m.startswith("model.layers.") or m == "lm_head"}
     for target in [targets] if isinstance(targets, str) else targets:
@@ -509,7 +510,7 @@ def _convert_lora(release: OriginalRelease, model, lora_dir: Path, base_model: s
         match = LORA_KEY.match(key)
         if match is None:
             raise ValueError(f"LoRA: unsupported tensor {key} (only lora_A / lora_B weights can be served)")
-        module = in_memory_name(model, convert_key(match["module"] + ".weight")).removesuffix(".weight")
+        module = loaded_name(convert_key(match["module"] + ".weight")).removesuffix(".weight")
         layer = linear.get(module)
         if layer is None or ".language_model." not in f".{module}":
             raise ValueError(f"LoRA tensor {key} matches no linear module of the converted language model ({module})")

@@ -5,11 +5,17 @@
     open_store("redis://127.0.0.1:6379/0?prefix=alignloop")    # Redis Streams, hashes and sorted sets
 
 Query options on either URL: `retention_days=N` (generation records older than N days are purged by
-`purge_expired`). SQLite also takes `synchronous=normal|full`; Redis takes `prefix=` (key namespace).
+`purge_expired`). SQLite also takes `synchronous=normal|full`. Redis takes `prefix=` (key namespace),
+`password_file=PATH` (the password read from a file, e.g. a mounted Kubernetes secret, so that it appears in no URL,
+setting or log line) and `images=DIR` (image bytes as content-addressed files in DIR, a volume every replica
+shares, instead of in Redis's memory):
+
+    open_store("redis://redis:6379/0?password_file=/run/secrets/redis/password&images=/data/images")
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from online_rl.store.base import (
@@ -52,8 +58,18 @@ def open_store(url: str) -> FeedbackStore:
         prefix = query.pop("prefix", "alignloop")
         if not prefix.strip(":"):
             raise ValueError(f"store URL {url!r}: prefix must not be empty")
+        password = None
+        password_file = query.pop("password_file", None)
+        if password_file is not None:
+            try:
+                password = Path(password_file).read_text().rstrip("\r\n")
+            except OSError as error:
+                raise ValueError(f"store URL: cannot read password_file {password_file}: {error.strerror}") from None
+        images = query.pop("images", None)
+        if images is not None and not images.strip():
+            raise ValueError(f"store URL {url!r}: images must name a directory")
         plain = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
-        return RedisStore(plain, options, prefix=prefix)
+        return RedisStore(plain, options, prefix=prefix, password=password, images_dir=images)
     raise ValueError(f"store URL {url!r}: the scheme must be sqlite:// or redis://")
 
 

@@ -363,7 +363,29 @@ class FeedbackStore(abc.ABC):
 
     @abc.abstractmethod
     def alias_history(self, alias: str) -> list[AliasChange]:
-        """Every move of the alias, oldest first."""
+        """Every move of the alias (and every refused promotion), oldest first."""
+
+    def record_refusal(self, alias: str, version: int | None, actor: str = "system", reason: str = "") -> AliasChange:
+        """Records in the alias history that moving `alias` to `version` was refused (a `promote_refused` entry,
+        e.g. a vLLM replica could not stage the version). The alias, the versions' statuses and the registry
+        revision stay as they are; the entry's `seq` is the revision the refusal saw."""
+        if not reason.strip():
+            raise InvalidInputError("a refused promotion needs its reason")
+        change = AliasChange(
+            seq=self.registry_revision(),
+            alias=alias,
+            from_version=self.promoted_version(alias),
+            to_version=version,
+            action="promote_refused",
+            actor=actor,
+            reason=reason,
+        )
+        self._append_history(change)
+        return change
+
+    @abc.abstractmethod
+    def _append_history(self, change: AliasChange) -> None:
+        """Appends one entry to the alias's history, changing nothing else."""
 
     def set_canary(
         self, alias: str, version: int | None, fraction: float, actor: str = "system", reason: str = ""

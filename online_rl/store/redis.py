@@ -6,7 +6,10 @@ Where things live, under a key prefix (default `alignloop`, `?prefix=` in the UR
 - `{p}:gen:{id}`: a generation record (JSON string), indexed by `{p}:gens:created` (sorted set, for retention),
   `{p}:user:{u}:gens` and `{p}:prompt:{hash}` (sets);
 - `{p}:img:{sha256}`: image bytes and metadata (hash), with `{p}:img:{sha256}:refs`, the set of generation ids
-  that use it, so an image is deleted with its last reference; `{p}:facts:{sha256}` (hash of facts records);
+  that use it, so an image is deleted with its last reference; `{p}:facts:{sha256}` (hash of facts records).
+  With an image directory (`?images=/data/images` in the URL) the bytes stay out of Redis's memory: they are
+  content-addressed files `<dir>/<sha[:2]>/<sha256>` on a volume every replica shares, and the hash holds only the
+  metadata (see `ImageFiles`);
 - `{p}:idem:{u}:{key}`: the event an idempotency key produced and its content fingerprint;
 - `{p}:adapter:{n}`, `{p}:adapters` (sorted set), `{p}:adapters:next` (INCR counter), `{p}:alias:{name}`,
   `{p}:alias:{name}:history` (list), `{p}:registry:revision`, and the pub/sub channel `{p}:registry`, on which
@@ -21,10 +24,17 @@ not Redis Cluster.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import tempfile
 import time
+import uuid
 from collections.abc import Iterable
+from pathlib import Path
 
 import redis
+import redis.asyncio
 
 from online_rl.schema import (
     AdapterVersion,
@@ -38,6 +48,8 @@ from online_rl.schema import (
     parse_stream_event,
 )
 from online_rl.store.base import UNSET, ConflictError, FeedbackStore, NotFoundError, StoreOptions
+
+logger = logging.getLogger(__name__)
 
 # KEYS: the stream, the idempotency key ('' for none), the event hash, then `n_required` keys that must exist, then
 # `n_sadd` sets, then hashes. ARGV: event id, payload, fingerprint, n_required, n_sadd, one member per set, then a
@@ -71,16 +83,36 @@ return {'ok', stream_id}
 class RedisStore(FeedbackStore):
     """The store in Redis (redis-py's synchronous client; thread-safe through its connection pool)."""
 
-    def __init__(self, url: str, options: StoreOptions | None = None, prefix: str = "alignloop"):
+    def __init__(
+        self,
+        url: str,
+        options: StoreOptions | None = None,
+        prefix: str = "alignloop",
+        password: str | None = None,
+        images_dir: str | Path | None = None,
+    ):
+        """`password` overrides one in the URL (`open_store` reads it from `?password_file=`); with `images_dir`,
+        image bytes are files there and Redis keeps only their metadata."""
         self.url = _without_password(url)  # for messages and logs; the client keeps the real one
         self.options = options or StoreOptions()
         self.prefix = prefix
-        self.client = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+        self._connection = (url, {"password": password} if password is not None else {})
+        self.client = redis.Redis.from_url(url, decode_responses=False, health_check_interval=30, **self._connection[1])
         try:
             self.client.ping()
         except redis.RedisError as error:
             raise ConnectionError(f"cannot reach the Redis store at {_without_password(url)}: {error}") from error
         self._append_script = self.client.register_script(APPEND_EVENT)
+        self.image_files = ImageFiles(images_dir) if images_dir is not None else None
+
+    def async_client(self) -> redis.asyncio.Redis:
+        """A client of the same Redis for an event loop (the gateway's shared limits), same credentials."""
+        url, extra = self._connection
+        return redis.asyncio.Redis.from_url(url, decode_responses=False, health_check_interval=30, **extra)
+
+    def async_connection_pool(self) -> redis.asyncio.ConnectionPool:
+        url, extra = self._connection
+        return redis.asyncio.ConnectionPool.from_url(url, health_check_interval=30, **extra)
 
     def key(self, *parts: str | int) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -91,6 +123,14 @@ class RedisStore(FeedbackStore):
     # ---- images --------------------------------------------------------------------------------------------
     def _put_image(self, blob: ImageBlob, data: bytes) -> None:
         key = self.key("img", blob.sha256)
+        if self.image_files is not None:
+            # The file first, then the metadata, then the file again if a concurrent delete took it meanwhile
+            # (`_delete_image_file` puts back a file whose metadata reappeared): a stored image always has its file.
+            self.image_files.write(blob.sha256, data)
+            self.client.hsetnx(key, "meta", blob.to_json())
+            if not self.image_files.exists(blob.sha256):
+                self.image_files.write(blob.sha256, data)
+            return
         # HSETNX on the data field keeps the first write; the metadata is the same for the same bytes.
         pipe = self.client.pipeline(transaction=True)
         pipe.hsetnx(key, "data", data)
@@ -98,7 +138,14 @@ class RedisStore(FeedbackStore):
         pipe.execute()
 
     def get_image(self, sha256: str) -> bytes | None:
-        return self.client.hget(self.key("img", sha256), "data")
+        if self.image_files is None:
+            return self.client.hget(self.key("img", sha256), "data")
+        if not self.client.hexists(self.key("img", sha256), "meta"):
+            return None
+        data = self.image_files.read(sha256)
+        if data is None:
+            logger.error("image file missing sha256=%s dir=%s", sha256, self.image_files.root)
+        return data
 
     def image_info(self, sha256: str) -> ImageBlob | None:
         meta = self.client.hget(self.key("img", sha256), "meta")
@@ -396,6 +443,9 @@ class RedisStore(FeedbackStore):
             AliasChange.model_validate_json(v) for v in self.client.lrange(self.key("alias", alias, "history"), 0, -1)
         ]
 
+    def _append_history(self, change: AliasChange) -> None:
+        self.client.rpush(self.key("alias", change.alias, "history"), change.to_json())
+
     def _set_canary(self, alias: str, version: int | None, fraction: float, change: AliasChange) -> AliasChange:
         revision_key = self.key("registry", "revision")
 
@@ -489,7 +539,22 @@ class RedisStore(FeedbackStore):
             pipe.delete(self.key("img", sha), self.key("facts", sha), refs_key)
             return int(existed), int(facts)
 
-        return self.client.transaction(delete, refs_key, value_from_callable=True)
+        images, facts = self.client.transaction(delete, refs_key, value_from_callable=True)
+        if images and self.image_files is not None:
+            self._delete_image_file(sha)
+        return images, facts
+
+    def _delete_image_file(self, sha: str) -> None:
+        """Removes an image's file after its metadata went. A concurrent `put_image` of the same bytes may have
+        written the file and the metadata again meanwhile: the file is moved aside first and put back if the
+        metadata is there again (the bytes are the same, being content-addressed)."""
+        aside = self.image_files.move_aside(sha)
+        if aside is None:
+            return
+        if self.client.hexists(self.key("img", sha), "meta"):
+            self.image_files.restore(sha, aside)
+        else:
+            aside.unlink(missing_ok=True)
 
     def _delete_events(self, event_ids: list[str]) -> int:
         """Deletes events from the stream, their indexes and idempotency keys, and from every group's pending list
@@ -515,6 +580,56 @@ class RedisStore(FeedbackStore):
                 pipe.delete(self.key("idem", event.user_id, event.idempotency_key))
             deleted += int(pipe.execute()[0])
         return deleted
+
+
+class ImageFiles:
+    """Content-addressed image files: `<root>/<sha[:2]>/<sha256>`, each written once, atomically (a temporary file
+    in the same directory, fsynced, then renamed), so a reader never sees half an image."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def write(self, sha256: str, data: bytes) -> None:
+        path = self.path(sha256)
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{sha256}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+
+    def read(self, sha256: str) -> bytes | None:
+        try:
+            return self.path(sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def move_aside(self, sha256: str) -> Path | None:
+        path = self.path(sha256)
+        aside = path.with_name(f".{sha256}.deleting-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def restore(self, sha256: str, aside: Path) -> None:
+        os.replace(aside, self.path(sha256))
 
 
 def _without_password(url: str) -> str:

@@ -451,6 +451,10 @@ class SQLiteStore(FeedbackStore):
         rows = self._read("SELECT record FROM alias_history WHERE alias = ? ORDER BY seq", (alias,))
         return [AliasChange.model_validate_json(row["record"]) for row in rows]
 
+    def _append_history(self, change: AliasChange) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO alias_history (alias, record) VALUES (?, ?)", (change.alias, change.to_json()))
+
     def _set_canary(self, alias: str, version: int | None, fraction: float, change: AliasChange) -> AliasChange:
         with self._write() as db:
             if version is None:

@@ -114,15 +114,17 @@ def test_the_version_panel_reads_the_registry(actions, client, store, fake_vllm)
             },
         },
     )
+    store._update_adapter(version, lambda a: a.model_copy(update={"pair_sources": {"correction": 5, "bdhs": 2}}))
     summary, frame, table, names = actions.versions()
     assert "serves:** policy-v1" in summary and "Feedback since then:** 0 events" in summary
-    assert frame.to_dict("records") == [  # the gate's metrics only, with readable names
-        {"version": 1, "metric": "CHAIR_s", "value": 0.2},
-        {"version": 1, "metric": "recall", "value": 0.95},
+    assert frame.to_dict("records") == [  # the gate's metrics only, readable names, the base model first
+        {"version": "base", "metric": "CHAIR_s", "value": 0.3},
+        {"version": "v1", "metric": "CHAIR_s", "value": 0.2},
+        {"version": "v1", "metric": "recall", "value": 0.95},
     ]
     (row,) = table.to_dict("records")
-    assert row["version"] == "v1" and row["status"] == "promoted" and row["vs"] == "base"
-    assert row["CHAIR_s"] == "0.200 (-0.100, [-0.160, -0.040])" and row["gate s"] == 41.5
+    assert (row["version"], row["status"], row["CHAIR_s"]) == ("v1", "promoted", "0.200 (-0.100; -0.16..-0.04)")
+    assert row["decision"] == "vs base | pairs: 2 bdhs, 5 correction | gate 42 s"
     assert names == ["llava-rlhf", "base", "llava-rlhf@v1"]
     assert metrics_frame([]).empty and versions_table([]).empty
 

@@ -18,6 +18,7 @@ from tests.conftest import free_port
 ALICE = "sk-alice-integration-0123456789"
 BOB = "sk-bob-integration-0123456789ab"
 ADMIN = "admin-integration-0123456789abcd"
+SERVICE = "service-integration-0123456789ab"  # the trainer's key: it gates and promotes through the gateway
 
 
 class GatewayProcess:
@@ -36,6 +37,7 @@ class GatewayProcess:
                 "ALIGNLOOP_BASE_MODEL_NAME": "shapes-llava",
                 "ALIGNLOOP_API_KEYS": f"alice:{ALICE},bob:{BOB}",
                 "ALIGNLOOP_ADMIN_KEY": ADMIN,
+                "ALIGNLOOP_SERVICE_KEY": SERVICE,
                 "ALIGNLOOP_HEALTH_INTERVAL_S": "0.5",
                 "ALIGNLOOP_RATE_LIMIT_PER_MINUTE": "100000",
                 "ALIGNLOOP_LOG_LEVEL": "WARNING",

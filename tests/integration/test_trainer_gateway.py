@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from online_rl.trainer import OnlineTrainer, TrainerSettings
-from tests.integration.conftest import ALICE
+from tests.integration.conftest import ALICE, SERVICE
 from tests.integration.test_gateway_vllm import data_url, image_question, sdk
 from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
 
@@ -48,7 +48,7 @@ def test_corrections_through_the_gateway_train_and_gate_a_version(
         model=vllm_server.config.model,
         adapter_dir=vllm_server.config.adapter_dir,
         gateway_url=gateway.url,
-        api_key=ALICE,
+        api_key=SERVICE,  # the trainer's identity: it gates and promotes (staging first) through the gateway
         group="trainer-integration",
         round_min_pairs=1,
         epochs=2,
@@ -121,7 +121,7 @@ def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(
         model=vllm_server.config.model,
         adapter_dir=vllm_server.config.adapter_dir,
         gateway_url=gateway.url,
-        api_key=ALICE,
+        api_key=SERVICE,
         algorithm="ppo",
         reward_model=reward_dir,
         ppo_steps=2,

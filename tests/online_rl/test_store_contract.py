@@ -370,3 +370,110 @@ def test_generations_using_an_image_are_found(store):
     make_generation(store, "chatcmpl-c", color=(8, 8, 8))
     assert store.generations_using_image(a.image_hashes[0]) == ["chatcmpl-a", "chatcmpl-b"]
     assert store.generations_using_image("e" * 64) == []
+
+
+def test_a_refused_promotion_is_recorded_and_moves_nothing(store):
+    for _ in range(2):
+        store.register_adapter(adapter(store.allocate_adapter_version()))
+    store.promote("llava-rlhf", 1, actor="trainer")
+    revision = store.registry_revision()
+    refused = store.record_refusal(
+        "llava-rlhf", 2, actor="trainer", reason="staging: http://vllm-1:8000 could not load policy-v2"
+    )
+    assert (refused.action, refused.from_version, refused.to_version, refused.seq) == (
+        "promote_refused",
+        1,
+        2,
+        revision,
+    )
+    assert store.promoted_version("llava-rlhf") == 1 and store.registry_revision() == revision
+    assert [store.get_adapter(v).status for v in (1, 2)] == ["promoted", "candidate"]
+    history = store.alias_history("llava-rlhf")
+    assert [(c.action, c.to_version) for c in history] == [("promote", 1), ("promote_refused", 2)]
+    assert history[-1].reason == "staging: http://vllm-1:8000 could not load policy-v2"
+    assert store.rollback("llava-rlhf").to_version is None  # back past the refusal, to what v1 replaced
+    with pytest.raises(InvalidInputError, match="reason"):
+        store.record_refusal("llava-rlhf", 2, reason=" ")
+
+
+def test_image_bytes_live_in_files_when_the_url_names_an_image_directory(redis_store_url, tmp_path):
+    import redis
+
+    images = tmp_path / "images"
+    with open_store(f"{redis_store_url}&images={images}") as store:
+        record = make_generation(store, "chatcmpl-1", color=(4, 5, 6))
+        (sha,) = record.image_hashes
+        path = images / sha[:2] / sha
+        assert path.read_bytes() == store.get_image(sha) and store.image_info(sha).size == path.stat().st_size
+        raw = redis.Redis.from_url(redis_store_url.split("?")[0])
+        assert raw.hget(store.key("img", sha), "data") is None  # nothing of the bytes in Redis's memory
+        assert raw.hget(store.key("img", sha), "meta") is not None
+        with open_store(f"{redis_store_url}&images={images}") as other_replica:
+            assert other_replica.get_image(sha) == path.read_bytes()  # another replica reads it from the volume
+        store.delete_user(record.user_id)
+        assert not path.exists() and store.get_image(sha) is None and store.image_info(sha) is None
+        assert [p for p in images.rglob("*") if p.is_file()] == []
+
+
+def test_an_image_deleted_while_stored_again_keeps_its_file(redis_store_url, tmp_path):
+    """The race of a delete (the last record using an image goes) with a put of the same bytes: whatever the order,
+    an image whose metadata is in Redis has its file."""
+    with open_store(f"{redis_store_url}&images={tmp_path / 'images'}") as store:
+        data = png_bytes()
+        sha = store.put_image(data)
+        store.client.delete(store.key("img", sha))  # the delete's transaction ran ...
+        aside = store.image_files.move_aside(sha)  # ... and moved the file aside when the put came in:
+        assert store.put_image(data) == sha  # the put writes the file and the metadata again
+        aside.unlink()
+        assert store.get_image(sha) == data
+        store.client.delete(store.key("img", sha))
+        store._delete_image_file(sha)  # no metadata: the file goes
+        assert not store.image_files.exists(sha)
+        store.put_image(data)
+        store._delete_image_file(sha)  # the metadata is back (a put won the race): the file stays
+        assert store.get_image(sha) == data
+
+
+def test_the_redis_password_comes_from_a_file_and_shows_in_no_url_or_error(tmp_path):
+    """A Redis of its own with a password (as deploy/k8s runs it): the store authenticates with the password read from
+    `password_file`, and neither the store's URL nor a connection error shows it."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary to start a password-protected Redis")
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--requirepass", "s3cret-redis-password"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        secret = tmp_path / "password"
+        secret.write_text("s3cret-redis-password\n")  # as a mounted secret file may end
+        url = f"redis://127.0.0.1:{port}/0?prefix=pw&password_file={secret}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store = open_store(url)
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with store:
+            make_generation(store, "chatcmpl-1")
+            assert store.get_generation("chatcmpl-1") is not None
+            assert "s3cret" not in store.url
+        secret.write_text("wrong-password")
+        with pytest.raises(ConnectionError) as refused:
+            open_store(url)
+        assert "wrong-password" not in str(refused.value) and "s3cret" not in str(refused.value)
+        with pytest.raises(ValueError, match="cannot read password_file"):
+            open_store(url.replace(str(secret), str(tmp_path / "missing")))
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -110,6 +110,13 @@ def test_a_round_publishes_acks_gates_and_promotes(base_model, store, tmp_path):
     assert store.promoted_version("llava-rlhf") == 1 and store.pending_count("trainer") == 0
     assert "gate passed: chair_s 0.100->0.100" in store.alias_history("llava-rlhf")[-1].reason
     assert trainer.poll() == []  # nothing is trained on twice
+    sample = trainer.metrics.registry.get_sample_value
+    assert sample("alignloop_trainer_rounds_total", {"outcome": "promoted"}) == 1
+    assert sample("alignloop_trainer_pairs_total", {"source": "correction"}) == 3
+    assert sample("alignloop_trainer_feedback_to_served_seconds_count") == 3  # one per event trained on
+    assert sample("alignloop_trainer_gate_metric", {"version": "policy-v1", "metric": "chair_s"}) == 0.1
+    trainer.update_gauges()
+    assert sample("alignloop_trainer_feedback_backlog") == 0 and sample("alignloop_trainer_ungated_versions") == 0
 
     # The next round starts from v1, whose scores are cached; a candidate that hallucinates more is rejected.
     add_corrections(store, 2, start=10)
@@ -393,3 +400,18 @@ def test_evaluation_records_are_never_training_prompts(store):
     assert store.get_generation("gate-0").client == "eval"
     questions = sorted(p.prompt.messages[0]["content"][1]["text"] for p in traffic_prompts(store))
     assert questions == ["Describe the image in detail.", "Is there a moon in the image?"]
+
+
+def test_a_version_not_served_as_trained_is_rejected_before_its_gate(base_model, store, tmp_path):
+    add_corrections(store, 2)
+    scored = []
+    trainer = OnlineTrainer(
+        settings_for(base_model, tmp_path),
+        store,
+        scorer=lambda name: scored.append(name) or GOOD,
+        served_checker=lambda adapter: [f"probe 0: served 'Yes.', expected 'No.' ({adapter.name})"],
+    )
+    result = trainer.run_round(trainer.poll())
+    assert result.outcome == "rejected" and scored == []  # never scored: what users would get is not what was trained
+    assert result.reasons == ["not served as trained: probe 0: served 'Yes.', expected 'No.' (policy-v1)"]
+    assert store.get_adapter(1).gate["served_check"] == ["probe 0: served 'Yes.', expected 'No.' (policy-v1)"]

@@ -29,7 +29,11 @@ class FakeVLLM:
         self.streams_cut: list[str] = []  # ids of streams whose reader went away before the end (vLLM aborts them)
         self.garbled_after_first_word = False  # then an event that is not JSON, as from a broken proxy in between
         self.finish_reason = "stop"  # "length": every answer ends as if max_tokens had cut it
+        self.inert_adapters: set[str] = set()  # adapters that load but change nothing (all-zero LoRA weights)
         self.app = self._build()
+
+    def effective_model(self, model: str) -> str:
+        return BASE if model in self.inert_adapters else model
 
     def answer_for(self, body: dict, index: int = 0) -> str:
         """Choice 0 names the model and counts the images; choice i > 0 says which take it is."""
@@ -40,7 +44,8 @@ class FakeVLLM:
             for p in m["content"]
             if p.get("type") == "image_url"
         )
-        return f"{body['model']} saw {images} image(s){'' if index == 0 else f', take {index + 1}'}."
+        model = self.effective_model(body["model"])
+        return f"{model} saw {images} image(s){'' if index == 0 else f', take {index + 1}'}."
 
     def _refusal(self, body: dict) -> JSONResponse | None:
         if self.fail_with:
@@ -69,6 +74,16 @@ class FakeVLLM:
             )
         return None
 
+    def _logprobs(self, body: dict, words: list[str]) -> dict:
+        """vLLM's `logprobs.content` for an answer: one entry a word; an adapter shifts them a little."""
+        shift = 0.0 if self.effective_model(body["model"]) == BASE else 0.01
+        return {
+            "content": [
+                {"token": word, "logprob": -0.1 * (i + 1) - shift, "bytes": list(word.encode()), "top_logprobs": []}
+                for i, word in enumerate(words)
+            ]
+        }
+
     def _answer(self, body: dict, kind: str, texts: list[str]):
         """vLLM 0.32's answer, null fields and extras included (as measured on the real server)."""
         chat = kind == "chat.completion"
@@ -83,7 +98,9 @@ class FakeVLLM:
                 if chat:
                     message = {"role": "assistant", "content": text, "refusal": None, "annotations": None}
                     message |= {"audio": None, "function_call": None, "reasoning": None}
-                    choice = {"index": index, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+                    logprobs = self._logprobs(body, words[index]) if body.get("logprobs") else None
+                    choice = {"index": index, "message": message, "logprobs": logprobs}
+                    choice["finish_reason"] = self.finish_reason
                 else:
                     choice = {"index": index, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
                 choice |= {"stop_reason": None, "token_ids": list(range(len(words[index]))) if token_ids else None}

@@ -89,6 +89,22 @@ def test_processor_and_chat_template_reproduce_llavas_inputs(imported, reference
         assert (pixels - tensors[f"pixel_values.{index}"]).abs().max() < 0.02  # padded too: unpadded differs by ~1
 
 
+def test_a_two_turn_conversation_is_tokenized_as_llava_trained_on_it(imported, reference):
+    tensors, meta = reference
+    processor = LlavaProcessor.from_pretrained(imported / "model")
+    first, answer, second = meta["multi_turn"]["turns"]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first.split("\n", 1)[1]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": second}]},
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    original = tensors["input_ids.multi_turn"].tolist()
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert ids == [image if token == IMAGE_TOKEN_INDEX else token for token in original]
+
+
 def test_greedy_answers_match_the_original_llava_code(imported, reference):
     tensors, meta = reference
     processor = LlavaProcessor.from_pretrained(imported / "model", backend="pil")
