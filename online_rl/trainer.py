@@ -9,11 +9,16 @@ One round:
    on logged prompts whose images have facts (`online_rl.online_pairs`);
 3. publish `policy-vN` atomically and register it, acknowledging the round's events in the same registry write, so
    an event is trained on by exactly one published version even across crashes;
-4. gate it: score `llava-rlhf@vN` through the gateway with `alignloop eval`'s ShapesWorld benchmark on a held-out
-   split, against the version it would replace. It is promoted (compare-and-set on the alias, so a concurrent
-   admin change wins) only if CHAIR_s and POPE-adversarial do not regress beyond a tolerance and object recall does
-   not fall by more than 2 points; otherwise it is marked rejected and the next round starts again from the
-   promoted version. The metrics go into the registry either way.
+4. check that the gateway serves it exactly as transformers + PEFT answer (`online_rl.served_check`), then gate it
+   (`online_rl.gate`): it and the version it would replace answer the same held-out ShapesWorld scenes through the
+   gateway, and it is rejected when a metric (CHAIR_s, POPE-adversarial, object recall) is worse with 95% confidence
+   beyond its margin. Otherwise it is promoted through the gateway, which stages it on every vLLM replica first
+   (`online_rl.promotion`), or with `canary_share` > 0 it serves that share of the traffic until its users' thumbs
+   decide (`online_rl.canary`). A gate that cannot finish marks it `gate_failed`, and it is gated again later.
+
+Each phase logs one line (`phase=read|bdhs|train|publish|served_check|gate|warm ...`), and the trainer's Prometheus
+metrics (`online_rl.trainer_metrics`) are served on `metrics_port`. The loop never ends on a failed round: it logs
+it (one line for an unreachable gateway or store) and tries again with backoff.
 
 An up-rated answer with no rejected partner gets one from BDHS (`online_rl.bdhs`, up to `bdhs_per_round` a round):
 the policy, with ~99% of the image hidden, completes the answer's cut sentences into its typical hallucinations.
