@@ -20,6 +20,7 @@ from PIL import Image
 
 from alignloop.client import Answer, GatewayClient, GatewayError, image_data_url
 from demo.text_diff import word_diff
+from training.evaluation.metrics import opposite_answer
 from training.shapes_world import ShapesWorld
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ def _difference(gate: dict, metric: str) -> str:
 def versions_table(versions: list[dict]) -> pd.DataFrame:
     """One row per version, newest first: its status; each gate metric as the version's value (its difference from
     the version it would replace; the 95% interval of that difference); the decision: what it was compared with, the
-    reasons, and the pairs it was trained on."""
+    reasons, the metrics of the other gate suites (`suite/metric`, e.g. pope/f1) in the same form, and the pairs it
+    was trained on."""
     columns = ["version", "status", *CHARTED_METRICS.values(), "decision"]
     rows = []
     for v in reversed(versions):
@@ -135,9 +137,11 @@ def versions_table(versions: list[dict]) -> pd.DataFrame:
         if canary.get("reason"):
             reasons = [*reasons, f"canary: {canary['reason']}"]
         pairs = ", ".join(f"{n} {source}" for source, n in sorted((v.get("pair_sources") or {}).items()))
+        suites = "; ".join(f"{name} {_difference(gate, name)}" for name in gate.get("differences") or {} if "/" in name)
         parts = [
             f"vs {gate['baseline']}" if gate.get("baseline") else "",
             "; ".join(reasons),
+            suites,
             pairs and f"pairs: {pairs}",
         ]
         if gate.get("seconds") is not None:
@@ -327,6 +331,15 @@ class DemoActions:
         return ok(f"Correction saved for the answer by {answer.version} (feedback {event['id']})."), word_diff(
             answer.text, corrected
         )
+
+    def flip_yes_no(self, state: ChatSession, facts_text: str = "") -> tuple[str, list[tuple[str, str | None]]]:
+        """One click for a wrong yes/no: the selected answer corrected to its opposite ("Yes." -> "No.")."""
+        if state.selected is None:
+            return problem("There is no answer to correct yet."), []
+        opposite = opposite_answer(state.answers[state.selected].text)
+        if opposite is None:
+            return problem("The answer is not a plain yes or no: edit it and submit the correction instead."), []
+        return self.correct(state, opposite, facts_text)
 
     # ---- side by side ------------------------------------------------------------------------------------------
     def compare(self, state: ChatSession, text: str, model_a: str, model_b: str) -> Iterator[dict]:

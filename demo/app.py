@@ -118,7 +118,9 @@ def build_demo(
                     with gr.Accordion("Correct this answer", open=True):
                         correction_target = gr.Markdown("Ask something first; the latest answer appears here.")
                         correction = gr.Textbox(label="Corrected answer", lines=3, elem_id="correction")
-                        submit_correction = gr.Button("Submit correction", elem_id="submit-correction")
+                        with gr.Row():
+                            submit_correction = gr.Button("Submit correction", elem_id="submit-correction")
+                            flip_answer = gr.Button("Wrong yes/no: flip it", elem_id="flip-yes-no")
                         changes = gr.HighlightedText(
                             label="What the correction changed",
                             elem_id="changes",
@@ -251,6 +253,11 @@ def build_demo(
         )
         chatbot.like(thumbs, inputs=[session, facts], outputs=[session, status])
         chatbot.select(select_answer, inputs=[session], outputs=[session, correction, correction_target])
+        flip_answer.click(
+            lambda facts_text, state: (state, *actions.flip_yes_no(state, facts_text)),
+            inputs=[facts, session],
+            outputs=[session, status, changes],
+        )
         submit_correction.click(
             send_correction, inputs=[correction, facts, session], outputs=[session, status, changes]
         )

@@ -145,8 +145,8 @@ def window_tallies(
             break
         after = batch[-1][0]
     for generation_id, (net, _) in net_ratings(events).items():
-        version = answers.get(generation_id)
-        if version is not None and net != 0:
+        if generation_id in answers and net != 0:  # the base model's answers have version None
+            version = answers[generation_id]
             tallies[version].rated += 1
             tallies[version].up += net > 0
     return tallies

@@ -2,7 +2,8 @@
 
 - corrections: chosen = the user's corrected text, rejected = the answer it corrects (RLHF-V);
 - thumbs: for one prompt (same messages and images), an answer rated up against one rated down. A generation's
-  rating is the sum of its thumbs, so conflicting raters cancel out;
+  rating is the sum of its thumbs, so conflicting raters cancel out. A down-rated bare "Yes." or "No." with no
+  up-rated partner is paired with its opposite: for a yes/no question, a thumbs-down says which answer is right;
 - preferences: an arena comparison names its chosen and rejected generation directly.
 
 Builders take events and a lookup of generation records and return `PreferencePair`s; nothing here touches a store.
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from online_rl.schema import FeedbackEvent, GenerationRecord, PreferenceEvent, image_refs
+from training.evaluation.metrics import opposite_answer
 
 PairSource = Literal["correction", "thumbs", "preference", "bdhs", "online"]
 GenerationLookup = Callable[[str], GenerationRecord | None]
@@ -122,6 +124,33 @@ def pairs_from_thumbs(
     return pairs
 
 
+def pairs_from_down_rated_yes_no(
+    events: Iterable[FeedbackEvent], lookup: GenerationLookup, already_rejected: set[str]
+) -> list[PreferencePair]:
+    """A down-rated bare yes/no answer that no thumbs pair rejects already, against its opposite (source thumbs)."""
+    pairs = []
+    for generation_id, (total, event_ids) in net_ratings(events).items():
+        if total >= 0 or generation_id in already_rejected:
+            continue
+        generation = lookup(generation_id)
+        opposite = opposite_answer(generation.response) if generation is not None else None
+        if opposite is None:
+            continue
+        pairs.append(
+            PreferencePair(
+                messages=tuple(generation.messages),
+                chosen=opposite,
+                rejected=generation.response,
+                source="thumbs",
+                chosen_generation_id=None,
+                rejected_generation_id=generation.id,
+                event_ids=tuple(event_ids),
+                adapter_version=generation.adapter_version,
+            )
+        )
+    return pairs
+
+
 def pairs_from_preferences(events: Iterable[PreferenceEvent], lookup: GenerationLookup) -> list[PreferencePair]:
     pairs = []
     for event in events:
@@ -162,8 +191,12 @@ def build_pairs(events: list[FeedbackEvent | PreferenceEvent], lookup: Generatio
     lookup = chat_records(lookup)
     feedback = [e for e in events if isinstance(e, FeedbackEvent)]
     preferences = [e for e in events if isinstance(e, PreferenceEvent)]
+    corrections = pairs_from_corrections(feedback, lookup)
+    thumbs = pairs_from_thumbs(feedback, lookup)
+    covered = {p.rejected_generation_id for p in corrections + thumbs if p.rejected_generation_id}
     return (
-        pairs_from_corrections(feedback, lookup)
-        + pairs_from_thumbs(feedback, lookup)
+        corrections
+        + thumbs
+        + pairs_from_down_rated_yes_no(feedback, lookup, covered)
         + pairs_from_preferences(preferences, lookup)
     )

@@ -163,10 +163,21 @@ class AdminService:
         return promotion.from_version if promotion is not None else None
 
     async def canary(self, alias: str, body: CanaryRequest) -> dict:
+        """Starts, changes or ends the alias's canary. A version put on canary has status `canary` (the trainer then
+        leaves its gate to the canary's users); one whose canary an admin ends is `rejected`."""
+
+        def change() -> None:
+            previous = self.store.canaries().get(alias)
+            self.store.set_canary(alias, body.version, body.fraction, actor="admin", reason=body.reason)
+            started = body.version if body.fraction > 0 else None
+            if started is not None and self.store.get_adapter(started).status != "promoted":
+                self.store.update_adapter(started, status="canary")
+            ended = previous[0] if previous is not None and previous[0] != started else None
+            if ended is not None and self.store.get_adapter(ended).status == "canary":
+                self.store.update_adapter(ended, status="rejected", notes=f"canary ended by admin: {body.reason}")
+
         with store_errors("version"):
-            await anyio.to_thread.run_sync(
-                lambda: self.store.set_canary(alias, body.version, body.fraction, actor="admin", reason=body.reason)
-            )
+            await anyio.to_thread.run_sync(change)
         await self.watcher.refresh(force=True)
         canaries = await anyio.to_thread.run_sync(self.store.canaries)
         return {

@@ -161,3 +161,17 @@ def test_two_answers_of_one_version_and_the_better_one_recorded(actions, store, 
     (preference,) = [e for e in events(store) if isinstance(e, PreferenceEvent)]
     assert preference.generation_ids == (a, b) and preference.preferred_id == b
     assert last_status(actions.two_answers(state, " ", "base"))["status"] == "Error: Type a question first."
+
+
+def test_a_wrong_yes_or_no_is_flipped_in_one_click(actions, store, fake_vllm):
+    image, _ = actions.random_scene(random.Random(4))
+    state = actions.new_conversation(image)
+    fake_vllm.answer_for = lambda body, index=0: "Yes."
+    last_status(actions.send(state, "Is there a moon in the image?", "llava-rlhf"))
+    status, changes = actions.flip_yes_no(state)
+    assert status.startswith("Done: Correction saved") and changes
+    event = wait_until(lambda: [e for e in events(store) if getattr(e, "correction", None)])
+    assert event[0].correction == "No." and event[0].generation_id == state.answers[0].response_id
+    fake_vllm.answer_for = lambda body, index=0: "A red star."
+    last_status(actions.send(state, "Describe it.", "llava-rlhf"))
+    assert actions.flip_yes_no(state)[0].startswith("Error: The answer is not a plain yes or no")

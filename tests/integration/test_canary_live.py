@@ -57,6 +57,8 @@ def test_a_worse_canary_is_rolled_back_and_a_better_one_promoted(
         vllm_server.config.model,
         algorithm="zero-test",
     )
+    for version in (garbage, untouched):  # tried before and rejected: an admin puts them on canary below
+        store.update_adapter(version.version, status="rejected")
     store.promote(alias, None, actor="test")
     store.set_canary(alias, None, 0.0, actor="test")
     trainer_env = {
@@ -86,9 +88,10 @@ def test_a_worse_canary_is_rolled_back_and_a_better_one_promoted(
     try:
         # A worse version on canary beside the base model: rolled back.
         admin(gateway, f"/v1/admin/aliases/{alias}/canary", {"version": garbage.version, "fraction": 0.5})
+        assert store.get_adapter(garbage.version).status == "canary"  # the trainer leaves it to the canary's users
         simulate(gateway, 80, seed=1)
-        wait_for(lambda: store.get_adapter(garbage.version).status == "rejected", 120, "the canary rolled back")
-        assert store.canaries() == {} and store.promoted_version(alias) is None
+        wait_for(lambda: store.canaries() == {}, 120, "the canary rolled back")
+        assert store.promoted_version(alias) is None and store.get_adapter(garbage.version).status == "rejected"
         stop = store.alias_history(alias)[-1]
         assert (stop.action, stop.actor, stop.from_version) == ("canary_stop", "canary", garbage.version)
         assert stop.reason.startswith("worse with confidence: thumbs-up")

@@ -120,3 +120,12 @@ def test_an_admin_who_promotes_the_canary_ends_it(store):
     store.set_canary("llava-rlhf", 2, 0.5, actor="trainer")
     store.promote("llava-rlhf", 2, actor="admin")
     assert CanaryMonitor(store, "llava-rlhf", RULES).check() is None and store.canaries() == {}
+
+
+def test_the_base_model_is_the_control_when_the_alias_serves_it(store):
+    store.promote("llava-rlhf", None, actor="test")
+    store.set_canary("llava-rlhf", 2, 0.5, actor="admin")
+    answers(store, None, ups=90, downs=30, prefix="base")  # the base model's answers: no adapter version
+    answers(store, 2, ups=5, downs=25, prefix="canary")
+    decision = CanaryMonitor(store, "llava-rlhf", RULES).check()
+    assert (decision.promoted.up, decision.promoted.rated) == (90, 120) and decision.action == "rollback"

@@ -117,3 +117,23 @@ def test_answers_to_raw_text_prompts_never_become_pairs():
     ]
     assert pairs_from_thumbs(events[:2], records.get)  # the builders themselves would pair them
     assert build_pairs(events, records.get) == []
+
+
+def test_a_down_rated_yes_or_no_is_paired_with_its_opposite():
+    from training.evaluation.metrics import opposite_answer
+
+    assert [opposite_answer(a) for a in ("Yes.", "no", " No! ", "Yes, a moon.", "A moon.")] == [
+        "No.",
+        "yes",
+        "Yes!",
+        None,
+        None,
+    ]
+    records = {**RECORDS, "g5": generation("g5", "No.", question="Is there a star?")}
+    pairs = build_pairs([fb("g4", -1, eid="e4"), fb("g5", 1, eid="e5"), fb("g1", -1, eid="e1")], records.get)
+    assert [(p.chosen, p.rejected, p.source, p.chosen_generation_id, p.event_ids) for p in pairs] == [
+        ("No.", "Yes.", "thumbs", None, ("e4",))  # a down-rated description has no opposite; an up-rated "No." no pair
+    ]
+    # A down-rated "Yes." already rejected by a correction or a thumbs pair is not paired twice.
+    corrected = build_pairs([fb("g4", -1, "No.", eid="e6")], RECORDS.get)
+    assert [(p.chosen, p.source) for p in corrected] == [("No.", "correction")]

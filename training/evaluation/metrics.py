@@ -110,6 +110,20 @@ def parse_yes_no(text: str) -> bool | None:
     return None
 
 
+_BARE_YES_NO = re.compile(r"^\s*(yes|no)\s*[.!]?\s*$", re.IGNORECASE)
+
+
+def opposite_answer(response: str) -> str | None:
+    """ "No." for a bare "Yes." (and the reverse), keeping its case and punctuation; None for any other answer."""
+    match = _BARE_YES_NO.match(response)
+    if match is None:
+        return None
+    word = match.group(1)
+    flipped = {"yes": "no", "no": "yes"}[word.lower()]
+    flipped = flipped.capitalize() if word[0].isupper() else flipped
+    return response.strip().replace(word, flipped, 1)
+
+
 def extract_shape_mentions(text: str) -> list[str]:
     """Canonical shapes the text says are there, in order of first mention, each once; negated mentions dropped."""
     found: list[str] = []
