@@ -29,7 +29,7 @@ COMMANDS: dict[str, str] = {
     "versions": "the adapter versions: status, gate metrics with intervals, decisions and their reasons",
     "feedback": "export feedback events or preference pairs; purge expired records",
     "train": "run a training recipe: sft, reward, ppo or dpo (TRL, on exported feedback pairs)",
-    "eval": "score a model on ShapesWorld or MMHal-Bench, in-process or through an endpoint",
+    "eval": "score a model on ShapesWorld, POPE, MMHal-Bench or CHAIR, in-process or through an endpoint",
     "data": "export a ShapesWorld split as JSONL+PNG and a datasets dataset",
     "import": "convert a released checkpoint to the served layout: llava-rlhf (model + RLHF LoRA)",
 }

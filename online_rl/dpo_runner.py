@@ -162,6 +162,27 @@ class PreferenceTrainer:
             self._policy = None
             self.accelerator.free_memory()
 
+    def implicit_rewards(self, pairs: Sequence[PreferencePair], adapter_path: str | Path, beta: float) -> list[float]:
+        """Each pair's implicit reward margin under the adapter at `adapter_path`, against the base model, with the
+        score this runner's algorithm trains (`online_rl.holdout.implicit_reward_margins`). Takes the last round's
+        LoRA off first; the base model stays loaded."""
+        from online_rl.holdout import implicit_reward_margins
+
+        dense = self.config.algorithm == "dense-dpo"
+        self.release()
+        margins, self.base = implicit_reward_margins(
+            self.base,
+            self.processor,
+            pairs,
+            self.load_image,
+            adapter_path,
+            beta,
+            dense_gamma=self.config.gamma if dense else None,
+            normalize=dense and self.config.dense_normalize,
+            autocast=self.accelerator.autocast,
+        )
+        return margins
+
     def _local(self, chunk: list[PreferencePair]) -> list[PreferencePair]:
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         if processes == 1:

@@ -2,7 +2,8 @@
 that image, and, where those facts describe a ShapesWorld scene and the question is one the rule judge grades, the
 scene and the question's true answer.
 
-Mixed-DPO samples its judged online pairs on `judgeable_prompts`; the PPO worker rolls out on `traffic_prompts`.
+Mixed-DPO samples its judged online pairs on `judgeable_prompts` (the rule judge) and, with an LLM judge, on
+`open_prompts` (images without ShapesWorld facts); the PPO worker rolls out on `traffic_prompts`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,37 @@ class JudgeablePrompt:
     record: GenerationRecord
     scene: Scene
     item: QAItem
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenPrompt:
+    """A logged prompt with one image whose facts describe no ShapesWorld scene (a real image): an LLM judge ranks
+    answers to it, given what is known of the image: its facts and captions, and users' corrections of answers."""
+
+    record: GenerationRecord
+    facts: tuple[str, ...]
+    corrections: tuple[str, ...]
+
+
+def image_corrections(store: FeedbackStore, image_sha256: str) -> list[str]:
+    """Users' corrections of answers about an image (kept as captions of source "correction"), each once."""
+    return list(
+        dict.fromkeys(r.caption for r in store.get_facts(image_sha256) if r.source == "correction" and r.caption)
+    )
+
+
+def open_prompts(store: FeedbackStore, world: ShapesWorld, limit: int = 1000) -> list[OpenPrompt]:
+    """The distinct recent single-image prompts whose image has no ShapesWorld facts, with the image's facts
+    (captions included) and corrections."""
+    prompts = []
+    for logged in logged_prompts(store, world, limit):
+        if scene_from_facts(logged.facts) is not None:
+            continue
+        sha = logged.record.image_hashes[0]
+        captions = [r.caption for r in store.get_facts(sha) if r.source != "correction" and r.caption]
+        facts = tuple(dict.fromkeys([*captions, *logged.facts]))
+        prompts.append(OpenPrompt(logged.record, facts, tuple(image_corrections(store, sha))))
+    return prompts
 
 
 def traffic_prompts(store: FeedbackStore, limit: int = 1000, max_new_tokens: int = 96) -> list[PPOPrompt]:

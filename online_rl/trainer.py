@@ -15,6 +15,8 @@ One round:
    beyond its margin. Otherwise it is promoted through the gateway, which stages it on every vLLM replica first
    (`online_rl.promotion`), or with `canary_share` > 0 it serves that share of the traffic until its users' thumbs
    decide (`online_rl.canary`). A gate that cannot finish marks it `gate_failed`, and it is gated again later.
+   `gate_suites` picks what the gate scores (`online_rl.gate_suites`): ShapesWorld (the default), POPE, MMHal-Bench
+   or CHAIR on real images, and the held-out slice of the store's own pairs, which is then never trained on.
 
 Each phase logs one line (`phase=read|bdhs|train|publish|served_check|gate|warm ...`), and the trainer's Prometheus
 metrics (`online_rl.trainer_metrics`) are served on `metrics_port`. The loop never ends on a failed round: it logs
@@ -43,24 +45,29 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from alignloop.settings import ClientSettings, ModelSettings
 from online_rl.canary import CanaryMonitor, CanaryRules
-from online_rl.gate import Gate, GateResult, Scorer, gateway_scorer
+from online_rl.gate import DEFAULT_SUITE, Gate, GateResult, Scorer, ScorerSuite, gateway_scorer
+from online_rl.gate_suites import Answerer, FeedbackHoldoutSuite
 from online_rl.pairs import PairSource, PreferencePair, build_pairs
 from online_rl.promotion import Promote, gateway_promoter
 from online_rl.schema import AdapterVersion, Delivery, adapter_name
 from online_rl.store import ConflictError, FeedbackStore
 from online_rl.trainer_metrics import TrainerMetrics
-from training.evaluation.paired import GATE_METRICS, with_margins
+from training.evaluation.paired import with_margins
+
+if TYPE_CHECKING:
+    from training.evaluation.pair_judge import LLMPairJudge
 
 logger = logging.getLogger(__name__)
 
 ALL_PAIR_SOURCES = ("correction", "thumbs", "preference", "bdhs")
+GateSuiteName = Literal["shapes", "pope", "mmhal", "chair", "feedback-holdout"]
 UNGATED = ("candidate", "gate_failed")
 
 
@@ -154,6 +161,61 @@ class TrainerSettings(ModelSettings, ClientSettings):
         default=0.02, ge=0, le=1, description="gate: object recall may fall this much with confidence and still pass"
     )
     gate_concurrency: int = Field(default=8, ge=1, description="gate: requests in flight to the gateway")
+    gate_suites: Annotated[tuple[GateSuiteName, ...], NoDecode] = Field(
+        default=("shapes",),
+        description=(
+            "gate: what versions are compared on, comma-separated: shapes (ShapesWorld), pope, mmhal, chair (real "
+            "images; docs/gating.md), feedback-holdout (held-out store pairs, then never trained on)"
+        ),
+    )
+    gate_pope_files: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(), description="gate suite pope: the POPE question files (JSONL), comma-separated, one per setting"
+    )
+    gate_pope_image_dir: Path | None = Field(default=None, description="gate suite pope: the images (COCO val2014)")
+    gate_pope_images: int = Field(
+        default=0, ge=0, description="gate suite pope: images asked about, in file order; 0: all"
+    )
+    gate_pope_question_suffix: str = Field(
+        default="", description="gate suite pope: text appended to each question (the official files ask it bare)"
+    )
+    gate_mmhal_questions: Path | None = Field(
+        default=None, description="gate suite mmhal: MMHal-Bench's question file (response_template.json)"
+    )
+    gate_mmhal_image_dir: Path | None = Field(default=None, description="gate suite mmhal: MMHal-Bench's images")
+    gate_mmhal_max_tokens: int = Field(default=512, ge=1, description="gate suite mmhal: answer length limit")
+    gate_mmhal_score_margin: float = Field(
+        default=0.0,
+        ge=0,
+        le=6,
+        description="gate suite mmhal: the mean rating (0-6) may fall this much with confidence",
+    )
+    gate_chair_annotations: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(),
+        description="gate suite chair: COCO-style annotation files, comma-separated (instances, optionally captions)",
+    )
+    gate_chair_image_dir: Path | None = Field(default=None, description="gate suite chair: the annotated images")
+    gate_chair_images: int = Field(default=500, ge=0, description="gate suite chair: images described; 0: all")
+    gate_chair_max_tokens: int = Field(default=512, ge=1, description="gate suite chair: description length limit")
+    gate_holdout_share: float = Field(
+        default=0.1, gt=0, lt=1, description="gate suite feedback-holdout: share of the store's pairs held out"
+    )
+    gate_holdout_max_pairs: int = Field(
+        default=1000, ge=1, description="gate suite feedback-holdout: the most held-out pairs a version is scored on"
+    )
+    gate_holdout_margin: float = Field(
+        default=0.0, ge=0, le=1, description="gate suite feedback-holdout: ranking accuracy may fall this much"
+    )
+    judge_url: str | None = Field(
+        default=None,
+        description=(
+            "an OpenAI-compatible judge (base URL ending in /v1; the gateway itself, or an external model): rates "
+            "MMHal answers, and ranks online pairs on images without ShapesWorld facts"
+        ),
+    )
+    judge_model: str | None = Field(default=None, description="the judge's model name (e.g. llava-rlhf@v3)")
+    judge_api_key_env: str = Field(
+        default="ALIGNLOOP_TRAINER_JUDGE_API_KEY", description="the environment variable holding the judge's API key"
+    )
     gate_retry_interval_s: float = Field(
         default=60.0, gt=0, description="seconds before a version whose gate failed is gated again"
     )
@@ -179,10 +241,43 @@ class TrainerSettings(ModelSettings, ClientSettings):
     metrics_host: str = Field(default="127.0.0.1", description="the address of the trainer's /metrics")
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="the port of the trainer's /metrics; 0: none")
 
-    @field_validator("pair_sources", mode="before")
+    @field_validator("pair_sources", "gate_suites", "gate_pope_files", "gate_chair_annotations", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+    @field_validator("gate_suites")
+    @classmethod
+    def _some_suites(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one gate suite")
+        return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _judge_complete(self) -> TrainerSettings:
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise ValueError("a judge needs both judge_url and judge_model")
+        return self
+
+    def pair_judge(self, http_client=None):
+        """The LLM judge of online pairs on real images, or None when no judge is configured."""
+        if not self.judge_url:
+            return None
+        import os
+
+        from training.evaluation.pair_judge import LLMPairJudge
+
+        api_key = os.environ.get(self.judge_api_key_env, "EMPTY")
+        return LLMPairJudge.connect(self.judge_url, self.judge_model, api_key, http_client=http_client)
+
+    def mmhal_judge(self, http_client=None):
+        """MMHal-Bench's rating judge at the judge endpoint (`training.evaluation.mmhal.OpenAIJudge`)."""
+        import os
+
+        from training.evaluation.mmhal import OpenAIJudge
+
+        api_key = os.environ.get(self.judge_api_key_env, "EMPTY")
+        return OpenAIJudge(self.judge_url, self.judge_model, api_key, http_client=http_client)
 
 
 @dataclasses.dataclass
@@ -215,13 +310,20 @@ class OnlineTrainer:
         metrics: TrainerMetrics | None = None,
         promote: Promote | None = None,
         served_checker: Callable[[AdapterVersion], list[str]] | None = None,
+        answerer: Answerer | None = None,
+        pair_judge: LLMPairJudge | None = None,
+        judge_http_client=None,
     ):
         """`scorer(model_name) -> report` scores a served model name with per-scene tallies; by default through the
         gateway (`online_rl.gate.gateway_scorer`). `promote` moves the alias (`online_rl.promotion`): by default
         through the gateway, which stages the version on every vLLM replica first, when the gate scores through it
         too; with a scorer of the caller's own (no gateway), straight in the store. `served_checker(version) ->
         problems` runs before the gate; by default, with the gateway, it checks that the gateway serves the version
-        exactly as transformers + PEFT answer (`online_rl.served_check`)."""
+        exactly as transformers + PEFT answer (`online_rl.served_check`). `answerer(model_name) -> ChatModel`
+        answers for the real-image gate suites; by default through the gateway. `pair_judge` ranks online pairs on
+        images without ShapesWorld facts; by default the judge the settings configure (`judge_http_client`, an
+        httpx.Client, replaces its connection and the MMHal judge's, e.g. in tests)."""
+        from online_rl.gate_suites import build_suites, gateway_answerer
         from training.lora import vllm_base_model
 
         through_gateway = scorer is None
@@ -242,17 +344,15 @@ class OnlineTrainer:
             settings.eval_images,
             settings.gate_concurrency,
         )
-        self.gate = Gate(
+        shapes = ScorerSuite(
+            DEFAULT_SUITE,
             scorer,
-            Path(settings.adapter_dir) / ".gate-scores",
             {
                 "base_model": vllm_base_model(settings.model),
                 "split": settings.eval_split,
                 "images": settings.eval_images,
             },
-            confidence=settings.gate_confidence,
-            seed=settings.seed,
-            metrics=with_margins(
+            with_margins(
                 {
                     "chair_s": settings.gate_chair_margin,
                     "pope_adversarial_accuracy": settings.gate_pope_margin,
@@ -260,6 +360,28 @@ class OnlineTrainer:
                 }
             ),
         )
+        answerer = answerer or gateway_answerer(
+            settings.gateway_url, settings.api_key.get_secret_value(), settings.gate_concurrency
+        )
+        suites = build_suites(
+            settings,
+            store,
+            shapes,
+            answerer,
+            self.holdout_rewards,
+            judge_factory=lambda: settings.mmhal_judge(judge_http_client),
+        )
+        self.gate = Gate(
+            None,
+            Path(settings.adapter_dir) / ".gate-scores",
+            shapes.fixed,
+            confidence=settings.gate_confidence,
+            seed=settings.seed,
+            suites=suites,
+        )
+        self.holdout = next((s for s in suites if isinstance(s, FeedbackHoldoutSuite)), None)
+        self.pair_judge = pair_judge if pair_judge is not None else settings.pair_judge(judge_http_client)
+        self._said_no_judge = False
         rules = CanaryRules(settings.canary_min_rated, settings.canary_max_looks, settings.gate_confidence)
         self.canary = CanaryMonitor(
             store, settings.public_alias, dataclasses.replace(rules, margin=settings.canary_margin), promote=promote
@@ -288,6 +410,10 @@ class OnlineTrainer:
         events = [d.event for d in self.deliveries]
         sources = self.settings.pair_sources
         pairs = [pair for pair in build_pairs(events, self.store.get_generation) if pair.source in sources]
+        if self.holdout is not None:  # the gate's held-out pairs are never trained on
+            from online_rl.holdout import is_held_out
+
+            pairs = [pair for pair in pairs if not is_held_out(pair, self.settings.gate_holdout_share)]
         if self.settings.bdhs_per_round > 0 and "bdhs" in sources:
             from online_rl.bdhs import unpartnered_good_answers
 
@@ -325,6 +451,29 @@ class OnlineTrainer:
             if pair is not None:
                 pairs.append(pair)
         return pairs
+
+    def _say_no_judge_once(self) -> None:
+        """With no judge configured, logs once that prompts about images without ShapesWorld facts make no online
+        pairs (when there are such prompts)."""
+        if self.pair_judge is not None or self._said_no_judge:
+            return
+        from online_rl.logged_prompts import open_prompts
+        from training.shapes_world import ShapesWorld
+
+        count = len(open_prompts(self.store, ShapesWorld()))
+        if count:
+            self._said_no_judge = True
+            log_phase(
+                "online",
+                judge="none",
+                prompts_without_shapes_facts=count,
+                note="no judge configured (--judge-url, --judge-model): these prompts make no online pairs",
+            )
+
+    def holdout_rewards(self, pairs: list[PreferencePair], adapter_path: str) -> list[float]:
+        """The implicit DPO reward margin of each pair under a version's adapter, in-process, on the base model the
+        rounds train (loaded once and kept)."""
+        return self.preference_trainer().implicit_rewards(pairs, adapter_path, self.settings.beta)
 
     # ---- training ----------------------------------------------------------------------------------------------
     def preference_trainer(self):
@@ -386,10 +535,18 @@ class OnlineTrainer:
             from online_rl.online_pairs import mixed_pairs, online_pairs
 
             rng = random.Random(f"{settings.seed}-{len(self.store.list_adapters())}")
+            self._say_no_judge_once()
             pairs = mixed_pairs(
                 pairs,
                 lambda n: online_pairs(
-                    policy, processor, self.store, n, rng, settings.online_samples, adapter_version=parent
+                    policy,
+                    processor,
+                    self.store,
+                    n,
+                    rng,
+                    settings.online_samples,
+                    adapter_version=parent,
+                    judge=self.pair_judge,
                 ),
                 rng,
                 settings.online_share,
@@ -537,8 +694,9 @@ class OnlineTrainer:
             )
             return "gate_failed", None, [reason]
         self.metrics.phase_seconds.labels(phase="gate").observe(result.seconds)
-        for metric in GATE_METRICS:
-            self.metrics.gate_metric.labels(version=adapter.name, metric=metric.name).set(result.candidate[metric.name])
+        for name, difference in result.decision.differences.items():
+            value = result.candidate.get(name, difference.candidate)
+            self.metrics.gate_metric.labels(version=adapter.name, metric=name).set(value)
         summary = "; ".join(
             f"{d.metric} {d.baseline:.3f}->{d.candidate:.3f} [{d.low:+.3f},{d.high:+.3f}]"
             for d in result.decision.differences.values()

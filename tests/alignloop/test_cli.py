@@ -142,3 +142,30 @@ def test_reward_and_ppo_recipes_refuse_unknown_sharding_and_fact_placement(tmp_p
         "--sharding must be one of ddp, fsdp",
     )
     assert not (tmp_path / "p").exists()  # refused before any pair was sampled
+
+
+def test_eval_pope_with_a_missing_image_is_one_line(tmp_path):
+    from tests.real_data import QUESTIONS, write_pope
+
+    files, image_dir = write_pope(tmp_path, QUESTIONS)
+    (image_dir / "COCO_val2014_000000000002.jpg").unlink()
+    pope_files = ",".join(map(str, files))
+    result = run("eval", "--benchmark", "pope", "--pope-files", pope_files, "--image-dir", str(image_dir))
+    assert_one_line_error(result, "coco_pope_random.json: line 3: image COCO_val2014_000000000002.jpg is not in")
+
+
+def test_eval_mmhal_without_image_src_or_with_a_judge_that_is_down_is_one_line(tmp_path):
+    from tests.real_data import write_mmhal
+
+    questions, image_dir = write_mmhal(tmp_path)
+    args = ["eval", "--benchmark", "mmhal", "--questions", str(questions), "--image-dir", str(image_dir)]
+    args += ["--judge-endpoint", "http://127.0.0.1:9/v1", "--judge-model", "judge"]
+    assert_one_line_error(run(*args), "the judge is not reachable: cannot reach endpoint http://127.0.0.1:9/v1")
+    entries = json.loads(questions.read_text())
+    del entries[1]["image_src"]
+    questions.write_text(json.dumps(entries))
+    assert_one_line_error(run(*args), "response_template.json: entry 1 lacks the key(s) image_src")
+
+
+def test_eval_chair_says_what_it_needs():
+    assert_one_line_error(run("eval", "--benchmark", "chair"), "CHAIR needs --annotations and --image-dir")

@@ -143,3 +143,82 @@ def test_a_ppo_round_on_traffic_through_the_gateway_is_scored_and_gated(
         messages=[{"role": "user", "content": "How many objects are there?"}],
     )
     assert pinned.system_fingerprint == adapter.name
+
+
+def test_a_round_gated_on_pope_files_and_held_out_feedback_through_the_real_stack(
+    gateway, gateway_store, gateway_store_url, vllm_server, tmp_path
+):
+    """POPE-format question files about rendered scenes, answered by vLLM through the gateway pinned to each version,
+    and the held-out slice of the corrections, scored in-process: the registry keeps both suites' metrics."""
+    import json
+
+    from online_rl.holdout import all_pairs, is_held_out
+
+    world, client = ShapesWorld(), sdk(gateway)
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    lines = {"random": [], "adversarial": []}
+    for index in range(6):
+        scene = world.scene("validation", 7000 + index)
+        name = f"COCO_val2014_{index:012d}.jpg"
+        world.render(scene).save(image_dir / name, format="PNG")  # the loader reads any image format
+        absent = [shape for shape in ("star", "moon", "heart", "diamond") if shape not in scene.shapes]
+        probes = {"random": sorted(scene.shapes)[0], "adversarial": absent[0] if absent else sorted(scene.shapes)[-1]}
+        for setting, shape in probes.items():
+            label = "yes" if shape in scene.shapes else "no"
+            text = world.presence_item(shape, label == "yes").question
+            lines[setting].append(json.dumps({"question_id": index, "image": name, "text": text, "label": label}))
+        answer = client.chat.completions.create(
+            model="llava-rlhf",
+            max_tokens=96,
+            temperature=0,
+            messages=image_question(data_url(world.render(scene)), DESCRIBE_PROMPT),
+        )
+        truth = world.description(scene, noisy=False)
+        if answer.choices[0].message.content.strip() != truth:
+            httpx.post(
+                f"{gateway.url}/v1/feedback",
+                headers={"Authorization": f"Bearer {ALICE}"},
+                json={"response_id": answer.id, "correction": truth},
+                timeout=30,
+            ).raise_for_status()
+    files = []
+    for setting, rows in lines.items():
+        files.append(tmp_path / f"coco_pope_{setting}.json")
+        files[-1].write_text("\n".join(rows) + "\n")
+
+    before = gateway_store.promoted_version("llava-rlhf")
+    settings = TrainerSettings(
+        store_url=gateway_store_url,
+        model=vllm_server.config.model,
+        adapter_dir=vllm_server.config.adapter_dir,
+        gateway_url=gateway.url,
+        api_key=SERVICE,
+        group="trainer-real-suites",
+        round_min_pairs=1,
+        epochs=2,
+        gate_suites="pope,feedback-holdout",
+        gate_pope_files=",".join(map(str, files)),
+        gate_pope_image_dir=image_dir,
+        gate_holdout_share=0.3,
+    )
+    trainer = OnlineTrainer(settings, gateway_store)
+    pairs = trainer.poll()
+    held = [pair for pair in all_pairs(gateway_store) if is_held_out(pair, 0.3)]
+    assert pairs and not [pair for pair in pairs if is_held_out(pair, 0.3)]
+    result = trainer.run_round(pairs)
+
+    adapter = gateway_store.get_adapter(result.version)
+    gate = adapter.gate
+    assert {"pope/random_accuracy", "pope/adversarial_accuracy", "pope/f1"} <= set(gate["differences"])
+    assert "feedback-holdout/reward_accuracy" in gate["differences"] and "chair_s" not in gate["differences"]
+    for difference in gate["differences"].values():
+        assert difference["low"] <= difference["difference"] <= difference["high"]
+    assert gate["suites"]["pope"]["metrics"]["num_questions"] == 12
+    assert gate["suites"]["feedback-holdout"]["metrics"]["num_pairs"] == len(
+        {(p.chosen, p.rejected, str(p.messages)) for p in held}
+    )
+    assert adapter.status == ("promoted" if result.promoted else "rejected")
+    if result.promoted:
+        gateway_store.rollback("llava-rlhf", reason="test cleanup")
+    assert gateway_store.promoted_version("llava-rlhf") == before

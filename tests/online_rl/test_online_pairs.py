@@ -112,3 +112,50 @@ def test_the_bundled_model_samples_answers_that_the_judge_ranks(sqlite_store, bu
         assert judge.score(prompt.scene, prompt.item, pair.chosen) > judge.score(
             prompt.scene, prompt.item, pair.rejected
         )
+
+
+def log_real_prompt(store, question: str = "Describe the image in detail.") -> GenerationRecord:
+    """A photo-like image with a user's facts (no ShapesWorld scene) and a correction of an answer about it."""
+    from online_rl.schema import FeedbackEvent
+    from tests.online_rl.store_helpers import png_bytes
+
+    sha = store.put_image(png_bytes((120, 60, 30), size=24))
+    store.add_facts(FactsRecord(image_sha256=sha, facts=["A brown dog lies on a red sofa."], source="user"))
+    record = GenerationRecord(
+        id="real-0", alias="llava-rlhf", messages=image_message(sha, question), response="A cat.", user_id="u-1"
+    )
+    store.add_generation(record)
+    store.add_feedback(FeedbackEvent(generation_id="real-0", correction="A dog on a sofa.", user_id="u-1"))
+    return record
+
+
+def test_an_llm_judge_ranks_samples_on_images_without_shapesworld_facts(sqlite_store, monkeypatch, caplog):
+    import logging
+
+    from online_rl.logged_prompts import open_prompts
+    from tests.fake_judge import FakeJudge, response_a
+    from training.evaluation.pair_judge import LLMPairJudge
+
+    record = log_real_prompt(sqlite_store)
+    (prompt,) = open_prompts(sqlite_store, ShapesWorld())
+    assert prompt.facts == ("A brown dog lies on a red sofa.",) and prompt.corrections == ("A dog on a sofa.",)
+    assert judgeable_prompts(sqlite_store, ShapesWorld()) == []  # the rule judge cannot grade it
+    truth, ghost = "A dog sleeps on a red sofa.", "A dog and a cat on a red sofa."
+    monkeypatch.setattr(
+        "online_rl.online_pairs.sample_answers", lambda policy, processor, messages, image, n, budget: [ghost, truth]
+    )
+    server = FakeJudge(lambda text, _: f"Verdict: {'B' if 'cat' in response_a(text) else 'A'}")
+    judge = LLMPairJudge.connect("http://judge.test/v1", "judge-model", http_client=server.client())
+    (pair,) = online_pairs(None, None, sqlite_store, count=3, rng=random.Random(0), judge=judge, adapter_version=2)
+    assert (pair.chosen, pair.rejected, pair.source, pair.adapter_version) == (truth, ghost, "online", 2)
+    assert pair.messages == tuple(record.messages) and len(server.requests) == 2
+    asked = server.requests[0]["messages"][0]["content"][1]["text"]
+    assert "- A brown dog lies on a red sofa." in asked and "- A dog on a sofa." in asked
+    # no judge: no pair, and nobody is asked
+    assert online_pairs(None, None, sqlite_store, count=3, rng=random.Random(0)) == []
+    # a judge that is down: no pair, one line
+    down = LLMPairJudge.connect("http://127.0.0.1:9/v1", "judge-model")
+    with caplog.at_level(logging.WARNING, logger="online_rl.online_pairs"):
+        assert online_pairs(None, None, sqlite_store, count=3, rng=random.Random(0), judge=down) == []
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "online_rl.online_pairs"]
+    assert line.startswith("online pairs judge=unreachable prompts=1 error='the pair judge is not reachable")

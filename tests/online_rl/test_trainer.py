@@ -415,3 +415,92 @@ def test_a_version_not_served_as_trained_is_rejected_before_its_gate(base_model,
     assert result.outcome == "rejected" and scored == []  # never scored: what users would get is not what was trained
     assert result.reasons == ["not served as trained: probe 0: served 'Yes.', expected 'No.' (policy-v1)"]
     assert store.get_adapter(1).gate["served_check"] == ["probe 0: served 'Yes.', expected 'No.' (policy-v1)"]
+
+
+def test_gate_suites_pope_and_feedback_holdout_gate_a_version_that_never_trained_on_held_out_pairs(
+    base_model, store, tmp_path
+):
+    import argparse
+
+    from alignloop.cli import settings_flags
+    from online_rl.holdout import all_pairs, is_held_out
+    from tests.real_data import QUESTIONS, answerer, write_pope
+
+    files, image_dir = write_pope(tmp_path, QUESTIONS)
+    add_corrections(store, 12)
+    held = [pair for pair in all_pairs(store) if is_held_out(pair, 0.25)]
+    assert 0 < len(held) < 12
+    parser = argparse.ArgumentParser()
+    load = settings_flags(parser, TrainerSettings)
+    flags = ["--model", str(base_model), "--adapter-dir", str(tmp_path / "adapters"), "--round-min-pairs", "2"]
+    flags += ["--epochs", "1", "--batch-pairs", "2", "--gate-suites", "pope,feedback-holdout"]
+    flags += ["--gate-pope-files", ",".join(map(str, files)), "--gate-pope-image-dir", str(image_dir)]
+    flags += ["--gate-holdout-share", "0.25"]
+    settings = load(parser.parse_args(flags))
+    assert settings.gate_suites == ("pope", "feedback-holdout")
+    trainer = OnlineTrainer(settings, store, scorer=lambda name: GOOD, answerer=answerer)
+    pairs = trainer.poll()
+    assert len(pairs) == 12 - len(held) and not [p for p in pairs if is_held_out(p, 0.25)]
+    result = trainer.run_round(pairs)
+    adapter = store.get_adapter(result.version)
+    assert result.promoted, result.reasons
+    assert adapter.pair_sources == {"correction": 12 - len(held)} and store.pending_count("trainer") == 0
+    differences = adapter.gate["differences"]
+    assert set(differences) == {
+        "pope/random_accuracy",
+        "pope/adversarial_accuracy",
+        "pope/f1",
+        "feedback-holdout/reward_accuracy",
+    }
+    assert (differences["pope/random_accuracy"]["baseline"], differences["pope/random_accuracy"]["candidate"]) == (
+        0.5,
+        0.75,
+    )
+    holdout = differences["feedback-holdout/reward_accuracy"]
+    assert holdout["baseline"] == 0.5  # the base model ties itself on every pair
+    assert holdout["low"] <= holdout["difference"] <= holdout["high"]
+    suites = adapter.gate["suites"]
+    assert suites["feedback-holdout"]["metrics"]["num_pairs"] == len(held) and suites["pope"]["passed"]
+    assert adapter.metrics["pope/f1"] == pytest.approx(2 / 3) and "chair_s" not in adapter.metrics
+    sample = trainer.metrics.registry.get_sample_value
+    assert sample("alignloop_trainer_gate_metric", {"version": adapter.name, "metric": "pope/f1"}) == pytest.approx(
+        2 / 3
+    )
+
+
+def test_without_a_judge_prompts_on_real_images_make_no_online_pairs_and_the_trainer_says_so_once(
+    base_model, store, tmp_path, caplog
+):
+    import logging
+
+    add_corrections(store, 2)  # a plain image with no ShapesWorld facts
+    trainer = OnlineTrainer(settings_for(base_model, tmp_path, online_share=1.0), store, scorer=lambda name: GOOD)
+    with caplog.at_level(logging.INFO, logger="online_rl.trainer"):
+        first = trainer.run_round(trainer.poll())
+        add_corrections(store, 2, start=10)
+        second = trainer.run_round(trainer.poll())
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("phase=online")]
+    assert len(notes) == 1 and "judge=none prompts_without_shapes_facts=2" in notes[0]
+    assert store.get_adapter(first.version).pair_sources == {"correction": 2}
+    assert store.get_adapter(second.version).pair_sources == {"correction": 2}
+
+
+def test_with_a_judge_mixed_dpo_trains_on_judged_pairs_of_real_images(base_model, store, tmp_path):
+    from tests.fake_judge import FakeJudge, response_a
+
+    def shorter_wins(prompt: str, body: dict) -> str:
+        first = response_a(prompt)
+        second = prompt.split("### Response B\n", 1)[1].split("\n\nFirst give", 1)[0]
+        return "Verdict: tie" if len(first) == len(second) else f"Verdict: {'A' if len(first) < len(second) else 'B'}"
+
+    judge = FakeJudge(shorter_wins)
+    add_corrections(store, 4)
+    settings = settings_for(
+        base_model, tmp_path, online_share=1.0, judge_url="http://judge.test/v1", judge_model="judge-model"
+    )
+    trainer = OnlineTrainer(settings, store, scorer=lambda name: GOOD, judge_http_client=judge.client())
+    result = trainer.run_round(trainer.poll())
+    sources = store.get_adapter(result.version).pair_sources
+    assert sources.get("online", 0) >= 1 and sum(sources.values()) == 4, sources
+    assert judge.requests and all(body["model"] == "judge-model" for body in judge.requests)
+    assert judge.requests[0]["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png")

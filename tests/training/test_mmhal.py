@@ -165,3 +165,39 @@ def test_missing_image_names_the_entry(bench):
     (image_dir / "img1_o.jpg").unlink()
     with pytest.raises(ValueError, match=r"mmhal\.json: entry 1: image .*img1_o\.jpg is not in"):
         load_mmhal(path, image_dir)
+
+
+def test_a_judge_server_rates_each_answer_and_each_question_is_tallied_for_the_gate(bench):
+    from tests.fake_judge import FakeJudge
+    from training.evaluation.mmhal import OpenAIJudge
+
+    path, image_dir, _ = bench
+    server = FakeJudge(lambda prompt, _: next(r for q, r in REVIEWS.items() if f"\n{q}\n" in prompt))
+    judge = OpenAIJudge("http://judge.test/v1", "judge-model", "sk-judge", http_client=server.client())
+    report = evaluate_mmhal(load_mmhal(path, image_dir), judge, EchoModel(), progress=False, per_scene=True)
+    assert [body["model"] for body in server.requests] == ["judge-model"] * 5
+    prompts = [body["messages"][0]["content"] for body in server.requests]  # asked concurrently: any order
+    assert any("### LMM Response to Evaluate\nanswer to What color is the cat?" in prompt for prompt in prompts)
+    # ratings 5, 2, 6, 3 and one review without a rating, which counts in neither metric
+    assert (report["average_score"], report["hallucination_rate"]) == (16 / 4, 1 / 4)
+    assert report["per_scene"] == {
+        "scenes": ["0:img0", "1:img1", "2:img2", "3:img3", "4:img4"],
+        "average_score": [[5, 1], [2, 1], [6, 1], [3, 1], [0, 0]],
+        "hallucination_rate": [[0, 1], [1, 1], [0, 1], [0, 1], [0, 0]],
+    }
+
+
+def test_a_question_file_without_image_src_names_the_entry(bench):
+    path, image_dir, entries = bench
+    del entries[0]["image_src"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"mmhal\.json: entry 0 lacks the key\(s\) image_src$"):
+        load_mmhal(path, image_dir)
+
+
+def test_a_judge_that_is_down_is_one_clear_line():
+    from training.evaluation.mmhal import OpenAIJudge
+
+    with pytest.raises(ConnectionError, match=r"^the judge is not reachable: cannot reach endpoint") as error:
+        OpenAIJudge("http://127.0.0.1:9/v1", "judge-model").judge(["Rate this."])
+    assert "\n" not in str(error.value)

@@ -126,18 +126,27 @@ class OpenAIJudge:
         concurrency: int = 8,
         timeout: float = 120.0,
         max_tokens: int = 512,
+        http_client=None,
     ):
+        """`http_client` (an httpx.Client) replaces the connection, e.g. with a fake judge in tests."""
         from alignloop.client import ChatEndpoint
 
         self.model = model
         self.concurrency = concurrency
         self.max_tokens = max_tokens
-        self.endpoint = ChatEndpoint(base_url, api_key, timeout)
+        self.endpoint = ChatEndpoint(base_url, api_key, timeout, http_client=http_client)
+
+    def check(self) -> None:
+        """Raises ConnectionError, in one line, unless the judge's endpoint answers; asks only once."""
+        try:
+            self.endpoint.check()
+        except ConnectionError as error:
+            raise ConnectionError(f"the judge is not reachable: {error}") from error
 
     def judge(self, prompts: list[str]) -> list[str]:
         if not prompts:
             return []
-        self.endpoint.check()
+        self.check()
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._judge_one, prompts))
 
@@ -231,12 +240,14 @@ def evaluate_mmhal(
     max_tokens: int = 512,
     chunk_size: int = 8,
     progress: bool = True,
+    per_scene: bool = False,
 ) -> dict:
     """Answers every item with `model` (or takes each item's model_answer when model is None), judges, reports.
 
     The report: average_score (0-6), hallucination_rate, num_questions, num_rated, num_unparsed, per_type
     ({type: {average_score, hallucination_rate, num_rated}}, the benchmark's types first) and records (one per
-    question: question, response, review, rating). Unparsed reviews are left out of every average.
+    question: question, response, review, rating). Unparsed reviews are left out of every average. With
+    `per_scene`, each question's tallies for the paired gate too (`mmhal_tallies`).
     """
     if model is None:
         unanswered = [i for i, item in enumerate(items) if item.model_answer is None]
@@ -275,6 +286,8 @@ def evaluate_mmhal(
             for item, response, review, rating in zip(items, responses, reviews, ratings, strict=True)
         ],
     }
+    if per_scene:
+        report["per_scene"] = mmhal_tallies(items, ratings)
     logger.info(
         "mmhal eval num_questions=%d average_score=%.3f hallucination_rate=%.3f num_unparsed=%d",
         report["num_questions"],
@@ -283,6 +296,17 @@ def evaluate_mmhal(
         report["num_unparsed"],
     )
     return report
+
+
+def mmhal_tallies(items: list[MMHalItem], ratings: list[int | None]) -> dict:
+    """Each question's [numerator, denominator] for the paired gate: average_score [rating, 1] and
+    hallucination_rate [1 if rated below 3 else 0, 1]; a review without a rating counts in neither ([0, 0]).
+    Questions are keyed by their position in the file and their image id."""
+    return {
+        "scenes": [f"{index}:{item.image_id}" for index, item in enumerate(items)],
+        "average_score": [[r, 1] if r is not None else [0, 0] for r in ratings],
+        "hallucination_rate": [[int(r < HALLUCINATION_BELOW), 1] if r is not None else [0, 0] for r in ratings],
+    }
 
 
 def format_table(report: dict) -> str:
