@@ -53,6 +53,7 @@ class RoundConfig:
     learning_rate: float = 5e-4
     beta: float = 0.1
     gamma: float = 5.0  # Dense DPO: weight of corrected tokens
+    correction_end_weight: float | None = None  # Dense DPO: weight of a correction's end-of-answer token
     dense_normalize: bool = True
     sft_weight: float = 1.0  # RPO: weight of the chosen answers' NLL
     lora_rank: int = 8  # of a fresh LoRA; a parent's adapter keeps its own
@@ -178,6 +179,7 @@ class PreferenceTrainer:
             adapter_path,
             beta,
             dense_gamma=self.config.gamma if dense else None,
+            end_weight=self.config.correction_end_weight,
             normalize=dense and self.config.dense_normalize,
             autocast=self.accelerator.autocast,
         )
@@ -198,7 +200,9 @@ class PreferenceTrainer:
         if not pairs:
             raise ValueError("a round needs at least one preference pair")
         dense = config.algorithm == "dense-dpo"
-        encoder = PreferenceEncoder(self.processor, dense_gamma=config.gamma if dense else None)
+        encoder = PreferenceEncoder(
+            self.processor, dense_gamma=config.gamma if dense else None, end_weight=config.correction_end_weight
+        )
         loss_config = PreferenceLossConfig(
             beta=config.beta, normalize=dense and config.dense_normalize, sft_weight=config.sft_weight
         )

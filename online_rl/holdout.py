@@ -78,6 +78,7 @@ def implicit_reward_margins(
     dense_gamma: float | None = None,
     normalize: bool = False,
     batch_pairs: int = 4,
+    end_weight: float | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ):
     """The implicit reward margin of each pair under the adapter at `adapter_path` on `base`, against `base` itself,
@@ -90,7 +91,7 @@ def implicit_reward_margins(
     from online_rl.preference_batch import PreferenceEncoder
     from training.losses import dpo_loss
 
-    encoder = PreferenceEncoder(processor, dense_gamma=dense_gamma)
+    encoder = PreferenceEncoder(processor, dense_gamma=dense_gamma, end_weight=end_weight)
     device = next(base.parameters()).device
     policy = PeftModel.from_pretrained(base, str(adapter_path))
     policy.eval()

@@ -67,17 +67,22 @@ def pairs_from_corrections(events: Iterable[FeedbackEvent], lookup: GenerationLo
 
 
 def correction_token_weights(
-    chosen: Sequence[int], rejected: Sequence[int], gamma: float, min_match: int = 3
+    chosen: Sequence[int], rejected: Sequence[int], gamma: float, min_match: int = 3, end_weight: float | None = None
 ) -> tuple[list[float], list[float]]:
     """Dense DPO token weights for a correction pair (RLHF-V): a token-level diff of the corrected answer (chosen)
     against the original (rejected). Tokens inside a matching run of at least `min_match` tokens are unchanged and
-    weigh 1; every other token, in either answer, was changed and weighs `gamma`. Returns (chosen, rejected)."""
+    weigh 1; every other token, in either answer, was changed and weighs `gamma`. Returns (chosen, rejected).
+
+    With `end_weight`, the end-of-answer token both answers close with weighs that instead: the diff marks it changed
+    whenever a correction deletes the answer's last words, and weighing it `gamma` teaches the policy to stop early."""
     chosen_weights, rejected_weights = [gamma] * len(chosen), [gamma] * len(rejected)
     matcher = difflib.SequenceMatcher(None, list(rejected), list(chosen), autojunk=False)
     for block in matcher.get_matching_blocks():
         if block.size >= min_match:
             rejected_weights[block.a : block.a + block.size] = [1.0] * block.size
             chosen_weights[block.b : block.b + block.size] = [1.0] * block.size
+    if end_weight is not None and chosen and rejected and chosen[-1] == rejected[-1]:
+        chosen_weights[-1] = rejected_weights[-1] = end_weight
     return chosen_weights, rejected_weights
 
 

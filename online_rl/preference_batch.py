@@ -31,13 +31,15 @@ class EncodedResponse:
 class PreferenceEncoder:
     """Encodes pairs for a LLaVA processor (the tiny model's or a real llava-hf one)."""
 
-    def __init__(self, processor, dense_gamma: float | None = None):
-        """`dense_gamma`: weight of changed tokens in correction pairs (Dense DPO); None weighs every token 1."""
+    def __init__(self, processor, dense_gamma: float | None = None, end_weight: float | None = None):
+        """`dense_gamma`: weight of changed tokens in correction pairs (Dense DPO); None weighs every token 1.
+        `end_weight`: weight of a correction pair's end-of-answer token (`correction_token_weights`)."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.image_seq_length = image_token_count(processor)
         self.dense_gamma = dense_gamma
+        self.end_weight = end_weight
 
     def encode(self, messages: Sequence[dict], response: str) -> EncodedResponse:
         """The prompt messages (OpenAI format, images as any image part) followed by `response` as the next turn.
@@ -70,7 +72,9 @@ class PreferenceEncoder:
             return chosen, rejected
         chosen_tokens = [t for t in chosen.labels if t != IGNORE_INDEX]
         rejected_tokens = [t for t in rejected.labels if t != IGNORE_INDEX]
-        chosen_dense, rejected_dense = correction_token_weights(chosen_tokens, rejected_tokens, self.dense_gamma)
+        chosen_dense, rejected_dense = correction_token_weights(
+            chosen_tokens, rejected_tokens, self.dense_gamma, end_weight=self.end_weight
+        )
         return _reweigh(chosen, chosen_dense), _reweigh(rejected, rejected_dense)
 
     def collate(self, pairs: Sequence[PreferencePair], load_image: ImageLoader) -> dict[str, torch.Tensor]:

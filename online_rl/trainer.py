@@ -103,6 +103,12 @@ class TrainerSettings(ModelSettings, ClientSettings):
     learning_rate: float = Field(default=5e-4, gt=0, description="AdamW learning rate of the LoRA")
     beta: float = Field(default=0.1, gt=0, description="DPO's beta")
     gamma: float = Field(default=5.0, ge=1.0, description="Dense DPO weight of corrected tokens")
+    correction_end_weight: float | None = Field(
+        default=None,
+        ge=0,
+        description="Dense DPO: weight of a correction's end-of-answer token; none: as the diff says (gamma when a "
+        "correction deletes the answer's last words)",
+    )
     dense_normalize: bool = Field(
         default=True, description="Dense DPO: divide the weighted log-prob sum by the summed weights"
     )

@@ -137,3 +137,13 @@ def test_a_down_rated_yes_or_no_is_paired_with_its_opposite():
     # A down-rated "Yes." already rejected by a correction or a thumbs pair is not paired twice.
     corrected = build_pairs([fb("g4", -1, "No.", eid="e6")], RECORDS.get)
     assert [(p.chosen, p.source) for p in corrected] == [("No.", "correction")]
+
+
+def test_the_end_token_of_a_deleting_correction_can_weigh_as_unchanged():
+    from online_rl.pairs import correction_token_weights
+
+    # rejected: A B C D E <end>; the correction deletes "D E": the diff leaves <end> as a changed token
+    rejected, chosen = [1, 2, 3, 4, 5, 9], [1, 2, 3, 9]
+    assert correction_token_weights(chosen, rejected, 5.0) == ([1, 1, 1, 5], [1, 1, 1, 5, 5, 5])
+    assert correction_token_weights(chosen, rejected, 5.0, end_weight=1.0) == ([1, 1, 1, 1], [1, 1, 1, 5, 5, 1])
+    assert correction_token_weights(chosen, rejected, 5.0, end_weight=0.0) == ([1, 1, 1, 0], [1, 1, 1, 5, 5, 0])

@@ -244,6 +244,7 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
             learning_rate=args.learning_rate,
             beta=args.beta,
             epochs=args.epochs,
+            correction_end_weight=args.correction_end_weight,
             **ARMS[name][0],
         )
         trainer = OnlineTrainer(
@@ -256,7 +257,7 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
             simulator = FeedbackSimulator(
                 SimulatorSettings(
                     events=events_per_round,
-                    start=10_000 + number * 10 * events_per_round,
+                    start=10_000 + args.seed * 100_000 + number * 10 * events_per_round,  # each seed its own scenes
                     seed=args.seed + number,
                     temperature=args.temperature,
                     regenerations=args.regenerations,
@@ -380,6 +381,37 @@ def verdict(sft: dict, arm: dict | None) -> dict:
     }
 
 
+def mean_interval(values: list[float], confidence: float = 0.95) -> dict:
+    """The mean of per-seed values and its Student-t interval (the values themselves when there is one seed)."""
+    from scipy import stats
+
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return {"mean": round(mean, 4), "low": None, "high": None, "values": values}
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * stats.sem(values)
+    return {"mean": round(mean, 4), "low": round(mean - half, 4), "high": round(mean + half, 4), "values": values}
+
+
+def summary(sft: dict, runs: list[dict]) -> dict:
+    """Per arm (and offline DPO): each headline metric of the served model at the end, and CHAIR_s's change against
+    the SFT model, as means over the seeds with 95% intervals."""
+    served: dict[str, list[dict]] = {}
+    for run in runs:
+        for result in run["arms"]:
+            served.setdefault(result["arm"], []).append(result["final_served_test"])
+        served.setdefault("offline-dpo", []).append(run["offline_dpo"]["final_served_test"])
+    table = {}
+    for arm, finals in served.items():
+        table[arm] = {key: mean_interval([final[key] for final in finals]) for key in HEADLINE}
+        table[arm]["chair_s_relative_change"] = mean_interval(
+            [round((final["chair_s"] - sft["chair_s"]) / sft["chair_s"], 4) for final in finals]
+        )
+        table[arm]["recall_change_points"] = mean_interval(
+            [round((final["object_recall"] - sft["object_recall"]) * 100, 2) for final in finals]
+        )
+    return table
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
 
@@ -439,7 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=TrainerSettings().epochs)
     parser.add_argument("--gate-images", type=int, default=100)
     parser.add_argument("--test-images", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of a single run (see --seeds)")
+    parser.add_argument(
+        "--seeds", help="comma-separated seeds: every arm runs once per seed (users, scenes, sampling, training)"
+    )
+    parser.add_argument(
+        "--correction-end-weight",
+        type=float,
+        default=TrainerSettings().correction_end_weight,
+        help="Dense DPO weight of a correction's end-of-answer token (the trainer's correction_end_weight)",
+    )
     parser.add_argument("--work-dir", help="where stores and adapters go (default: a temporary directory)")
     parser.add_argument("--tag", default="arms", help="names the result files: results/<date>-<tag>.json and .png")
     parser.add_argument("--output", help="the JSON report (default: this folder's results/<today>-<tag>.json)")
@@ -453,17 +494,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
-    torch.manual_seed(args.seed)
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
     started = time.monotonic()
+    runs = []
     with tempfile.TemporaryDirectory() as temporary:
-        work_dir = Path(args.work_dir or temporary)
         sft = headline(score(args.model, None, "test", args.test_images))
-        results = [run_arm(arm, args, work_dir) for arm in arms]
-        for result in results:  # nothing promoted: the alias still serves the SFT model
-            result["final_served_test"] = result["final_served_test"] or sft
-        by_arm = {r["arm"]: r["pairs"] for r in results}
-        pair_count = by_arm.get("mixed") or max(by_arm.values(), default=0) or args.events // 2
-        offline = run_offline(args, work_dir, pair_count)
+        for seed in seeds:
+            args.seed = seed
+            torch.manual_seed(seed)
+            work_dir = Path(args.work_dir or temporary) / f"seed-{seed}"
+            results = [run_arm(arm, args, work_dir) for arm in arms]
+            for result in results:  # nothing promoted: the alias still serves the SFT model
+                result["final_served_test"] = result["final_served_test"] or sft
+            by_arm = {r["arm"]: r["pairs"] for r in results}
+            pair_count = by_arm.get("mixed") or max(by_arm.values(), default=0) or args.events // 2
+            offline = run_offline(args, work_dir, pair_count)
+            runs.append({"seed": seed, "arms": results, "offline_dpo": offline})
+    results, offline = runs[0]["arms"], runs[0]["offline_dpo"]
     report = {
         "what": "online alignment of the bundled SFT model from simulated feedback, per feedback kind, against "
         "the SFT model and offline DPO on as many pairs; metrics on held-out ShapesWorld test images",
@@ -483,10 +530,20 @@ def main(argv: list[str] | None = None) -> int:
                 "learning_rate",
                 "beta",
                 "epochs",
-                "seed",
+                "correction_end_weight",
             )
         },
+        "seeds": seeds,
+        "summary": summary(sft, runs),
         "sft": sft,
+        "runs": [
+            {
+                "seed": run["seed"],
+                "offline_dpo": run["offline_dpo"] | {"target": verdict(sft, run["offline_dpo"]["final_served_test"])},
+                "arms": [r | {"target": verdict(sft, r["final_served_test"])} for r in run["arms"]],
+            }
+            for run in runs
+        ],
         "offline_dpo": offline | {"target": verdict(sft, offline["final_served_test"])},
         "arms": [result | {"target": verdict(sft, result["final_served_test"])} for result in results],
         "seconds": round(time.monotonic() - started, 1),
