@@ -182,6 +182,10 @@ def _trainer(parser: argparse.ArgumentParser) -> Handler:
 
         settings = load(settings_only(args, "once"))
         quiet_progress_bars()  # the trainer's log says what it does in phase lines
+        if settings.cpus:
+            from alignloop.cores import pin_to_cores
+
+            pin_to_cores(settings.cpus)
         if not (Path(settings.model) / "config.json").is_file():
             raise FileNotFoundError(f"no model at {settings.model}: config.json is missing")
         if settings.algorithm == "ppo":

@@ -58,9 +58,32 @@ def up(settings, with_demo: bool = True, with_trainer: bool = True) -> int:
     update: dict = {"vllm_urls": []}
     if settings.service_key is None:  # the trainer's own identity, for this run
         update["service_key"] = SecretStr(secrets.token_urlsafe(32))
+    trainer_cpus = None
+    if with_trainer:
+        vllm_cpus, trainer_cpus = colocated_cores(settings.vllm_cpus)
+        update["vllm_cpus"] = vllm_cpus
     settings = settings.model_copy(update=update)
-    helpers = [trainer_process(settings, settings.adapter_dir.parent / "trainer.log")] if with_trainer else []
+    helpers = (
+        [trainer_process(settings, settings.adapter_dir.parent / "trainer.log", trainer_cpus)] if with_trainer else []
+    )
     return run_gateway(settings, with_demo=with_demo, helpers=helpers)
+
+
+def colocated_cores(vllm_cpus: str | None) -> tuple[str | None, str | None]:
+    """The cores of vLLM's engine and of the trainer under `up`. Given ones are kept (ALIGNLOOP_TRAINER_CPUS is read
+    by the trainer itself); on a machine without a CUDA GPU, the others split this process's cores between them."""
+    import os
+
+    import torch
+
+    from alignloop.cores import split_for_vllm_and_trainer
+
+    trainer_cpus = os.environ.get("ALIGNLOOP_TRAINER_CPUS") or None
+    if torch.cuda.is_available():
+        return vllm_cpus, trainer_cpus
+    vllm_cpus, trainer_cpus = split_for_vllm_and_trainer(sorted(os.sched_getaffinity(0)), vllm_cpus, trainer_cpus)
+    logging.getLogger(__name__).info("cores vllm_engine=%s trainer=%s", vllm_cpus or "all", trainer_cpus or "all")
+    return vllm_cpus, trainer_cpus
 
 
 def run_demo_alone(settings) -> int:

@@ -144,9 +144,9 @@ def with_helpers(app, helpers: list[SupervisedProcess]):
     return wrapped
 
 
-def trainer_process(settings, log_path: str | Path = "runs/trainer.log") -> SupervisedProcess:
+def trainer_process(settings, log_path: str | Path = "runs/trainer.log", cpus: str | None = None) -> SupervisedProcess:
     """The online trainer for a gateway with these settings: same store, model and adapter directory, gating through
-    this gateway on its local address with the gateway's service key."""
+    this gateway on its local address with the gateway's service key; on `cpus` when given."""
     env = {
         **os.environ,
         "ALIGNLOOP_TRAINER_STORE_URL": settings.store_url,
@@ -157,5 +157,7 @@ def trainer_process(settings, log_path: str | Path = "runs/trainer.log") -> Supe
     }
     if settings.service_key is not None:  # the gateway knows it as its own service, apart from users
         env["ALIGNLOOP_TRAINER_API_KEY"] = settings.service_key.get_secret_value()
+    if cpus:
+        env["ALIGNLOOP_TRAINER_CPUS"] = cpus
     command = [sys.executable, "-m", "alignloop.cli", "trainer"]
     return SupervisedProcess("trainer", command, env, log_path)

@@ -126,6 +126,7 @@ def main() -> int:
     parser.add_argument("--model", default=str(REPO / "models" / "shapes-llava"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops the service it started
 
     workdir = Path(tempfile.mkdtemp(prefix="alignloop-online-bench-"))
     store_url = f"sqlite:///{workdir / 'store.db'}"

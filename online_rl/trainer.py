@@ -244,6 +244,11 @@ class TrainerSettings(ModelSettings, ClientSettings):
         description="before gating a version, check that the gateway serves it exactly as transformers + PEFT answer",
     )
     poll_interval_s: float = Field(default=2.0, gt=0, description="seconds between reads of the feedback stream")
+    cpus: str | None = Field(
+        default=None,
+        description="the cores it runs on, one torch thread each, e.g. 1 or 4-7 (`up` sets them beside vLLM on CPU); "
+        "none: all",
+    )
     metrics_host: str = Field(default="127.0.0.1", description="the address of the trainer's /metrics")
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="the port of the trainer's /metrics; 0: none")
 

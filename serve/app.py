@@ -60,6 +60,7 @@ def vllm_config(settings: GatewaySettings) -> VLLMServerConfig:
         dtype=settings.vllm_dtype,
         enforce_eager=settings.vllm_enforce_eager,
         cpu_kv_cache_gib=settings.vllm_cpu_kv_cache_gib,
+        engine_cpus=settings.vllm_cpus,
         extra_args=tuple(settings.vllm_extra_args),
     )
 

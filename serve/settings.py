@@ -71,6 +71,11 @@ class GatewaySettings(ModelSettings):
     vllm_max_loras: int = Field(default=4, description="embedded vLLM: --max-loras, adapters in one batch")
     vllm_enforce_eager: bool = Field(default=True, description="embedded vLLM: --enforce-eager (no CUDA graphs)")
     vllm_cpu_kv_cache_gib: int = Field(default=1, description="embedded vLLM on CPU: KV cache size in GiB")
+    vllm_cpus: str | None = Field(
+        default=None,
+        description="embedded vLLM on CPU: the cores its engine's threads are bound to, e.g. 0-3; none: vLLM's "
+        "choice, or under `up` on a machine without a GPU the first half of the cores (the trainer gets the rest)",
+    )
     vllm_extra_args: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="embedded vLLM: more server flags, comma-separated"
     )

@@ -39,6 +39,7 @@ class VLLMServerConfig:
     cpu_kv_cache_gib: int = 1
     extra_args: tuple[str, ...] = ()
     cpus: str | None = None  # e.g. "1" or "2-7": run vLLM (and bind its OpenMP threads) on these cores only
+    engine_cpus: str | None = None  # bind only the CPU engine's OpenMP threads to these cores; its API server floats
 
     @property
     def model_name(self) -> str:
@@ -78,8 +79,8 @@ def vllm_command(config: VLLMServerConfig) -> list[str]:
 def vllm_environment(config: VLLMServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kv_cache_gib))
-    if config.cpus:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus  # vLLM's CPU backend binds its threads itself otherwise
+    if config.cpus or config.engine_cpus:  # vLLM's CPU backend binds its threads itself otherwise
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpus or config.engine_cpus
     if config.adapter_dir:
         # vLLM consults LoRA resolvers only when runtime LoRA updating is allowed; it also opens vLLM's own
         # /v1/load_lora_adapter routes, which is why vLLM must stay reachable only from the gateway.

@@ -71,6 +71,7 @@ def test_the_trainer_runs_against_this_gateway_with_its_store_model_and_the_serv
         "ALIGNLOOP_TRAINER_PUBLIC_ALIAS": "llava-rlhf",
         "ALIGNLOOP_TRAINER_API_KEY": "the-trainers-own-key",
     }
+    assert trainer_process(settings, tmp_path / "trainer.log", cpus="1").env["ALIGNLOOP_TRAINER_CPUS"] == "1"
 
 
 def test_helpers_start_and_stop_with_the_apps_lifespan(tmp_path):

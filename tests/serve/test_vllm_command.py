@@ -18,3 +18,9 @@ def test_without_cpus_vllm_starts_unpinned():
     command = vllm_command(config)
     assert command[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     assert "--enable-lora" in command and "taskset" not in command
+
+
+def test_engine_cpus_bind_only_the_engine_threads():
+    config = VLLMServerConfig(model="models/shapes-llava", engine_cpus="0")
+    assert vllm_command(config)[0] == sys.executable  # the API server is not pinned
+    assert vllm_environment(config)["VLLM_CPU_OMP_THREADS_BIND"] == "0"
