@@ -24,6 +24,13 @@ def parse_cores(text: str) -> list[int]:
     return sorted(cores)
 
 
+def checked_cores(text: str | None) -> str | None:
+    """A core-list setting, unchanged once it parses (pydantic's AfterValidator for `cpus` settings)."""
+    if text is not None:
+        parse_cores(text)
+    return text
+
+
 def format_cores(cores: list[int]) -> str:
     """The shortest list of ranges for `cores`: [0, 1, 2, 5] -> "0-2,5"."""
     ranges: list[list[int]] = []

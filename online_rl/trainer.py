@@ -47,9 +47,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from alignloop.cores import checked_cores
 from alignloop.settings import ClientSettings, ModelSettings
 from online_rl.canary import CanaryMonitor, CanaryRules
 from online_rl.gate import DEFAULT_SUITE, Gate, GateResult, Scorer, ScorerSuite, gateway_scorer
@@ -244,7 +245,7 @@ class TrainerSettings(ModelSettings, ClientSettings):
         description="before gating a version, check that the gateway serves it exactly as transformers + PEFT answer",
     )
     poll_interval_s: float = Field(default=2.0, gt=0, description="seconds between reads of the feedback stream")
-    cpus: str | None = Field(
+    cpus: Annotated[str | None, AfterValidator(checked_cores)] = Field(
         default=None,
         description="the cores it runs on, one torch thread each, e.g. 1 or 4-7 (`up` sets them beside vLLM on CPU); "
         "none: all",

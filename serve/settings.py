@@ -15,9 +15,10 @@ import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import CliSuppress, NoDecode, SettingsConfigDict
 
+from alignloop.cores import checked_cores
 from alignloop.settings import ModelSettings
 
 DEFAULT_SALT = "alignloop-development-salt"
@@ -71,7 +72,7 @@ class GatewaySettings(ModelSettings):
     vllm_max_loras: int = Field(default=4, description="embedded vLLM: --max-loras, adapters in one batch")
     vllm_enforce_eager: bool = Field(default=True, description="embedded vLLM: --enforce-eager (no CUDA graphs)")
     vllm_cpu_kv_cache_gib: int = Field(default=1, description="embedded vLLM on CPU: KV cache size in GiB")
-    vllm_cpus: str | None = Field(
+    vllm_cpus: Annotated[str | None, AfterValidator(checked_cores)] = Field(
         default=None,
         description="embedded vLLM on CPU: the cores its engine's threads are bound to, e.g. 0-3; none: vLLM's "
         "choice, or under `up` on a machine without a GPU the first half of the cores (the trainer gets the rest)",

@@ -45,3 +45,16 @@ def test_pinning_sets_the_affinity_and_the_torch_threads():
     finally:
         os.sched_setaffinity(0, before_affinity)
         torch.set_num_threads(before_threads)
+
+
+def test_core_settings_are_checked_when_read():
+    from pydantic import ValidationError
+
+    from online_rl.trainer import TrainerSettings
+    from serve.settings import GatewaySettings
+
+    assert TrainerSettings(cpus="1").cpus == "1" and GatewaySettings(vllm_cpus="0-3").vllm_cpus == "0-3"
+    with pytest.raises(ValidationError, match="not a core list"):
+        TrainerSettings(cpus="one")
+    with pytest.raises(ValidationError, match="not a core list"):
+        GatewaySettings(vllm_cpus="3-1")
