@@ -30,6 +30,8 @@ def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tm
             "2",
             "--correction-share",
             "1.0",
+            "--seeds",
+            "0,1",
             "--work-dir",
             str(work),
             "--output",
@@ -53,7 +55,15 @@ def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tm
     assert report["offline_dpo"]["pairs"] == (arm["pairs"] or 3)
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
-    with open_store(f"sqlite:///{work / 'corrections' / 'store.db'}") as store:
+    # every seed runs every arm; the summary is the mean over the seeds with its t-interval
+    assert report["seeds"] == [0, 1] and [run["seed"] for run in report["runs"]] == [0, 1]
+    assert report["runs"][0]["arms"][0]["rounds"] == arm["rounds"]
+    finals = [run["arms"][0]["final_served_test"]["object_recall"] for run in report["runs"]]
+    recall = report["summary"]["corrections"]["object_recall"]
+    assert recall["values"] == finals and recall["mean"] == pytest.approx(sum(finals) / 2, abs=1e-4)
+    assert recall["low"] <= recall["mean"] <= recall["high"]
+
+    with open_store(f"sqlite:///{work / 'seed-0' / 'corrections' / 'store.db'}") as store:
         generations = store.list_generations()
         assert len(generations) == 6
         for record in generations:  # what serve/ stores: images as sha256 refs, with their bytes and facts

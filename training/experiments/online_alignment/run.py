@@ -403,8 +403,10 @@ def summary(sft: dict, runs: list[dict]) -> dict:
     table = {}
     for arm, finals in served.items():
         table[arm] = {key: mean_interval([final[key] for final in finals]) for key in HEADLINE}
-        table[arm]["chair_s_relative_change"] = mean_interval(
-            [round((final["chair_s"] - sft["chair_s"]) / sft["chair_s"], 4) for final in finals]
+        table[arm]["chair_s_relative_change"] = (  # none when the SFT model never hallucinates on these images
+            mean_interval([round((final["chair_s"] - sft["chair_s"]) / sft["chair_s"], 4) for final in finals])
+            if sft["chair_s"]
+            else None
         )
         table[arm]["recall_change_points"] = mean_interval(
             [round((final["object_recall"] - sft["object_recall"]) * 100, 2) for final in finals]
