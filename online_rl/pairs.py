@@ -73,8 +73,8 @@ def correction_token_weights(
     against the original (rejected). Tokens inside a matching run of at least `min_match` tokens are unchanged and
     weigh 1; every other token, in either answer, was changed and weighs `gamma`. Returns (chosen, rejected).
 
-    With `end_weight`, the end-of-answer token both answers close with weighs that instead: the diff marks it changed
-    whenever a correction deletes the answer's last words, and weighing it `gamma` teaches the policy to stop early."""
+    With `end_weight`, the end-of-answer token both answers close with weighs that instead (the diff marks it changed
+    whenever a correction deletes the answer's last words)."""
     chosen_weights, rejected_weights = [gamma] * len(chosen), [gamma] * len(rejected)
     matcher = difflib.SequenceMatcher(None, list(rejected), list(chosen), autojunk=False)
     for block in matcher.get_matching_blocks():
