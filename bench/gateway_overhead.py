@@ -54,6 +54,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/...`
 
+from alignloop.cores import parse_cores
 from online_rl.store import open_store
 from serve.staging import StagingService
 from serve.vllm_process import VLLMServer, VLLMServerConfig
@@ -70,15 +71,6 @@ API_KEY = "sk-bench-0123456789abcdef0123"
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def cpu_set(spec: str) -> set[int]:
-    """ "0", "0,2" or "2-5" as a set of core numbers."""
-    cores = set()
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        cores.update(range(int(first), int(last or first) + 1))
-    return cores
 
 
 ENGINE_METRICS = {  # vLLM's own request histograms: what the engine saw, whoever sent the request
@@ -517,7 +509,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.client_cpus:  # the gateway is started from here and inherits it
-        os.sched_setaffinity(0, cpu_set(args.client_cpus))
+        os.sched_setaffinity(0, parse_cores(args.client_cpus))
     workdir = Path(tempfile.mkdtemp(prefix="alignloop-bench-"))
     adapter_dir = workdir / "adapters"
     store_url = f"sqlite:///{workdir / 'alignloop.db'}"
