@@ -48,6 +48,9 @@ class PromotionConflict(GatewayError):
 CALL_ERRORS = (openai.APIError, httpx.HTTPError, ConnectionError, TimeoutError, GatewayError)
 
 
+TWO_ANSWERS_TEMPERATURE = 0.8  # "two answers, pick the better": at temperature 0 both would be the same
+
+
 @dataclasses.dataclass
 class Answer:
     """One answer as it streams in: `text` grows; `response_id` and `version` come with the first chunk."""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pandas as pd
 from PIL import Image
 
-from alignloop.client import Answer, GatewayClient, GatewayError, image_data_url
+from alignloop.client import TWO_ANSWERS_TEMPERATURE, Answer, GatewayClient, GatewayError, image_data_url
 from demo.text_diff import word_diff
 from training.evaluation.metrics import opposite_answer
 from training.shapes_world import ShapesWorld
@@ -26,7 +26,6 @@ from training.shapes_world import ShapesWorld
 logger = logging.getLogger(__name__)
 
 NO_ANSWER_YET = "Ask something first; the latest answer appears here."
-TWO_ANSWERS_TEMPERATURE = 0.8  # "two answers, pick the better": at temperature 0 both would be the same
 
 
 @dataclasses.dataclass

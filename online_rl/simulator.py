@@ -4,13 +4,15 @@ rate the answers by ground truth, so the whole online loop can run, and be measu
 Each interaction: a user draws a scene, sends its image with a question (a detailed description, or a short question
 from the benchmark's kinds, POPE-adversarial presence probes included), reads the streamed answer, registers the
 image's facts once, and sends one feedback event: a thumb, and for some wrong answers an RLHF-V-style correction
-written by the rule judge (training/evaluation/judge.py).
+written by the rule judge (training/evaluation/judge.py). In a share of interactions (`preference_share`) the user
+instead asks for two answers at once (n=2, the demo's "two answers" tab) and sends a preference for the better one,
+by the judge's score; the demo has no tie button, so between two equally good answers the user picks either.
 
 Raters come in three kinds, in configurable shares:
-- honest: thumbs up exactly when the judge finds the answer correct; corrections are true;
-- noisy: like honest, but each thumb is flipped with probability `noise_rate`;
-- adversarial: thumbs reversed, and their "corrections" of right answers put a hallucination in (an absent object
-  in a description, a wrong short answer).
+- honest: thumbs up exactly when the judge finds the answer correct; corrections are true; prefers the better answer;
+- noisy: like honest, but each thumb and each preference is flipped with probability `noise_rate`;
+- adversarial: thumbs and preferences reversed, and their "corrections" of right answers put a hallucination in (an
+  absent object in a description, a wrong short answer).
 
 The report counts the events sent by kind, every failed request, and how often the answers of each served version
 were correct, so a run shows both the load on the loop and whether the served model got better.
@@ -35,7 +37,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from alignloop.client import GatewayClient, GatewayError, image_data_url
+from alignloop.client import TWO_ANSWERS_TEMPERATURE, Answer, GatewayClient, GatewayError, image_data_url
 from alignloop.settings import ClientSettings
 from training.evaluation.judge import ShapesRuleJudge, count_sentence
 from training.evaluation.shapes_bench import max_tokens_for
@@ -53,6 +55,7 @@ from training.shapes_world import (
 
 logger = logging.getLogger(__name__)
 RaterKind = Literal["honest", "noisy", "adversarial"]
+TWO_ANSWER_TRIES = 4  # a user whose two answers came out the same asks again, this many times in all
 
 
 class SimulatorSettings(ClientSettings):
@@ -66,6 +69,13 @@ class SimulatorSettings(ClientSettings):
     adversarial_share: float = Field(default=0.0, ge=0, le=1, description="share of users who rate adversarially")
     noise_rate: float = Field(default=0.3, ge=0, le=1, description="a noisy rater's chance to flip a thumb")
     correction_share: float = Field(default=0.5, ge=0, le=1, description="wrong answers that get a correction")
+    correction_style: Literal["complete", "delete"] = Field(
+        default="complete",
+        description=(
+            "complete: a sentence about an absent object is replaced by one about an object the answer left out, and "
+            "the correction describes every object its count sentence counts; delete: such sentences are deleted"
+        ),
+    )
     description_share: float = Field(default=0.5, ge=0, le=1, description="questions that ask for a description")
     split: Literal["train", "validation", "test"] = Field(default="validation", description="where scenes come from")
     start: int = Field(default=10_000, ge=0, description="first scene index (keep clear of the gate's images)")
@@ -78,6 +88,15 @@ class SimulatorSettings(ClientSettings):
         description=(
             "extra answers a user asks for to the same question (the demo's Regenerate), each rated on its own; with "
             "temperature > 0 they differ, and an up-rated and a down-rated answer to one prompt make a thumbs pair"
+        ),
+    )
+    preference_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "interactions in which the user asks for two answers at once (n=2, sampled at a temperature of at least "
+            f"{TWO_ANSWERS_TEMPERATURE}) and sends a preference for the better one instead of thumbs"
         ),
     )
     seed: int = Field(default=0, description="seeds users, scenes and questions")
@@ -124,6 +143,11 @@ def corrupt(scene: Scene, item: QAItem, rng: random.Random) -> str:
     return f"{rng.choice(pool).capitalize()}." if pool else "I don't know."
 
 
+def user_message(image_url: str, question: str) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
 @dataclasses.dataclass
 class SimulationReport:
     events: int = 0
@@ -163,7 +187,7 @@ class FeedbackSimulator:
         self.settings = settings
         self.client = client
         self.world = world or ShapesWorld()
-        self.judge = ShapesRuleJudge()
+        self.judge = ShapesRuleJudge(complete_corrections=settings.correction_style == "complete")
         self.users = make_users(settings)
         self.popular = self.world.popular_shapes()
         self.report = SimulationReport()
@@ -200,20 +224,29 @@ class FeedbackSimulator:
                 correction = judgement.correction
         return rating, correction, judgement
 
+    def prefer(self, user: SimulatedUser, scene: Scene, item: QAItem, responses: list[str], rng: random.Random) -> int:
+        """Which of two answers (0 or 1) this user prefers: the one the judge scores higher, either one on a tie;
+        reversed by an adversarial user, flipped with probability `noise_rate` by a noisy one."""
+        first, second = (self.judge.score(scene, item, response) for response in responses)
+        better = rng.randrange(2) if first == second else int(second > first)
+        if user.kind == "adversarial" or (user.kind == "noisy" and rng.random() < self.settings.noise_rate):
+            better = 1 - better
+        return better
+
     def interact(self, number: int) -> None:
         user, scene, item, rng = self.plan(number)
         image_url = image_data_url(self.world.render(scene))
-        messages = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": item.question},
-                ],
-            }
-        ]
+        messages = user_message(image_url, item.question)
         with self._lock:
             self.report.interactions += 1
+        if self.settings.preference_share:  # its own stream, so runs without preferences draw as they always did
+            arena = random.Random(f"{self.settings.seed}-{number}-two-answers")
+            if arena.random() < self.settings.preference_share:
+                sent = self._reserve_event() and self._ask_twice_and_prefer(number, user, scene, item, image_url, arena)
+                if not sent:
+                    with self._lock:
+                        self._reserved -= 1
+                return
         for _ in range(1 + self.settings.regenerations):
             if not self._reserve_event():  # the run's events are all sent or on their way
                 return
@@ -254,19 +287,63 @@ class FeedbackSimulator:
                 self.report.failed_requests += 1
                 self.report.errors.append(f"interaction {number}: {error}")
             return False
+        self._count_answers([answer], [judgement], item)
         with self._lock:
-            report = self.report
-            report.events += 1
-            report.events_by_kind[f"{user.kind}:{'up' if rating > 0 else 'down'}"] += 1
+            self.report.events += 1
+            self.report.events_by_kind[f"{user.kind}:{'up' if rating > 0 else 'down'}"] += 1
             if correction is not None:
-                report.events_by_kind[f"{user.kind}:correction"] += 1
-            counts = report.answers_by_version[answer.version or "unknown"]
-            counts["answers"] += 1
-            counts["correct"] += judgement.correct
-            if item.kind == "description":
-                counts["descriptions"] += 1
-                counts["hallucinating"] += bool(judgement.hallucinated)
+                self.report.events_by_kind[f"{user.kind}:correction"] += 1
         return True
+
+    def _ask_twice_and_prefer(
+        self, number: int, user: SimulatedUser, scene: Scene, item: QAItem, image_url: str, rng: random.Random
+    ) -> bool:
+        """Two answers in one request, and a preference for the better one; as in the demo, a user whose two answers
+        came out the same asks again, up to `TWO_ANSWER_TRIES` times. False when no preference was sent."""
+        temperature = max(self.settings.temperature, TWO_ANSWERS_TEMPERATURE)
+        try:
+            for _ in range(TWO_ANSWER_TRIES):
+                answers: list[Answer] = collections.deque(
+                    self.client.stream_choices(
+                        self.settings.public_alias,
+                        user_message(image_url, item.question),
+                        max_tokens_for(item),
+                        temperature,
+                        user=user.user_id,
+                        n=2,
+                    ),
+                    maxlen=1,
+                ).pop()
+                responses = [answer.text.strip() for answer in answers]
+                self._count_answers(answers, [self.judge.judge(scene, item, text) for text in responses], item)
+                if responses[0] != responses[1]:
+                    break
+            else:
+                return False
+            better = self.prefer(user, scene, item, responses, rng)
+            self.client.preference(
+                answers[0].response_id, answers[1].response_id, answers[better].response_id, user=user.user_id
+            )
+            self._send_facts(scene, image_url)
+        except GatewayError as error:
+            with self._lock:
+                self.report.failed_requests += 1
+                self.report.errors.append(f"interaction {number}: {error}")
+            return False
+        with self._lock:
+            self.report.events += 1
+            self.report.events_by_kind[f"{user.kind}:preference"] += 1
+        return True
+
+    def _count_answers(self, answers: list[Answer], judgements: list, item: QAItem) -> None:
+        with self._lock:
+            for answer, judgement in zip(answers, judgements, strict=True):
+                counts = self.report.answers_by_version[answer.version or "unknown"]
+                counts["answers"] += 1
+                counts["correct"] += judgement.correct
+                if item.kind == "description":
+                    counts["descriptions"] += 1
+                    counts["hallucinating"] += bool(judgement.hallucinated)
 
     def _send_facts(self, scene: Scene, image_url: str) -> None:
         """Registers the scene's ground truth for its image once, so judges and BDHS can use it later."""
@@ -279,11 +356,12 @@ class FeedbackSimulator:
         self.client.facts(sha256, caption=self.world.caption(scene), facts=facts)
 
     def run(self) -> SimulationReport:
-        """Runs interactions until `events` feedback events were sent (failed interactions are retried with new
-        ones, at most as many again) and returns the report."""
+        """Runs interactions until `events` feedback events were sent and returns the report. Failed interactions,
+        and two-answer ones whose answers never differed, are replaced by new ones: at most 2 x `events`
+        interactions in all (4 x with preferences)."""
         started = time.monotonic()
         self.client.models()  # fails fast, with one line, when the gateway is down or the key is wrong
-        number, limit = 0, 2 * self.settings.events
+        number, limit = 0, (4 if self.settings.preference_share else 2) * self.settings.events
         with ThreadPoolExecutor(self.settings.concurrency) as pool:
             while self.report.events < self.settings.events and number < limit:
                 missing = self.settings.events - self.report.events

@@ -168,3 +168,62 @@ def test_regenerated_answers_are_rated_one_by_one_and_make_thumbs_pairs(client, 
     for p in pairs:  # the right answer is chosen over the wrong one, to the same prompt
         assert p.rejected == "I don't know." and p.chosen == generations[p.chosen_generation_id].response
         assert generations[p.chosen_generation_id].prompt_hash == generations[p.rejected_generation_id].prompt_hash
+
+
+def test_a_user_prefers_the_better_of_two_answers_and_either_one_of_two_equal_ones(scene):
+    honest, noisy, adversarial = (
+        SimulatedUser("h", "honest"),
+        SimulatedUser("n", "noisy"),
+        SimulatedUser("a", "adversarial"),
+    )
+    sim = simulator()
+    assert sim.prefer(honest, scene, PRESENT, ["No.", "Yes."], random.Random(0)) == 1
+    assert sim.prefer(honest, scene, PRESENT, ["Yes.", "No."], random.Random(0)) == 0
+    assert sim.prefer(adversarial, scene, PRESENT, ["Yes.", "No."], random.Random(0)) == 1
+    assert simulator(noise_rate=1.0).prefer(noisy, scene, PRESENT, ["Yes.", "No."], random.Random(0)) == 1
+    assert simulator(noise_rate=0.0).prefer(noisy, scene, PRESENT, ["Yes.", "No."], random.Random(0)) == 0
+    one_ghost = TRUE_DESCRIPTION + " A small yellow moon is at the top center."
+    two_ghosts = one_ghost + " A large pink heart is at the bottom right."
+    assert sim.prefer(honest, scene, DESCRIBE, [two_ghosts, one_ghost], random.Random(0)) == 1  # fewer hallucinations
+    ties = {sim.prefer(honest, scene, PRESENT, ["Yes.", "Yes, there is."], random.Random(seed)) for seed in range(20)}
+    assert ties == {0, 1}
+
+
+def test_two_answer_interactions_send_preferences_that_make_pairs(client, store, fake_vllm):  # noqa: F811
+    from online_rl.pairs import build_pairs
+    from online_rl.schema import PreferenceEvent
+
+    sim_settings = SimulatorSettings(
+        events=6, users=4, adversarial_share=0.5, concurrency=1, description_share=0.0, preference_share=1.0, seed=2
+    )
+    sim = FeedbackSimulator(sim_settings, GatewayClient("http://testserver", ALICE, http_client=client))
+    fake_vllm.answer_for = lambda body, index=0: ["Yes.", "No."][index]  # choice 0 right for present shapes
+    report = sim.run().to_dict()
+
+    assert report["events"] == 6 and report["interactions"] == 6 and report["failed_requests"] == 0
+    events = [event for _, event in all_events(store)]
+    assert all(isinstance(event, PreferenceEvent) for event in events) and len(events) == 6
+    expected = []
+    for number in range(6):
+        user, scene, item, _ = sim.plan(number)
+        rng = random.Random(f"{sim_settings.seed}-{number}-two-answers")
+        rng.random()  # the draw that made it a two-answer interaction
+        expected.append(sim.prefer(user, scene, item, ["Yes.", "No."], rng))
+    preferred = [store.get_generation(event.preferred_id).response for event in events]
+    assert preferred == [["Yes.", "No."][index] for index in expected]
+    assert set(preferred) == {"Yes.", "No."}  # honest users and adversarial ones both answered
+    assert {user.kind for user in sim.users} == {"honest", "adversarial"}
+    assert report["events_by_kind"] == dict(Counter(f"{sim.plan(n)[0].kind}:preference" for n in range(6)))
+    pairs = build_pairs(events, store.get_generation)
+    assert [(p.source, p.chosen) for p in pairs] == [("preference", text) for text in preferred]
+    assert sum(v["answers"] for v in report["answers_by_version"].values()) == 12
+
+
+def test_a_user_whose_two_answers_agree_asks_again_and_sends_nothing_without_a_difference(client, store, fake_vllm):  # noqa: F811
+    fake_vllm.answer_for = lambda body, index=0: "Yes."
+    sim_settings = SimulatorSettings(events=2, users=2, concurrency=1, description_share=0.0, preference_share=1.0)
+    report = FeedbackSimulator(sim_settings, GatewayClient("http://testserver", ALICE, http_client=client)).run()
+    assert report.events == 0 and report.failed_requests == 0
+    assert report.interactions == 8  # 4 x events interactions, then it gives up
+    assert sum(c["answers"] for c in report.answers_by_version.values()) == 8 * 4 * 2  # each asked 4 times, n=2
+    assert [event for _, event in all_events(store)] == []

@@ -6,8 +6,9 @@ It is what a careful human rater would do with perfect eyesight, so it serves tw
 - the judge of online pairs for images whose facts are known.
 
 A description is correct when every sentence is true of the scene. Its correction is a minimal edit in the spirit of
-RLHF-V's fine-grained corrections: sentences about objects that are not there are deleted, a sentence about a present
-object is rewritten to that object's true attributes and place, and the count sentence states the true count;
+RLHF-V's fine-grained corrections: a sentence about an object that is not there is replaced by one about an object the
+answer left out (deleted when it left none out), a sentence about a present object is rewritten to that object's true
+attributes and place, and the count sentence states the true count, with the objects it counts all described;
 sentences that were already right are left as they are, so the token diff marks only the hallucinated segments.
 A short answer is correct when it parses to the truth (`answer_is_correct`); its correction is the exact answer.
 """
@@ -51,9 +52,10 @@ def count_sentence(scene: Scene) -> str:
     return f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n != 1 else ''}."
 
 
-def _matching_object(scene: Scene, sentence: str, shape: str) -> SceneObject | None:
-    """The scene's object of `shape` that the sentence most likely means (by its color, then size)."""
-    candidates = [obj for obj in scene.objects if obj.shape == shape]
+def _matching_object(scene: Scene, sentence: str, shape: str, used: set[int]) -> SceneObject | None:
+    """The scene's object of `shape`, not yet described, that the sentence most likely means (by its color, then
+    size); None when every object of that shape is described already."""
+    candidates = [obj for i, obj in enumerate(scene.objects) if obj.shape == shape and i not in used]
     color, size = parse_color(sentence), parse_size(sentence)
     for key, value in (("color", color), ("size", size)):
         narrowed = [obj for obj in candidates if getattr(obj, key) == value]
@@ -62,29 +64,55 @@ def _matching_object(scene: Scene, sentence: str, shape: str) -> SceneObject | N
     return candidates[0] if candidates else None
 
 
-def correct_description(scene: Scene, response: str) -> tuple[str, tuple[str, ...]]:
-    """(corrected text, hallucinated shapes) for a description of the scene."""
-    corrected, hallucinated, used = [], [], set()
+def correct_description(scene: Scene, response: str, complete: bool = True) -> tuple[str, tuple[str, ...]]:
+    """(corrected text, hallucinated shapes) for a description of the scene.
+
+    Each sentence is read in order: the count sentence gets the true count; a sentence about a present object keeps
+    its words when they are true and becomes the object's true sentence otherwise; a sentence about an object that
+    is not there (or about an object already described) is replaced by the true sentence of an object the answer
+    leaves out, in the scene's order, and deleted when the answer names every object already. When the answer has a
+    count sentence, the objects still left out are added at the end: the correction describes as many objects as
+    its count says, so a corrected answer never teaches stopping short. With `complete=False` such sentences are
+    only deleted and nothing is added (a correction can then count more objects than it describes)."""
+    verdicts: list[tuple[str, str | int | None]] = []  # ("count" | "absent" | "object" | "repeat" | "other", detail)
+    hallucinated: list[str] = []
+    used: set[int] = set()
     for sentence in _SENTENCE_END.split(response.strip()):
         if not sentence:
             continue
-        if _COUNT_SENTENCE.match(sentence):
-            corrected.append(count_sentence(scene))
-            continue
         shapes = extract_shape_mentions(sentence)
         absent = [shape for shape in shapes if shape not in scene.shapes]
-        if absent:
+        if _COUNT_SENTENCE.match(sentence):
+            verdicts.append(("count", None))
+        elif absent:
             hallucinated += absent
-            continue  # a sentence about an object that is not there is deleted
-        if len(shapes) != 1:
-            corrected.append(sentence)  # nothing checkable (or several objects): left as the user wrote it
-            continue
-        obj = _matching_object(scene, sentence, shapes[0])
-        if obj is None or id(obj) in used:
-            continue  # a second sentence about the same object repeats it: deleted
-        used.add(id(obj))
-        truth = object_sentence(obj)
-        corrected.append(sentence if sentence.strip().lower() == truth.lower() else truth)
+            verdicts.append(("absent", None))
+        elif len(shapes) != 1:
+            verdicts.append(("other", sentence))  # nothing checkable (or several objects): left as the user wrote it
+        else:
+            obj = _matching_object(scene, sentence, shapes[0], used)
+            if obj is None:
+                verdicts.append(("repeat", None))
+            else:
+                index = scene.objects.index(obj)
+                used.add(index)
+                verdicts.append(
+                    ("object", sentence if sentence.strip().lower() == object_sentence(obj).lower() else index)
+                )
+    left_out = [obj for i, obj in enumerate(scene.objects) if i not in used]
+    corrected = []
+    for verdict, detail in verdicts:
+        if verdict == "count":
+            corrected.append(count_sentence(scene))
+        elif verdict in ("absent", "repeat"):
+            if complete and left_out:
+                corrected.append(object_sentence(left_out.pop(0)))
+        elif verdict == "object" and isinstance(detail, int):
+            corrected.append(object_sentence(scene.objects[detail]))
+        else:
+            corrected.append(detail)
+    if complete and any(verdict == "count" for verdict, _ in verdicts):  # the count promises every object
+        corrected += [object_sentence(obj) for obj in left_out]
     if not any(extract_shape_mentions(s) for s in corrected):  # nothing true was left: the clean description
         corrected = [count_sentence(scene)] + [object_sentence(obj) for obj in scene.objects]
     return " ".join(corrected), tuple(dict.fromkeys(hallucinated))
@@ -122,13 +150,21 @@ def item_for_question(world: ShapesWorld, scene: Scene, question: str) -> QAItem
 
 
 class ShapesRuleJudge:
-    """Judges answers to ShapesWorld questions by the scene's ground truth."""
+    """Judges answers to ShapesWorld questions by the scene's ground truth. A description is correct when no sentence
+    needs an edit (an object left out is not an error); its correction is `correct_description`'s, `complete` or
+    deleting only."""
+
+    def __init__(self, complete_corrections: bool = True):
+        self.complete_corrections = complete_corrections
 
     def judge(self, scene: Scene, item: QAItem, response: str) -> Judgement:
         if item.kind == "description":
-            corrected, hallucinated = correct_description(scene, response)
-            same = " ".join(corrected.split()) == " ".join(response.split())
-            return Judgement(same, hallucinated, None if same else corrected)
+            edited, hallucinated = correct_description(scene, response, complete=False)
+            if " ".join(edited.split()) == " ".join(response.split()):
+                return Judgement(True, hallucinated, None)
+            if self.complete_corrections:
+                edited, _ = correct_description(scene, response, complete=True)
+            return Judgement(False, hallucinated, edited)
         if answer_is_correct(item, response):
             return Judgement(True, (), None)
         return Judgement(False, (), item.answer)

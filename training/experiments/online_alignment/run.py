@@ -8,11 +8,12 @@ For each arm the same loop runs, in-process and on CPU:
 2. the online worker (online_rl/trainer.py, unchanged) reads the events, builds the arm's pairs, trains a LoRA
    version with Dense DPO (+ the chosen answers' NLL), publishes it and gates it on held-out validation images;
 3. every version is scored on the held-out test split.
-The arms: corrections only, thumbs only, BDHS only (up-rated answers get a BDHS rejected answer), mixed (every
-source, plus Mixed-DPO: half the slots get a judged online pair sampled from the policy), and mixed again with 30% of
-the raters adversarial (thumbs reversed, corrupting "corrections"), where the gate has to keep the served model from
-getting worse. Every arm sees the same scenes and questions; the first round's events are identical across the
-honest arms.
+The arms: corrections only, thumbs only, preferences only (every user asks for two answers at once and picks the
+better), BDHS only (up-rated answers get a BDHS rejected answer), mixed (every source, a quarter of the users'
+interactions two-answer preferences, plus Mixed-DPO: half the slots get a judged online pair sampled from the
+policy), and mixed again with 30% of the raters adversarial (thumbs and preferences reversed, corrupting
+"corrections"), where the gate has to keep the served model from getting worse. Every arm sees the same scenes and
+questions; the first round's events are identical across the corrections, thumbs and BDHS arms.
 
 Two anchors are measured in the same run: the SFT model itself, and offline DPO, which trains one version on as many
 pairs as the mixed arm used, taken from a fixed dataset instead of the model's own answers (ShapesWorld train scenes:
@@ -49,7 +50,14 @@ import torch
 from alignloop.client import Answer, image_data_url
 from online_rl.gate import metrics
 from online_rl.pairs import PreferencePair
-from online_rl.schema import IMAGE_REF_PREFIX, FactsRecord, FeedbackEvent, GenerationRecord, hash_user_id
+from online_rl.schema import (
+    IMAGE_REF_PREFIX,
+    FactsRecord,
+    FeedbackEvent,
+    GenerationRecord,
+    PreferenceEvent,
+    hash_user_id,
+)
 from online_rl.simulator import FeedbackSimulator, SimulatorSettings
 from online_rl.store import FeedbackStore, open_store
 from online_rl.trainer import OnlineTrainer, TrainerSettings
@@ -75,13 +83,15 @@ MIXED = {
     "bdhs_per_round": 1000,
     "online_share": 0.5,
 }
+MIXED_USERS = {"preference_share": 0.25}  # a quarter of the interactions ask for two answers and pick one
 # arm -> (trainer settings, simulator settings) that differ from the defaults
 ARMS = {
     "corrections": ({"pair_sources": frozenset({"correction"}), "bdhs_per_round": 0}, {}),
-    "thumbs": ({"pair_sources": frozenset({"thumbs", "preference"}), "bdhs_per_round": 0}, {}),
+    "thumbs": ({"pair_sources": frozenset({"thumbs"}), "bdhs_per_round": 0}, {}),
+    "preferences": ({"pair_sources": frozenset({"preference"}), "bdhs_per_round": 0}, {"preference_share": 1.0}),
     "bdhs": ({"pair_sources": frozenset({"bdhs"}), "bdhs_per_round": 1000}, {}),
-    "mixed": (MIXED, {}),
-    "mixed-30%-adversarial": (MIXED, {"adversarial_share": 0.3}),
+    "mixed": (MIXED, MIXED_USERS),
+    "mixed-30%-adversarial": (MIXED, MIXED_USERS | {"adversarial_share": 0.3}),
 }
 SALT = "online-alignment-experiment"
 
@@ -98,9 +108,9 @@ def load_version(base_model: str, adapter_path: str | None):
 
 
 class InProcessGateway:
-    """The part of the gateway the simulator talks to (`stream_chat`, `models`, `feedback`, `facts`), answered by a
-    model in memory and recorded in the store the way serve/ records it: messages with images as sha256 refs, the
-    answering version on the generation and on its feedback."""
+    """The part of the gateway the simulator talks to (`stream_chat`, `stream_choices`, `models`, `feedback`,
+    `preference`, `facts`), answered by a model in memory and recorded in the store the way serve/ records it:
+    messages with images as sha256 refs, the answering version on the generation and on its feedback."""
 
     def __init__(self, store: FeedbackStore, model, processor, version: int | None, alias: str = "llava-rlhf"):
         self.store, self.model, self.processor, self.version, self.alias = store, model, processor, version, alias
@@ -112,6 +122,19 @@ class InProcessGateway:
     def stream_chat(
         self, model: str, messages: list[dict], max_tokens: int, temperature: float, user: str | None = None
     ) -> Iterator[Answer]:
+        for answers in self.stream_choices(model, messages, max_tokens, temperature, user):
+            yield answers[0]
+
+    def stream_choices(
+        self,
+        model: str,
+        messages: list[dict],
+        max_tokens: int,
+        temperature: float,
+        user: str | None = None,
+        n: int = 1,
+    ) -> Iterator[list[Answer]]:
+        """`n` sampled answers to one prompt, each recorded as its own generation."""
         stored, images = [], []
         for message in messages:
             parts = []
@@ -125,25 +148,23 @@ class InProcessGateway:
                 else:
                     parts.append(part)
             stored.append({**message, "content": parts})
-        text = self._generate(stored, images, max_tokens, temperature)
-        record = GenerationRecord(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            alias=model,
-            adapter_version=self.version,
-            messages=stored,
-            sampling={"temperature": temperature, "max_tokens": max_tokens},
-            response=text,
-            finish_reason="stop",
-            user_id=hash_user_id(user or "anonymous", SALT),
-        )
-        self.store.add_generation(record)
-        yield Answer(
-            model=model,
-            text=text,
-            response_id=record.id,
-            version=f"v{self.version}" if self.version else "base",
-            finish_reason="stop",
-        )
+        answers = []
+        for _ in range(n):
+            text = self._generate(stored, images, max_tokens, temperature)
+            record = GenerationRecord(
+                id=f"chatcmpl-{uuid.uuid4().hex}",
+                alias=model,
+                adapter_version=self.version,
+                messages=stored,
+                sampling={"temperature": temperature, "max_tokens": max_tokens},
+                response=text,
+                finish_reason="stop",
+                user_id=hash_user_id(user or "anonymous", SALT),
+            )
+            self.store.add_generation(record)
+            version = f"v{self.version}" if self.version else "base"
+            answers.append(Answer(model=model, text=text, response_id=record.id, version=version, finish_reason="stop"))
+        yield answers
 
     def _generate(self, messages: list[dict], images: list[bytes], max_tokens: int, temperature: float) -> str:
         from PIL import Image
@@ -184,6 +205,17 @@ class InProcessGateway:
                 facts=facts,
                 user_id=hash_user_id(user or "anonymous", SALT),
                 adapter_version=self.version,
+            )
+        )
+        return {"id": event.id}
+
+    def preference(self, first_id: str, second_id: str, preferred_id: str, user: str | None = None) -> dict:
+        event = self.store.add_preference(
+            PreferenceEvent(
+                generation_ids=(first_id, second_id),
+                preferred_id=preferred_id,
+                user_id=hash_user_id(user or "anonymous", SALT),
+                adapter_versions=(self.version, self.version),
             )
         )
         return {"id": event.id}
@@ -262,6 +294,7 @@ def run_arm(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
                     temperature=args.temperature,
                     regenerations=args.regenerations,
                     correction_share=args.correction_share,
+                    correction_style=args.correction_style,
                     concurrency=1,
                     **ARMS[name][1],
                 ),
@@ -467,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of served answers")
     parser.add_argument("--regenerations", type=int, default=1, help="extra rated answers per question")
     parser.add_argument("--correction-share", type=float, default=0.5)
+    parser.add_argument(
+        "--correction-style",
+        choices=("complete", "delete"),
+        default="complete",
+        help="how simulated users correct a hallucinated object: replace it, describing every counted object, or "
+        "delete its sentence",
+    )
     parser.add_argument("--sft-weight", type=float, default=TrainerSettings().sft_weight)
     parser.add_argument("--learning-rate", type=float, default=TrainerSettings().learning_rate)
     parser.add_argument("--beta", type=float, default=TrainerSettings().beta)
@@ -528,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 "temperature",
                 "regenerations",
                 "correction_share",
+                "correction_style",
                 "sft_weight",
                 "learning_rate",
                 "beta",
