@@ -117,7 +117,12 @@ def build_demo(
                         clear = gr.Button("Clear", elem_id="clear")
                     with gr.Accordion("Correct this answer", open=True):
                         correction_target = gr.Markdown("Ask something first; the latest answer appears here.")
-                        correction = gr.Textbox(label="Corrected answer", lines=3, elem_id="correction")
+                        correction = gr.Textbox(
+                            label="Corrected answer",
+                            info="Edit only what is wrong. Name what is really there instead of deleting a sentence.",
+                            lines=3,
+                            elem_id="correction",
+                        )
                         with gr.Row():
                             submit_correction = gr.Button("Submit correction", elem_id="submit-correction")
                             flip_answer = gr.Button("Wrong yes/no: flip it", elem_id="flip-yes-no")

@@ -242,8 +242,9 @@ class FeedbackSimulator:
         if self.settings.preference_share:  # its own stream, so runs without preferences draw as they always did
             arena = random.Random(f"{self.settings.seed}-{number}-two-answers")
             if arena.random() < self.settings.preference_share:
-                sent = self._reserve_event() and self._ask_twice_and_prefer(number, user, scene, item, image_url, arena)
-                if not sent:
+                if self._reserve_event() and not self._ask_twice_and_prefer(
+                    number, user, scene, item, image_url, arena
+                ):
                     with self._lock:
                         self._reserved -= 1
                 return

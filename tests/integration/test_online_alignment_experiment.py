@@ -9,6 +9,7 @@ import pytest
 
 from online_rl.schema import IMAGE_REF_PREFIX
 from online_rl.store import open_store
+from training.experiments.online_alignment.diagnose import main as diagnose
 from training.experiments.online_alignment.run import main
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tm
             "--rounds",
             "2",
             "--arms",
-            "corrections",
+            "corrections,preferences",
             "--gate-images",
             "2",
             "--test-images",
@@ -44,7 +45,7 @@ def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tm
     report = json.loads((tmp_path / "report.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
     assert report["events_per_arm"] == 6 and report["events_per_round"] == 3
-    (arm,) = report["arms"]
+    arm, preferences = report["arms"]
     assert arm["arm"] == "corrections" and [r["round"] for r in arm["rounds"]] == [1, 2]
     assert [r["events"] for r in arm["rounds"]] == [3, 3]
     trained = [r for r in arm["rounds"] if "version" in r]
@@ -52,7 +53,11 @@ def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tm
     for r in trained:
         assert set(r["pair_sources"]) == {"correction"} and set(r["test"]) == set(report["sft"])
         assert r["promoted"] == (not r["gate_reasons"])
-    assert report["offline_dpo"]["pairs"] == (arm["pairs"] or 3)
+    assert preferences["arm"] == "preferences"
+    assert {kind.partition(":")[2] for r in preferences["rounds"] for kind in r["events_by_kind"]} == {"preference"}
+    for r in preferences["rounds"]:
+        assert set(r.get("pair_sources", {"preference": 1})) == {"preference"}
+    assert report["offline_dpo"]["pairs"] == (max(arm["pairs"], preferences["pairs"]) or 3)
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
     # every seed runs every arm; the summary is the mean over the seeds with its t-interval
@@ -72,3 +77,12 @@ def test_a_toy_run_reports_every_round_and_leaves_the_loop_state_in_the_store(tm
             assert store.get_image(sha) is not None and store.get_facts(sha)
         assert {version.version for version in store.list_adapters()} == {r["version"] for r in trained}
         assert store.pending_count("trainer") == 0  # every event was acknowledged by the round that read it
+
+    # the diagnosis of the corrections arm: its pairs, and how the SFT model's and each version's descriptions end
+    assert diagnose([str(work / "seed-0" / "corrections"), "--images", "2"]) == 0
+    diagnosis = json.loads(capsys.readouterr().out)
+    corrections = diagnosis["pairs"]["correction_pairs"]
+    assert corrections == sum(r.get("pair_sources", {}).get("correction", 0) for r in arm["rounds"])
+    assert sum(diagnosis["pairs"]["by_kind"].values()) == corrections
+    assert set(diagnosis["descriptions"]) == {"sft"} | {f"v{r['version']}" for r in trained}
+    assert {d["descriptions"] for d in diagnosis["descriptions"].values()} == {2}
