@@ -483,8 +483,9 @@ def plot(report: dict, path: str) -> None:
         axis.set_xlabel(f"round ({report['events_per_round']} events each)")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    seed = f", seed {report['seeds'][0]} of {len(report['seeds'])}" if len(report.get("seeds", [])) > 1 else ""
     figure.suptitle(
-        f"Online alignment of the bundled model: every trained version on {report['test_images']} test "
+        f"Online alignment of the bundled model{seed}: every trained version on {report['test_images']} test "
         "images (filled: promoted by the gate, hollow: rejected)"
     )
     figure.tight_layout()
