@@ -284,9 +284,7 @@ class FeedbackSimulator:
             self.client.feedback(answer.response_id, rating=rating, correction=correction, user=user.user_id)
             self._send_facts(scene, image_url)
         except GatewayError as error:
-            with self._lock:
-                self.report.failed_requests += 1
-                self.report.errors.append(f"interaction {number}: {error}")
+            self._count_failure(number, error)
             return False
         self._count_answers([answer], [judgement], item)
         with self._lock:
@@ -327,14 +325,17 @@ class FeedbackSimulator:
             )
             self._send_facts(scene, image_url)
         except GatewayError as error:
-            with self._lock:
-                self.report.failed_requests += 1
-                self.report.errors.append(f"interaction {number}: {error}")
+            self._count_failure(number, error)
             return False
         with self._lock:
             self.report.events += 1
             self.report.events_by_kind[f"{user.kind}:preference"] += 1
         return True
+
+    def _count_failure(self, number: int, error: GatewayError) -> None:
+        with self._lock:
+            self.report.failed_requests += 1
+            self.report.errors.append(f"interaction {number}: {error}")
 
     def _count_answers(self, answers: list[Answer], judgements: list, item: QAItem) -> None:
         with self._lock:
