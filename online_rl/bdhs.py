@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,8 +26,8 @@ from PIL import Image
 
 from online_rl.pairs import GenerationLookup, PreferencePair, net_ratings
 from online_rl.schema import FeedbackEvent, GenerationRecord
+from training.evaluation.judge import split_sentences
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _YES_NO = {"yes": "No", "no": "Yes"}
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 
@@ -40,10 +39,6 @@ class BDHSConfig:
     max_similarity: float = 0.97  # cosine above which a sample is too close to the reference
     tries: int = 5
     max_new_tokens: int = 48  # per completed sentence (and for the unguided fallback, per answer: x4)
-
-
-def split_sentences(text: str) -> list[str]:
-    return [sentence for sentence in _SENTENCE_END.split(text.strip()) if sentence]
 
 
 def sentence_prefix(sentence: str, rng: random.Random, flip_prob: float) -> str:

@@ -243,7 +243,7 @@ class FeedbackSimulator:
             arena = random.Random(f"{self.settings.seed}-{number}-two-answers")
             if arena.random() < self.settings.preference_share:
                 if self._reserve_event() and not self._ask_twice_and_prefer(
-                    number, user, scene, item, image_url, arena
+                    number, user, scene, item, messages, image_url, arena
                 ):
                     with self._lock:
                         self._reserved -= 1
@@ -295,7 +295,14 @@ class FeedbackSimulator:
         return True
 
     def _ask_twice_and_prefer(
-        self, number: int, user: SimulatedUser, scene: Scene, item: QAItem, image_url: str, rng: random.Random
+        self,
+        number: int,
+        user: SimulatedUser,
+        scene: Scene,
+        item: QAItem,
+        messages: list[dict],
+        image_url: str,
+        rng: random.Random,
     ) -> bool:
         """Two answers in one request, and a preference for the better one; as in the demo, a user whose two answers
         came out the same asks again, up to `TWO_ANSWER_TRIES` times. False when no preference was sent."""
@@ -304,12 +311,7 @@ class FeedbackSimulator:
             for _ in range(TWO_ANSWER_TRIES):
                 answers: list[Answer] = collections.deque(
                     self.client.stream_choices(
-                        self.settings.public_alias,
-                        user_message(image_url, item.question),
-                        max_tokens_for(item),
-                        temperature,
-                        user=user.user_id,
-                        n=2,
+                        self.settings.public_alias, messages, max_tokens_for(item), temperature, user=user.user_id, n=2
                     ),
                     maxlen=1,
                 ).pop()

@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
-from online_rl.bdhs import BDHSConfig, BDHSSampler, sentence_prefix, split_sentences, unpartnered_good_answers
+from online_rl.bdhs import BDHSConfig, BDHSSampler, sentence_prefix, unpartnered_good_answers
 from online_rl.pairs import PreferencePair
 from online_rl.schema import FeedbackEvent, GenerationRecord
 from tests.online_rl.store_helpers import image_message
+from training.evaluation.judge import split_sentences
 from training.shapes_world import DESCRIBE_PROMPT, ShapesWorld
 
 SHA = "ab" * 32

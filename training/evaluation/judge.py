@@ -35,7 +35,7 @@ from training.shapes_world import (
 )
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_COUNT_SENTENCE = re.compile(r"^\s*there (?:is|are)\s+(\w+)\s+objects?\b", re.IGNORECASE)
+COUNT_SENTENCE = re.compile(r"^\s*there (?:is|are)\s+(\w+)\s+objects?\b", re.IGNORECASE)
 _OBJECT_FACT = re.compile(r"^There is an? (\w+) (\w+) (\w+) at the ([a-z ]+)\.$")
 _CELLS = {name: (row, col) for row, names in enumerate(CELL_NAMES) for col, name in enumerate(names)}
 
@@ -45,6 +45,11 @@ class Judgement:
     correct: bool
     hallucinated: tuple[str, ...]  # shapes the answer names that the scene does not hold (descriptions)
     correction: str | None  # the minimally corrected answer; None when the answer is already correct
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of an answer, in order."""
+    return [sentence for sentence in _SENTENCE_END.split(text.strip()) if sentence]
 
 
 def count_sentence(scene: Scene) -> str:
@@ -74,43 +79,36 @@ def correct_description(scene: Scene, response: str, complete: bool = True) -> t
     count sentence, the objects still left out are added at the end: the correction describes as many objects as
     its count says, so a corrected answer never teaches stopping short. With `complete=False` such sentences are
     only deleted and nothing is added (a correction can then count more objects than it describes)."""
-    verdicts: list[tuple[str, str | int | None]] = []  # ("count" | "absent" | "object" | "repeat" | "other", detail)
+    verdicts: list[tuple[str, str | None]] = []  # ("count" | "absent" | "repeat" | "kept", the sentence to keep)
     hallucinated: list[str] = []
     used: set[int] = set()
-    for sentence in _SENTENCE_END.split(response.strip()):
-        if not sentence:
-            continue
+    for sentence in split_sentences(response):
         shapes = extract_shape_mentions(sentence)
         absent = [shape for shape in shapes if shape not in scene.shapes]
-        if _COUNT_SENTENCE.match(sentence):
+        if COUNT_SENTENCE.match(sentence):
             verdicts.append(("count", None))
         elif absent:
             hallucinated += absent
             verdicts.append(("absent", None))
         elif len(shapes) != 1:
-            verdicts.append(("other", sentence))  # nothing checkable (or several objects): left as the user wrote it
+            verdicts.append(("kept", sentence))  # nothing checkable (or several objects): left as the user wrote it
         else:
             obj = _matching_object(scene, sentence, shapes[0], used)
             if obj is None:
                 verdicts.append(("repeat", None))
             else:
-                index = scene.objects.index(obj)
-                used.add(index)
-                verdicts.append(
-                    ("object", sentence if sentence.strip().lower() == object_sentence(obj).lower() else index)
-                )
+                used.add(scene.objects.index(obj))
+                truth = object_sentence(obj)
+                verdicts.append(("kept", sentence if sentence.strip().lower() == truth.lower() else truth))
     left_out = [obj for i, obj in enumerate(scene.objects) if i not in used]
     corrected = []
-    for verdict, detail in verdicts:
+    for verdict, kept in verdicts:
         if verdict == "count":
             corrected.append(count_sentence(scene))
-        elif verdict in ("absent", "repeat"):
-            if complete and left_out:
-                corrected.append(object_sentence(left_out.pop(0)))
-        elif verdict == "object" and isinstance(detail, int):
-            corrected.append(object_sentence(scene.objects[detail]))
-        else:
-            corrected.append(detail)
+        elif verdict == "kept":
+            corrected.append(kept)
+        elif complete and left_out:  # a sentence about an absent object, or a repeat: another object takes its place
+            corrected.append(object_sentence(left_out.pop(0)))
     if complete and any(verdict == "count" for verdict, _ in verdicts):  # the count promises every object
         corrected += [object_sentence(obj) for obj in left_out]
     if not any(extract_shape_mentions(s) for s in corrected):  # nothing true was left: the clean description

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,26 +22,21 @@ from pathlib import Path
 from online_rl.export import all_events
 from online_rl.pairs import PreferencePair, build_pairs
 from online_rl.store import open_store
+from training.evaluation.judge import COUNT_SENTENCE, split_sentences
 from training.evaluation.metrics import extract_shape_mentions, parse_count
 from training.evaluation.shapes_bench import DESCRIPTION_MAX_TOKENS
 from training.shapes_world import DESCRIBE_PROMPT, Scene, ShapesWorld
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def sentences(text: str) -> list[str]:
-    return [sentence for sentence in SENTENCE_END.split(text.strip()) if sentence]
-
 
 def counted_and_listed(text: str) -> tuple[int | None, int]:
     """(the number its opening count sentence says, or None; how many sentences name a shape)."""
-    parts = sentences(text)
-    counted = parse_count(parts[0]) if parts and re.match(r"there (is|are)", parts[0], re.IGNORECASE) else None
+    parts = split_sentences(text)
+    counted = parse_count(parts[0]) if parts and COUNT_SENTENCE.match(parts[0]) else None
     return counted, sum(bool(extract_shape_mentions(part)) for part in parts)
 
 
 def correction_kind(pair: PreferencePair) -> str:
-    chosen, rejected = sentences(pair.chosen), sentences(pair.rejected)
+    chosen, rejected = split_sentences(pair.chosen), split_sentences(pair.rejected)
     if len(chosen) == 1 and len(rejected) == 1:
         return "short answer replaced"
     if len(chosen) < len(rejected):
